@@ -1,0 +1,22 @@
+"""gmem: GAN memory with no forgetting (Cong, Zhao et al., NeurIPS 2020) as software.
+
+Layers (nothing lower imports anything higher): :mod:`gmem.ops` (modulated ops and backends) <-
+:mod:`gmem.nn` (modulated layers, convert, task selection) <- :mod:`gmem.models` (GP-GAN) <-
+:mod:`gmem.memory` (:class:`GANMemory`) <- :mod:`gmem.cli`.
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+
+
+def __getattr__(name):
+    # The memory system pulls in models and training code: import it only when asked for.
+    if name == "GANMemory":
+        from .memory import GANMemory
+
+        return GANMemory
+    if name in ("nn", "models", "memory", "compress", "eval", "data", "cli"):
+        import importlib
+
+        return importlib.import_module(f"gmem.{name}")
+    raise AttributeError(f"module 'gmem' has no attribute {name!r}")

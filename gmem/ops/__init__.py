@@ -1,0 +1,25 @@
+"""gmem.ops: the modulated ops of GAN memory, one definition, several backends.
+
+* :func:`normalize_weight` splits a frozen weight into ``weight_norm, mean, std``.
+* :func:`madafm_weight`, :func:`modulated_conv2d` (mAdaFM) and :func:`modulated_linear` (mFiLM) take
+  one style set, or a stack ``[T, ...]`` with ``task_ids`` choosing each sample's, dense or
+  :class:`LowRank`.
+* :func:`available_backends` lists what runs here; ``backend="auto"`` picks the best for the device.
+
+:mod:`gmem.ops.reference` holds the pure-PyTorch definition every backend is tested against.
+"""
+from .backends import Backend, available_backends, get_backend, register_backend
+from .functional import madafm_weight, modulated_conv2d, modulated_linear, normalize_weight
+from .lowrank import LowRank
+
+__all__ = [
+    "Backend",
+    "LowRank",
+    "available_backends",
+    "get_backend",
+    "madafm_weight",
+    "modulated_conv2d",
+    "modulated_linear",
+    "normalize_weight",
+    "register_backend",
+]

@@ -1,0 +1,217 @@
+"""The gmem ops as ``torch.library`` custom ops: schema, fake implementation, autograd.
+
+Each op takes the concrete backend name as its last argument and forwards to that backend, so one
+op definition serves every backend; autograd, fake tensors (torch.compile, opcheck) and the
+backward wiring are written once, here.
+
+Backward: first-order gradients go through a backward op of the same backend (a fused kernel where
+the backend has one). When autograd records the backward itself (``create_graph=True``, e.g. the
+R1 penalty of GAN training), the gradients are computed with the differentiable reference formulas
+instead, so double backward works with every backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import get_backend
+
+__all__ = ["madafm_weight_op", "modulated_conv2d_op", "modulated_linear_op"]
+
+
+def _empty(like: Tensor) -> Tensor:
+    # custom ops cannot return None: a gradient that was not asked for is an empty tensor
+    return like.new_empty((0,))
+
+
+def _or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return _empty(like) if grad is None else grad
+
+
+def _or_none(grad: Tensor, wanted: bool) -> Optional[Tensor]:
+    return grad if wanted else None
+
+
+# ---------------------------------------------------------------------------------------------
+# madafm_weight
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("gmem::madafm_weight", mutates_args=())
+def madafm_weight_op(weight_norm: Tensor, gamma: Tensor, beta: Tensor, backend: str) -> Tensor:
+    return get_backend(backend).madafm_weight(weight_norm, gamma, beta)
+
+
+@madafm_weight_op.register_fake
+def _(weight_norm, gamma, beta, backend):
+    return weight_norm.new_empty((*gamma.shape[:-2], *weight_norm.shape))
+
+
+@torch.library.custom_op("gmem::madafm_weight_backward", mutates_args=())
+def madafm_weight_backward_op(grad_weight: Tensor, weight_norm: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    dgamma, dbeta = get_backend(backend).madafm_weight_backward(grad_weight, weight_norm)
+    return dgamma, dbeta
+
+
+@madafm_weight_backward_op.register_fake
+def _(grad_weight, weight_norm, backend):
+    shape = grad_weight.shape[:-2]
+    return grad_weight.new_empty(shape), grad_weight.new_empty(shape)
+
+
+def _madafm_setup(ctx, inputs, output):
+    weight_norm, gamma, beta, backend = inputs
+    ctx.save_for_backward(weight_norm)
+    ctx.backend = backend
+
+
+def _madafm_backward(ctx, grad_weight):
+    (weight_norm,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        dgamma, dbeta = reference.madafm_weight_backward(grad_weight, weight_norm)
+    else:
+        dgamma, dbeta = madafm_weight_backward_op(grad_weight.contiguous(), weight_norm, ctx.backend)
+    return None, dgamma, dbeta, None
+
+
+madafm_weight_op.register_autograd(_madafm_backward, setup_context=_madafm_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# modulated_conv2d
+# ---------------------------------------------------------------------------------------------
+def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.custom_op("gmem::modulated_conv2d", mutates_args=())
+def modulated_conv2d_op(
+    x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
+    task_ids: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], backend: str,
+) -> Tensor:
+    return get_backend(backend).modulated_conv2d(
+        x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation
+    )
+
+
+@modulated_conv2d_op.register_fake
+def _(x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend):
+    kh, kw = weight_norm.shape[-2:]
+    h = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    w = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight_norm.shape[0], h, w))
+
+
+@torch.library.custom_op("gmem::modulated_conv2d_backward", mutates_args=())
+def modulated_conv2d_backward_op(
+    grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
+    task_ids: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+    output_mask: list[bool], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dgamma, dbeta, dbias = get_backend(backend).modulated_conv2d_backward(
+        grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
+    )
+    return _or_empty(dx, x), _or_empty(dgamma, gamma), _or_empty(dbeta, beta), _or_empty(dbias, x)
+
+
+@modulated_conv2d_backward_op.register_fake
+def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask, backend):
+    need_x, need_gamma, need_beta, need_bias = output_mask
+    return (
+        torch.empty_like(x) if need_x else _empty(x),
+        torch.empty_like(gamma) if need_gamma else _empty(gamma),
+        torch.empty_like(beta) if need_beta else _empty(beta),
+        torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
+    )
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, weight_norm, gamma, beta, bias, task_ids)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.backend = backend
+
+
+def _conv_backward(ctx, grad_out):
+    x, weight_norm, gamma, beta, bias, task_ids = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    need = ctx.needs_input_grad
+    mask = [need[0], need[2], need[3], bias is not None and need[4]]
+    if torch.is_grad_enabled():  # double backward: differentiable formulas
+        dx, dgamma, dbeta, dbias = reference.modulated_conv2d_backward(
+            grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, mask
+        )
+    else:
+        grads = modulated_conv2d_backward_op(
+            grad_out.contiguous(), x, weight_norm, gamma, beta, bias, task_ids,
+            stride, padding, dilation, mask, ctx.backend,
+        )
+        dx, dgamma, dbeta, dbias = (_or_none(g, m) for g, m in zip(grads, mask))
+    return dx, None, dgamma, dbeta, dbias, None, None, None, None, None
+
+
+modulated_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# modulated_linear
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("gmem::modulated_linear", mutates_args=())
+def modulated_linear_op(
+    x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
+    task_ids: Optional[Tensor], backend: str,
+) -> Tensor:
+    return get_backend(backend).modulated_linear(x, weight_norm, gamma, beta, bias, task_ids)
+
+
+@modulated_linear_op.register_fake
+def _(x, weight_norm, gamma, beta, bias, task_ids, backend):
+    return x.new_empty((x.shape[0], weight_norm.shape[0]))
+
+
+@torch.library.custom_op("gmem::modulated_linear_backward", mutates_args=())
+def modulated_linear_backward_op(
+    grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
+    task_ids: Optional[Tensor], output_mask: list[bool], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dgamma, dbeta, dbias = get_backend(backend).modulated_linear_backward(
+        grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask
+    )
+    return _or_empty(dx, x), _or_empty(dgamma, gamma), _or_empty(dbeta, beta), _or_empty(dbias, x)
+
+
+@modulated_linear_backward_op.register_fake
+def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, backend):
+    need_x, need_gamma, need_beta, need_bias = output_mask
+    return (
+        torch.empty_like(x) if need_x else _empty(x),
+        torch.empty_like(gamma) if need_gamma else _empty(gamma),
+        torch.empty_like(beta) if need_beta else _empty(beta),
+        torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight_norm, gamma, beta, bias, task_ids, backend = inputs
+    ctx.save_for_backward(x, weight_norm, gamma, beta, bias, task_ids)
+    ctx.backend = backend
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight_norm, gamma, beta, bias, task_ids = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[2], need[3], bias is not None and need[4]]
+    if torch.is_grad_enabled():
+        dx, dgamma, dbeta, dbias = reference.modulated_linear_backward(
+            grad_out, x, weight_norm, gamma, beta, bias, task_ids, mask
+        )
+    else:
+        grads = modulated_linear_backward_op(
+            grad_out.contiguous(), x, weight_norm, gamma, beta, bias, task_ids, mask, ctx.backend
+        )
+        dx, dgamma, dbeta, dbias = (_or_none(g, m) for g, m in zip(grads, mask))
+    return dx, None, dgamma, dbeta, dbias, None, None
+
+
+modulated_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
