@@ -134,6 +134,8 @@ def modulated_conv2d(
         weight = madafm_weight(weight_norm, gamma, beta)
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     order, segments = task_segments(task_ids, gamma.shape[0])
+    if not segments:  # an empty batch: any task's weight gives the (empty) output shape
+        return F.conv2d(x, madafm_weight(weight_norm, gamma[0], beta[0]), None, stride, padding, dilation)
     x_sorted = x.index_select(0, order)
     outputs = []
     for task, start, end in segments:
@@ -180,6 +182,9 @@ def modulated_conv2d_backward(
     if task_ids is None:
         return _conv_grads(x, weight_norm, gamma, beta, grad_out, stride, padding, dilation, mask)
     order, segments = task_segments(task_ids, gamma.shape[0])
+    if not segments:  # an empty batch: every gradient is zero
+        zeros = lambda t, m: torch.zeros_like(t) if (m and t is not None) else None
+        return zeros(x, mask[0]), zeros(gamma, mask[1]), zeros(beta, mask[2]), zeros(bias, mask[3])
     x_sorted = x.index_select(0, order)
     g_sorted = grad_out.index_select(0, order)
     dx_parts, dgamma_rows, dbeta_rows, dbias_rows = [], {}, {}, {}

@@ -1,0 +1,297 @@
+"""Drop-in modulated layers: a frozen base layer plus a bank of per-task style sets.
+
+Task 0 is ``"source"``: the base layer itself, computed with the frozen weight (bit for bit the
+unconverted layer). Task ``k >= 1`` owns a :class:`ConvStyle` / :class:`LinearStyle` with trainable
+``gamma``, ``beta`` and ``bias`` (the bias *delta*, ``b_conv`` / ``b_fc`` of the paper; the op
+receives ``b + bias``). A new task starts equal to the source: ``gamma = std``, ``beta = mean``,
+``bias = 0``. The bank holds only the tasks added, so memory grows with the tasks actually learned.
+
+Which task runs is state set by :func:`gmem.nn.use_task` / :func:`gmem.nn.use_tasks` on every
+modulated layer of a model at once; a layer on its own can be driven the same way through
+``active_task`` / ``task_ids``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+
+__all__ = ["ModulatedConv2d", "ModulatedLinear", "ConvStyle", "LinearStyle", "ModulatedLayer"]
+
+
+class ConvStyle(nn.Module):
+    """One task's mAdaFM style set: ``gamma, beta [C_out, C_in]``, ``bias [C_out]``."""
+
+    def __init__(self, gamma: Tensor, beta: Tensor, bias: Tensor):
+        super().__init__()
+        self.gamma = nn.Parameter(gamma)
+        self.beta = nn.Parameter(beta)
+        self.bias = nn.Parameter(bias)
+
+
+class LinearStyle(nn.Module):
+    """One task's mFiLM style set: ``gamma, beta [d_out]``, ``bias [d_out]`` or ``[classes, d_out]``.
+
+    A conditional task (paper section 4) keeps one bias row per class; the layer's ``class_ids``
+    (set by :func:`gmem.nn.use_classes`) chooses each sample's row.
+    """
+
+    def __init__(self, gamma: Tensor, beta: Tensor, bias: Tensor):
+        super().__init__()
+        self.gamma = nn.Parameter(gamma)
+        self.beta = nn.Parameter(beta)
+        self.bias = nn.Parameter(bias)
+
+
+STYLE_GROUPS = ("gamma", "beta", "bias")
+
+
+class ModulatedLayer(nn.Module):
+    """Shared machinery of the modulated layers: the style bank and the task selection state."""
+
+    style_cls: type[nn.Module]
+
+    def _init_bank(self) -> None:
+        self.task_names: list[str] = ["source"]
+        self.styles = nn.ModuleList()
+        self.active_task: int = 0
+        self.task_ids: Optional[Tensor] = None
+        self.class_ids: Optional[Tensor] = None
+        # (gamma, beta, bias) tensors used instead of a stored task (interpolation)
+        self.style_override: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self.backend: str = "auto"
+
+    # -- the bank --------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return 1 + len(self.styles)
+
+    def source_style(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The source task as a style set: ``(std, mean, zeros)`` (derived, never trained)."""
+        raise NotImplementedError
+
+    def style(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(gamma, beta, bias_delta)`` of task ``index`` (0 = source)."""
+        if index == 0:
+            return self.source_style()
+        s = self.styles[index - 1]
+        return s.gamma, s.beta, s.bias
+
+    def add_style(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> None:
+        """Append a task initialised from task ``init``; ``num_classes`` gives a per-class bias."""
+        gamma, beta, bias = (t.detach().clone() for t in self.style(init))
+        if num_classes is not None:
+            if not isinstance(self, ModulatedLinear):
+                raise ValueError("num_classes: per-class biases exist only for linear layers")
+            if bias.ndim == 1:
+                bias = bias.expand(num_classes, -1).clone()
+            elif bias.shape[0] != num_classes:
+                raise ValueError(
+                    f"num_classes={num_classes} but task {self.task_names[init]!r} has {bias.shape[0]} classes"
+                )
+        self.styles.append(self.style_cls(gamma, beta, bias))
+        self.task_names.append(name)
+
+    def remove_style(self, index: int) -> None:
+        if index == 0:
+            raise ValueError("the source task is the frozen base and cannot be removed")
+        del self.styles[index - 1]
+        del self.task_names[index]
+        if self.active_task == index:
+            self.active_task = 0
+        elif self.active_task > index:
+            self.active_task -= 1
+
+    def total_bias(self, bias_delta: Tensor) -> Tensor:
+        """``b + bias_delta``: the whole bias the op receives."""
+        return bias_delta if self.bias is None else self.bias + bias_delta
+
+    def _stacked_styles(self, task_ids: Tensor, with_bias: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """Stack the style sets that ``task_ids`` needs; returns them with ids local to the stack.
+
+        Eagerly only the tasks present are stacked (one host sync for ``unique``), so stored tasks
+        cost memory only; under torch.compile every task is stacked (no data-dependent shapes).
+        """
+        if torch.compiler.is_compiling():
+            tasks = list(range(self.num_tasks))
+            local = task_ids
+        else:
+            present, local = torch.unique(task_ids, sorted=True, return_inverse=True)
+            tasks = present.tolist()
+            if tasks and (tasks[0] < 0 or tasks[-1] >= self.num_tasks):
+                raise IndexError(
+                    f"task_ids must lie in [0, {self.num_tasks}) for tasks {self.task_names}, "
+                    f"got values from {tasks[0]} to {tasks[-1]}"
+                )
+        styles = [self.style(t) for t in tasks]
+        gamma = torch.stack([s[0] for s in styles])
+        beta = torch.stack([s[1] for s in styles])
+        bias = torch.stack([s[2] for s in styles]) if with_bias else None
+        return gamma, beta, bias, local
+
+
+class ModulatedConv2d(ModulatedLayer):
+    """``nn.Conv2d`` with a frozen base and per-task mAdaFM style sets.
+
+    ``x [N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]``. Buffers: ``weight_norm [C_out, C_in, kh, kw]``,
+    ``weight_mean, weight_std [C_out, C_in]`` (see :func:`gmem.ops.normalize_weight`).
+    """
+
+    style_cls = ConvStyle
+
+    def __init__(self, base: nn.Conv2d):
+        super().__init__()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"ModulatedConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise NotImplementedError(
+                f"ModulatedConv2d: grouped convolutions (groups={base.groups}) are not supported: "
+                "mAdaFM modulates every (C_out, C_in) pair of a dense kernel"
+            )
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.kernel_size, self.stride, self.dilation = base.kernel_size, base.stride, base.dilation
+        self.padding, self.padding_mode = base.padding, base.padding_mode
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        self._op_padding, self._pre_pad = self._resolve_padding(base)
+        weight_norm, mean, std = ops.normalize_weight(self.weight)
+        self.register_buffer("weight_norm", weight_norm)
+        self.register_buffer("weight_mean", mean)
+        self.register_buffer("weight_std", std)
+        self._init_bank()
+
+    def _resolve_padding(self, base: nn.Conv2d) -> tuple[list[int], Optional[list[int]]]:
+        """Numeric padding for the op, and an explicit ``F.pad`` for non-zero padding modes."""
+        if base.padding == "valid":
+            pad = [0, 0]
+        elif base.padding == "same":
+            pad = []
+            for k, d in zip(base.kernel_size, base.dilation):
+                total = d * (k - 1)
+                if total % 2:
+                    raise NotImplementedError(
+                        "ModulatedConv2d: padding='same' with an even effective kernsize needs "
+                        "asymmetric padding, which is not supported"
+                    )
+                pad.append(total // 2)
+        else:
+            pad = list(base.padding)
+        if base.padding_mode == "zeros":
+            return pad, None
+        # reflect / replicate / circular: pad explicitly (F.pad order: left, right, top, bottom)
+        return [0, 0], [pad[1], pad[1], pad[0], pad[0]]
+
+    def source_style(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.weight_std, self.weight_mean, self.weight_std.new_zeros(self.out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._pre_pad is not None:
+            x = F.pad(x, self._pre_pad, mode=self.padding_mode)
+        if self.task_ids is None and self.style_override is None and self.active_task == 0:
+            # the source: exactly what nn.Conv2d computes
+            padding = self.padding if self._pre_pad is None else 0
+            return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation)
+        if self.task_ids is not None:
+            gamma, beta, bias, local = self._stacked_styles(self.task_ids)
+            return ops.modulated_conv2d(
+                x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
+                padding=self._op_padding, dilation=list(self.dilation), task_ids=local, backend=self.backend,
+            )
+        gamma, beta, bias = self.style_override or self.style(self.active_task)
+        return ops.modulated_conv2d(
+            x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
+            padding=self._op_padding, dilation=list(self.dilation), backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, tasks={self.task_names}"
+        )
+
+
+class ModulatedLinear(ModulatedLayer):
+    """``nn.Linear`` with a frozen base and per-task mFiLM style sets.
+
+    ``x [N, *, d_in]`` -> ``[N, *, d_out]``. Buffers: ``weight_norm [d_out, d_in]``,
+    ``weight_mean, weight_std [d_out]`` (row statistics).
+    """
+
+    style_cls = LinearStyle
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"ModulatedLinear wraps an nn.Linear, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        weight_norm, mean, std = ops.normalize_weight(self.weight)
+        self.register_buffer("weight_norm", weight_norm)
+        self.register_buffer("weight_mean", mean)
+        self.register_buffer("weight_std", std)
+        self._init_bank()
+
+    def source_style(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.weight_std, self.weight_mean, torch.zeros_like(self.weight_std)
+
+    def _class_rows(self, bias: Tensor, task: int, rows: Optional[Tensor] = None) -> Tensor:
+        """Each sample's bias row of a conditional task (``bias [classes, d_out]``) by class id."""
+        labels = self.class_ids
+        if labels is None:
+            raise ValueError(
+                f"task {self.task_names[task]!r} is conditional (one bias per class): select classes "
+                "with gmem.nn.use_classes(model, labels)"
+            )
+        if rows is not None:
+            labels = labels[rows]
+        classes = bias.shape[0]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise IndexError(
+                f"class ids for task {self.task_names[task]!r} must lie in [0, {classes}), "
+                f"got {int(labels.min())}..{int(labels.max())}"
+            )
+        return bias[labels]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.task_ids is None and self.style_override is None and self.active_task == 0:
+            return F.linear(x, self.weight, self.bias)  # the source: exactly nn.Linear
+        if self.task_ids is not None:
+            if any(s.bias.ndim == 2 for s in self.styles):
+                return self._forward_mixed_conditional(x)
+            gamma, beta, bias, local = self._stacked_styles(self.task_ids)
+            return ops.modulated_linear(
+                x, self.weight_norm, gamma, beta, self.total_bias(bias), task_ids=local, backend=self.backend
+            )
+        gamma, beta, bias = self.style_override or self.style(self.active_task)
+        if bias.ndim == 1:
+            return ops.modulated_linear(x, self.weight_norm, gamma, beta, self.total_bias(bias), backend=self.backend)
+        # conditional task: the class's bias row is added per sample after the op
+        per_sample = self._class_rows(bias, self.active_task)
+        if per_sample.shape[0] != x.shape[0]:
+            raise ValueError(f"class ids must have shape [N] = [{x.shape[0]}], got [{per_sample.shape[0]}]")
+        out = ops.modulated_linear(x, self.weight_norm, gamma, beta, self.bias, backend=self.backend)
+        return out + per_sample.view(x.shape[0], *([1] * (x.ndim - 2)), self.out_features)
+
+    def _forward_mixed_conditional(self, x: Tensor) -> Tensor:
+        """Mixed tasks where some are conditional: the op without task biases, then per-sample rows."""
+        n = x.shape[0]
+        if self.class_ids is not None and self.class_ids.shape != (n,):
+            raise ValueError(f"class ids must have shape [N] = [{n}], got {tuple(self.class_ids.shape)}")
+        gamma, beta, _, local = self._stacked_styles(self.task_ids, with_bias=False)
+        tasks = torch.unique(self.task_ids, sorted=True).tolist()
+        per_sample = x.new_zeros(n, self.out_features)
+        for index, task in enumerate(tasks):
+            rows = (local == index).nonzero().squeeze(1)
+            bias = self.style(task)[2]
+            value = self._class_rows(bias, task, rows) if bias.ndim == 2 else bias.expand(rows.numel(), -1)
+            per_sample = per_sample.index_put((rows,), value)
+        out = ops.modulated_linear(x, self.weight_norm, gamma, beta, self.bias, task_ids=local, backend=self.backend)
+        return out + per_sample.view(n, *([1] * (x.ndim - 2)), self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tasks={self.task_names}"
