@@ -17,22 +17,26 @@ endif
 
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo venv install test-python test-cpp bench-quick clean
+.PHONY: test demo venv install test-cpp bench-quick clean
 
 venv:
 	@bash tools/venv.sh
 
 # Installing builds the C++ (and, with a CUDA toolkit, CUDA) extension in place; the stamp lives in
 # the clone, so each clone installs once and later runs start at once.
-build/.installed: setup.py $(wildcard csrc/*) | venv
+build/.installed: setup.py gmem/ops/_ext_build.py $(shell find csrc -type f) | venv
 	@mkdir -p build
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
 install: $(ENV_STAMP)
 
-test: install
+test: install test-cpp
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# C++ unit tests of the CPU kernels (ctest) and an nvcc compile of every CUDA source (nothing runs)
+test-cpp:
+	@bash tools/test_cpp.sh
 
 demo: install
 	$(PY) -m gmem.cli demo

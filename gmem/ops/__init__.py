@@ -23,3 +23,10 @@ __all__ = [
     "normalize_weight",
     "register_backend",
 ]
+
+# The compiled and Triton backends register themselves here, at import, so that the first op
+# call may happen inside torch.compile. Their modules are cheap to import: the extension is loaded
+# (or JIT-built) and Triton imported only when a backend is first asked whether it is available.
+from .backends import _load_optional_backends  # noqa: E402
+
+_load_optional_backends()

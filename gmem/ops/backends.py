@@ -151,6 +151,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: 
     """The concrete backend name for ``backend`` ("auto" or a name) on ``device``/``dtype``."""
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
+    return _resolve(backend, device.type, dtype, op)
+
+
+# Resolution looks at the machine (loads the extension, imports Triton), never at tensor values:
+# under torch.compile it runs once at trace time and its answer is a constant of the graph.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str:
+    device = torch.device(device_type)
     if backend == "auto":
         backend = os.environ.get("GMEM_BACKEND", "auto") or "auto"
     _load_optional_backends()
@@ -170,5 +178,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: 
             f" (it runs on {list(b.device_types)})"
         )
     return backend
+
 
 register_backend(Backend(), priority=0)

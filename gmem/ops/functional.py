@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backends import resolve_backend
-from .library import madafm_weight_op, modulated_conv2d_op, modulated_linear_op
+from .backends import get_backend, resolve_backend
+from .library import madafm_weight_op, modulated_conv2d_lowrank_op, modulated_conv2d_op, modulated_linear_op
 from .lowrank import LowRank
 
 __all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear"]
@@ -191,10 +191,37 @@ def modulated_conv2d(
                 f"{op}: input {tuple(x.shape[2:])} with padding {tuple(padding_)} is smaller than the "
                 f"dilated kernel ({kh}, {kw}) x dilation {tuple(dilation_)}"
             )
+    if isinstance(gamma, LowRank) and isinstance(beta, LowRank):
+        out = _modulated_conv2d_lowrank(
+            op, x, weight_norm, gamma, beta, bias, task_ids, stride_, padding_, dilation_, backend
+        )
+        if out is not None:
+            return out
     gamma, beta, bias, task_ids = _styles(op, gamma, beta, bias, task_ids, x, (o, i), o, x.shape[0])
     name = resolve_backend(backend, x.device, x.dtype, op)
     return modulated_conv2d_op(
         x, weight_norm.detach(), gamma, beta, bias, task_ids, stride_, padding_, dilation_, name
+    )
+
+
+def _modulated_conv2d_lowrank(op, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend):
+    """The factored path for LowRank gamma and beta, or None where the backend wants dense styles.
+
+    Taken only when the resolved backend has ``supports_lowrank = True`` (its kernels rebuild style
+    blocks from the factors); every other backend gets the densified values, as before.
+    """
+    o, i = weight_norm.shape[:2]
+
+    def proxy(value: LowRank) -> Tensor:  # shape/dtype/device stand-in for validation, no memory
+        return torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
+
+    name = resolve_backend(backend, x.device, x.dtype, op)
+    if not getattr(get_backend(name), "supports_lowrank", False):
+        return None  # before validating, so other backends see no extra work (the id range check syncs)
+    _, _, bias, task_ids = _styles(op, proxy(gamma), proxy(beta), bias, task_ids, x, (o, i), o, x.shape[0])
+    return modulated_conv2d_lowrank_op(
+        x, weight_norm.detach(), gamma.u, gamma.s, gamma.v, beta.u, beta.s, beta.v, bias, task_ids,
+        stride, padding, dilation, name,
     )
 
 

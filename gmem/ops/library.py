@@ -19,7 +19,7 @@ from torch import Tensor
 from . import reference
 from .backends import get_backend
 
-__all__ = ["madafm_weight_op", "modulated_conv2d_op", "modulated_linear_op"]
+__all__ = ["madafm_weight_op", "modulated_conv2d_op", "modulated_conv2d_lowrank_op", "modulated_linear_op"]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -215,3 +215,108 @@ def _linear_backward(ctx, grad_out):
 
 
 modulated_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# modulated_conv2d_lowrank: gamma/beta as LowRank factors (u [*, O, r], s [*, r], v [*, I, r]),
+# taken only for backends with ``supports_lowrank = True`` (see functional.modulated_conv2d), whose
+# kernels rebuild the style blocks from the factors instead of densifying every task.
+# ---------------------------------------------------------------------------------------------
+def _lowrank_dense(u: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    return (u * s.unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
+def lowrank_factor_grads(dense_grad: Tensor, u: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(du, ds, dv)`` of ``G = u diag(s) v^T`` from ``dG`` (DESIGN.md; differentiable)."""
+    dg_v = dense_grad @ v  # [*, O, r]
+    du = dg_v * s.unsqueeze(-2)
+    dv = (dense_grad.transpose(-1, -2) @ u) * s.unsqueeze(-2)
+    ds = (dg_v * u).sum(-2)
+    return du, ds, dv
+
+
+@torch.library.custom_op("gmem::modulated_conv2d_lowrank", mutates_args=())
+def modulated_conv2d_lowrank_op(
+    x: Tensor, weight_norm: Tensor, gamma_u: Tensor, gamma_s: Tensor, gamma_v: Tensor,
+    beta_u: Tensor, beta_s: Tensor, beta_v: Tensor, bias: Optional[Tensor], task_ids: Optional[Tensor],
+    stride: list[int], padding: list[int], dilation: list[int], backend: str,
+) -> Tensor:
+    return get_backend(backend).modulated_conv2d_lowrank(
+        x, weight_norm, (gamma_u, gamma_s, gamma_v), (beta_u, beta_s, beta_v), bias, task_ids,
+        stride, padding, dilation,
+    )
+
+
+@modulated_conv2d_lowrank_op.register_fake
+def _(x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, beta_s, beta_v, bias, task_ids, stride, padding, dilation, backend):
+    kh, kw = weight_norm.shape[-2:]
+    h = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    w = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight_norm.shape[0], h, w))
+
+
+@torch.library.custom_op("gmem::modulated_conv2d_lowrank_backward", mutates_args=())
+def modulated_conv2d_lowrank_backward_op(
+    grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma_u: Tensor, gamma_s: Tensor, gamma_v: Tensor,
+    beta_u: Tensor, beta_s: Tensor, beta_v: Tensor, bias: Optional[Tensor], task_ids: Optional[Tensor],
+    stride: list[int], padding: list[int], dilation: list[int], output_mask: list[bool], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, du, ds, dv of gamma, du, ds, dv of beta, dbias)``; ``output_mask = (x, gamma, beta, bias)``."""
+    gamma, beta = (gamma_u, gamma_s, gamma_v), (beta_u, beta_s, beta_v)
+    dx, dgamma, dbeta, dbias = get_backend(backend).modulated_conv2d_lowrank_backward(
+        grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
+    )
+    dgamma = dgamma if dgamma is not None else (None, None, None)
+    dbeta = dbeta if dbeta is not None else (None, None, None)
+    return (
+        _or_empty(dx, x),
+        *(_or_empty(g, like) for g, like in zip(dgamma, gamma)),
+        *(_or_empty(g, like) for g, like in zip(dbeta, beta)),
+        _or_empty(dbias, x),
+    )
+
+
+@modulated_conv2d_lowrank_backward_op.register_fake
+def _(grad_out, x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, beta_s, beta_v, bias, task_ids,
+      stride, padding, dilation, output_mask, backend):
+    need_x, need_gamma, need_beta, need_bias = output_mask
+    return (
+        torch.empty_like(x) if need_x else _empty(x),
+        *(torch.empty_like(f) if need_gamma else _empty(f) for f in (gamma_u, gamma_s, gamma_v)),
+        *(torch.empty_like(f) if need_beta else _empty(f) for f in (beta_u, beta_s, beta_v)),
+        torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
+    )
+
+
+def _conv_lowrank_setup(ctx, inputs, output):
+    x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.backend = backend
+
+
+def _conv_lowrank_backward(ctx, grad_out):
+    x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    need = ctx.needs_input_grad
+    mask = [need[0], any(need[2:5]), any(need[5:8]), bias is not None and need[8]]
+    if torch.is_grad_enabled():  # double backward: differentiable formulas through the dense value
+        dx, dgamma, dbeta, dbias = reference.modulated_conv2d_backward(
+            grad_out, x, weight_norm, _lowrank_dense(gu, gs, gv), _lowrank_dense(bu, bs, bv), bias,
+            task_ids, stride, padding, dilation, mask,
+        )
+        g_grads = lowrank_factor_grads(dgamma, gu, gs, gv) if mask[1] else (None,) * 3
+        b_grads = lowrank_factor_grads(dbeta, bu, bs, bv) if mask[2] else (None,) * 3
+    else:
+        grads = modulated_conv2d_lowrank_backward_op(
+            grad_out.contiguous(), x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids,
+            stride, padding, dilation, mask, ctx.backend,
+        )
+        dx = _or_none(grads[0], mask[0])
+        g_grads = tuple(_or_none(g, mask[1]) for g in grads[1:4])
+        b_grads = tuple(_or_none(g, mask[2]) for g in grads[4:7])
+        dbias = _or_none(grads[7], mask[3])
+    return (dx, None, *g_grads, *b_grads, dbias, None, None, None, None, None)
+
+
+modulated_conv2d_lowrank_op.register_autograd(_conv_lowrank_backward, setup_context=_conv_lowrank_setup)

@@ -1,0 +1,104 @@
+// The gmem_ext ops written once for every device on top of a few device kernels.
+//
+// The device files (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) provide the element kernels (mAdaFM
+// weight build and its backward reduction, the mFiLM epilogues) through a DeviceKernels table and
+// register these functions for their dispatch key. Convolutions and GEMMs go through ATen
+// (oneDNN / cuDNN / BLAS), so the grouping logic here is shared by both devices.
+//
+// Argument conventions are those of gmem/ops/reference.py (canonical, already validated by the
+// Python layer; the checks here guard direct calls of torch.ops.gmem_ext.*):
+//   conv:   x [N, I, H, W], weight_norm [O, I, kh, kw], gamma/beta [O, I] or [T, O, I],
+//           bias None | [O] (one task) | [T, O] (mixed), task_ids None | int64 [N]
+//   linear: x [M, I], weight_norm [O, I], gamma/beta [O] or [T, O], bias likewise.
+// Backward ops return an empty tensor (numel 0) for every gradient that output_mask does not ask for.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace gmem_ext {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Element kernels of one device; every tensor argument is contiguous and of one dtype.
+struct DeviceKernels {
+  // weight [P, R, K] = gamma [P, R] * weight_norm [R, K] + beta [P, R]
+  void (*madafm_forward)(const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta,
+                         at::Tensor& weight);
+  // dgamma, dbeta [P, R] = window sums of grad_weight [P, R, K] * weight_norm [R, K] and of grad_weight
+  void (*madafm_backward)(const at::Tensor& grad_weight, const at::Tensor& weight_norm, at::Tensor& dgamma,
+                          at::Tensor& dbeta);
+  // in place: h [M, O] <- gamma[t] * h + beta[t] * rowsum[:, None] + bias[t]; bias/task_ids may be undefined
+  void (*film_forward)(at::Tensor& h, const at::Tensor& rowsum, const at::Tensor& gamma, const at::Tensor& beta,
+                       const at::Tensor& bias, const at::Tensor& task_ids);
+  // gdy [M, O] = grad * gamma[t], rowdot [M] = sum_o grad * beta[t]
+  void (*film_backward_input)(const at::Tensor& grad, const at::Tensor& gamma, const at::Tensor& beta,
+                              const at::Tensor& task_ids, at::Tensor& gdy, at::Tensor& rowdot);
+  // per-task sums [T, O] (outputs zero-initialised by the caller; undefined ones are skipped):
+  // dgamma += grad * h, dbeta += grad * rowsum, dbias += grad
+  void (*film_backward_style)(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& rowsum,
+                              const at::Tensor& task_ids, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dbias);
+};
+
+at::Tensor madafm_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
+                         const at::Tensor& beta);
+
+std::tuple<at::Tensor, at::Tensor> madafm_weight_backward(const DeviceKernels& k, const at::Tensor& grad_weight,
+                                                          const at::Tensor& weight_norm);
+
+at::Tensor modulated_conv2d(const DeviceKernels& k, const at::Tensor& x, const at::Tensor& weight_norm,
+                            const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& task_ids, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation);
+
+Grads modulated_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                std::array<bool, 4> output_mask);
+
+at::Tensor modulated_linear(const DeviceKernels& k, const at::Tensor& x, const at::Tensor& weight_norm,
+                            const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& task_ids);
+
+Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
+                                std::array<bool, 4> output_mask);
+
+}  // namespace gmem_ext
+
+// Registers the six ops for one dispatch key with the kernels of that device (used by the device files).
+#define GMEM_EXT_REGISTER_DEVICE_OPS(m, KERNELS)                                                                 \
+  m.impl("madafm_weight", [](const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b) {                 \
+    return gmem_ext::madafm_weight(KERNELS, wn, g, b);                                                           \
+  });                                                                                                            \
+  m.impl("madafm_weight_backward", [](const at::Tensor& dw, const at::Tensor& wn) {                            \
+    return gmem_ext::madafm_weight_backward(KERNELS, dw, wn);                                                    \
+  });                                                                                                            \
+  m.impl("modulated_conv2d",                                                                                     \
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,                \
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,     \
+            at::IntArrayRef p, at::IntArrayRef d) {                                                              \
+           return gmem_ext::modulated_conv2d(KERNELS, x, wn, g, b, bias, tid, s, p, d);                          \
+         });                                                                                                     \
+  m.impl("modulated_conv2d_backward",                                                                            \
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,               \
+            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,   \
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {                \
+           return gmem_ext::modulated_conv2d_backward(KERNELS, dy, x, wn, g, b, bias, tid, s, p, d, mask);       \
+         });                                                                                                     \
+  m.impl("modulated_linear",                                                                                     \
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,                \
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {                      \
+           return gmem_ext::modulated_linear(KERNELS, x, wn, g, b, bias, tid);                                   \
+         });                                                                                                     \
+  m.impl("modulated_linear_backward",                                                                            \
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,               \
+            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,   \
+            std::array<bool, 4> mask) {                                                                          \
+           return gmem_ext::modulated_linear_backward(KERNELS, dy, x, wn, g, b, bias, tid, mask);                \
+         })

@@ -1,0 +1,266 @@
+"""The compiled backends ``"cpu"`` and ``"cuda"``: the C++/CUDA ops of ``csrc/`` (torch.ops.gmem_ext).
+
+Loading, once per process, on first use of :mod:`gmem.ops` backends:
+
+1. ``import gmem._C`` (built by ``pip install --no-build-isolation -e .`` / setup.py);
+2. else a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` into
+   ``$GMEM_EXT_CACHE`` (default ``~/.cache/gmem/ext``)/``<hash of the sources>``, under a file lock
+   so that two processes never build into the same directory at once;
+3. else one warning, and both backends report unavailable (``backend="auto"`` then picks another;
+   no later call retries the build).
+
+``GMEM_NO_JIT=1`` skips step 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _ext_build
+from .backends import Backend, Grads, register_backend
+
+__all__ = ["CppBackend", "CudaBackend", "extension_loaded", "load_error"]
+
+_state: dict = {"tried": False, "loaded": False, "error": None, "how": None}
+_load_lock = threading.Lock()  # one loader per process, even when threads ask at once
+
+
+def _ops():
+    return torch.ops.gmem_ext
+
+
+def _jit_build() -> None:
+    """Build csrc/ into a cache directory keyed by the sources' hash and load it (no Python module)."""
+    if not (_ext_build.CSRC / "gmem_ext.cpp").exists():
+        raise RuntimeError(f"no C++ sources to build at {_ext_build.CSRC}")
+    _ext_build.prepare_cuda_env()  # CUDA_HOME must be set before cpp_extension is imported
+    from torch.utils import cpp_extension
+
+    with_cuda = torch.cuda.is_available() and _ext_build.want_cuda(torch)
+    key = _ext_build.sources_hash(with_cuda)
+    root = Path(os.environ.get("GMEM_EXT_CACHE", Path.home() / ".cache" / "gmem" / "ext"))
+    build_dir = root / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = _ext_build.CPU_SOURCES + (_ext_build.CUDA_SOURCES if with_cuda else [])
+    with _file_lock(build_dir / ".lock"):
+        # While we hold the lock nobody else builds here: a baton file torch left behind when a
+        # build was killed is stale, and would make cpp_extension wait for it forever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name=f"gmem_ext_{key}",
+            sources=[str(_ext_build.REPO_ROOT / s) for s in sources],
+            extra_cflags=_ext_build.CXX_FLAGS,
+            extra_cuda_cflags=_ext_build.NVCC_FLAGS,
+            extra_ldflags=_ext_build.LINK_FLAGS,
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` for the duration of a build (POSIX flock; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load() -> bool:
+    """Load the extension once; on failure warn once and stay unavailable."""
+    if _state["tried"]:
+        return _state["loaded"]
+    with _load_lock:
+        if _state["tried"]:
+            return _state["loaded"]
+        try:
+            loaded = _load_once()
+        except Exception as err:  # e.g. the loaded library misbehaves: still one warning, no retry
+            _state["error"] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"gmem: the compiled extension failed to load: {_state['error']}", RuntimeWarning, 2)
+            loaded = False
+        _state["loaded"] = loaded
+        _state["tried"] = True
+        return loaded
+
+
+def _load_once() -> bool:
+    """gmem._C, else a JIT build; False (after one warning) when neither works."""
+    errors = []
+    try:
+        importlib.import_module("gmem._C")
+        _state["how"] = "gmem._C"
+    except (ImportError, OSError) as err:  # not built, or built against another torch
+        errors.append(f"import gmem._C: {err}")
+        if os.environ.get("GMEM_NO_JIT") == "1":
+            errors.append("JIT build disabled by GMEM_NO_JIT=1")
+        else:
+            try:
+                _jit_build()
+                _state["how"] = "jit"
+            except Exception as jit_err:  # compiler missing, build failure, ...
+                errors.append(f"JIT build: {type(jit_err).__name__}: {jit_err}")
+    if _state["how"] is None:
+        _state["error"] = "; ".join(errors)
+        warnings.warn(
+            "gmem: the compiled extension is unavailable, the 'cpu'/'cuda' backends are off "
+            f"(reference ops are used instead): {_state['error']}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    _register_fakes()
+    return True
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled gmem_ext ops are loaded (loading them on the first call)."""
+    return _load()
+
+
+def load_error() -> Optional[str]:
+    """Why the extension could not be loaded (None when it loaded or was not tried yet)."""
+    return _state["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations of the gmem_ext ops, for torch.compile and opcheck
+# ---------------------------------------------------------------------------------------------
+def _conv_out(size: int, k: int, s: int, p: int, d: int):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _grads_fake(like: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor], mask: Sequence[bool]):
+    empty = like.new_empty((0,))
+    return (
+        torch.empty_like(like, memory_format=torch.contiguous_format) if mask[0] else empty,
+        gamma.new_empty(gamma.shape) if mask[1] else like.new_empty((0,)),
+        beta.new_empty(beta.shape) if mask[2] else like.new_empty((0,)),
+        bias.new_empty(bias.shape) if (mask[3] and bias is not None) else like.new_empty((0,)),
+    )
+
+
+def _register_fakes() -> None:
+    lib = "gmem_ext::"
+
+    @torch.library.register_fake(lib + "madafm_weight")
+    def _(weight_norm, gamma, beta):
+        return weight_norm.new_empty((*gamma.shape, *weight_norm.shape[2:]))
+
+    @torch.library.register_fake(lib + "madafm_weight_backward")
+    def _(grad_weight, weight_norm):
+        shape = grad_weight.shape[:-2]
+        return grad_weight.new_empty(shape), grad_weight.new_empty(shape)
+
+    @torch.library.register_fake(lib + "modulated_conv2d")
+    def _(x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
+        kh, kw = weight_norm.shape[2:]
+        h = _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0])
+        w = _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])
+        return x.new_empty((x.shape[0], weight_norm.shape[0], h, w))
+
+    @torch.library.register_fake(lib + "modulated_conv2d_backward")
+    def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask):
+        return _grads_fake(x, gamma, beta, bias, output_mask)
+
+    @torch.library.register_fake(lib + "modulated_linear")
+    def _(x, weight_norm, gamma, beta, bias, task_ids):
+        return x.new_empty((x.shape[0], weight_norm.shape[0]))
+
+    @torch.library.register_fake(lib + "modulated_linear_backward")
+    def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
+        return _grads_fake(x, gamma, beta, bias, output_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends
+# ---------------------------------------------------------------------------------------------
+def _none_unless(grads, mask) -> Grads:
+    """The ops return empty tensors for gradients not asked for; the Backend API wants None."""
+    return tuple(g if m else None for g, m in zip(grads, mask))  # type: ignore[return-value]
+
+
+def _contiguous_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
+    # Mixed-task bias may be an expanded (stride-0) view of [O]
+    return None if bias is None else bias.contiguous()
+
+
+class CppBackend(Backend):
+    """C++ kernels on the CPU (float32, float64), ATen (oneDNN / BLAS) for convolutions and GEMMs."""
+
+    name = "cpu"
+    device_types = ("cpu",)
+    dtypes = (torch.float32, torch.float64)
+
+    def is_available(self) -> bool:
+        return _load()
+
+    def madafm_weight(self, weight_norm, gamma, beta):
+        return _ops().madafm_weight(weight_norm, gamma, beta)
+
+    def madafm_weight_backward(self, grad_weight, weight_norm):
+        return tuple(_ops().madafm_weight_backward(grad_weight, weight_norm))
+
+    def modulated_conv2d(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
+        return _ops().modulated_conv2d(
+            x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, list(stride), list(padding), list(dilation)
+        )
+
+    def modulated_conv2d_backward(
+        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
+    ):
+        mask = [bool(m) for m in output_mask]
+        mask[3] = mask[3] and bias is not None
+        grads = _ops().modulated_conv2d_backward(
+            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids,
+            list(stride), list(padding), list(dilation), mask,
+        )
+        return _none_unless(grads, mask)
+
+    def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
+        return _ops().modulated_linear(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
+
+    def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
+        mask = [bool(m) for m in output_mask]
+        mask[3] = mask[3] and bias is not None
+        grads = _ops().modulated_linear_backward(
+            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, mask
+        )
+        return _none_unless(grads, mask)
+
+
+class CudaBackend(CppBackend):
+    """CUDA kernels (float32, float64, float16, bfloat16), cuDNN / cuBLAS through ATen."""
+
+    name = "cuda"
+    device_types = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    def is_available(self) -> bool:
+        if not torch.cuda.is_available():
+            return False
+        if not _load():
+            return False
+        # a CPU-only build of the extension (no CUDA toolkit at build time) has no CUDA kernels
+        return torch._C._dispatch_has_kernel_for_dispatch_key("gmem_ext::madafm_weight", "CUDA")
+
+
+register_backend(CppBackend(), priority=10)
+register_backend(CudaBackend(), priority=20)
