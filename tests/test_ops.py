@@ -13,6 +13,12 @@ import formulas
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    """These tests check the reference itself ("auto" would pick a compiled backend where built)."""
+    monkeypatch.setenv("GMEM_BACKEND", "reference")
+
+
 def random_conv_case(rng: random.Random, mixed: bool):
     n = rng.randint(1, 6)
     i, o = rng.randint(1, 5), rng.randint(1, 6)
