@@ -1,0 +1,144 @@
+"""The GAN-memory CLI commands: --help, a tiny end-to-end session, clear errors and exit codes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gmem.cli import COMMANDS, main
+from gmem.models import Discriminator, Generator, save_base
+
+MEMORY_COMMANDS = ("learn", "sample", "interpolate", "info", "demo")
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("base")
+    save_base(Generator(32, 4, z_dim=8, embed_size=4), Discriminator(32, 4), d, dtype=torch.float32)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    g = np.random.default_rng(0)
+    np.save(d / "a.npy", g.integers(0, 255, size=(10, 28, 28, 3), dtype=np.uint8))
+    np.savez(d / "c.npz", images=g.integers(0, 255, size=(12, 32, 32), dtype=np.uint8),
+             labels=np.arange(12) % 3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def memory(tiny_base_dir, data_files, tmp_path_factory):
+    m = tmp_path_factory.mktemp("mem") / "memory"
+    common = ["--iterations", "2", "--batch-size", "4", "--no-progress", "--threads", "1"]
+    assert main(["learn", str(m), "a", str(data_files / "a.npy"), "--base", str(tiny_base_dir), *common]) == 0
+    assert main(["learn", str(m), "c", str(data_files / "c.npz"), "--conditional", *common]) == 0
+    return m
+
+
+@pytest.mark.parametrize("command", MEMORY_COMMANDS)
+def test_help(command, capsys):
+    assert command in COMMANDS
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: gmem {command}") and "--" in out
+
+
+def test_learn_sample_interpolate_info(memory, tmp_path, capsys):
+    manifest = json.loads((memory / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["a", "c"] and manifest["tasks"][1]["num_classes"] == 3
+    assert "pixfid8" in manifest["tasks"][0]["metrics"]
+    assert main(["sample", str(memory), "a", "-n", "3", "--out", str(tmp_path / "s.png"),
+                 "--tensor", str(tmp_path / "s.safetensors")]) == 0
+    from safetensors.torch import load_file
+    assert load_file(str(tmp_path / "s.safetensors"))["images"].shape == (3, 3, 32, 32)
+    assert main(["sample", str(memory), "source", "a", "c", "-n", "2", "--labels", "2",
+                 "--out", str(tmp_path / "rows.png")]) == 0
+    assert (tmp_path / "rows.png").is_file()
+    assert main(["interpolate", str(memory), "source", "a", "--steps", "3", "-n", "2", "--groups", "scale,shift",
+                 "--layers", "resnet_0_0.*", "--out", str(tmp_path / "i.png")]) == 0
+    assert (tmp_path / "i.png").is_file()
+    capsys.readouterr()
+    assert main(["info", str(memory)]) == 0
+    out = capsys.readouterr().out
+    assert "a" in out and "% of G" in out and "pixfid8" in out
+    assert main(["info", str(memory), "--json", "--layers"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in info["tasks"]] == ["a", "c"] and info["tasks"][1]["classes"] == 3
+    assert "fc" in info["layers"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "{mem}", "nope"], "unknown task 'nope'"),
+    (["sample", "{mem}", "c", "-n", "2", "--labels", "0,5"], "class 5 out of range"),
+    (["sample", "{mem}", "a", "--labels", "1"], "unconditional"),
+    (["sample", "{tmp}/missing", "a"], "no GAN memory"),
+    (["interpolate", "{mem}", "a", "zzz"], "unknown task 'zzz'"),
+    (["interpolate", "{mem}", "source", "a", "--layers", "nothing*"], "match no modulated"),
+    (["learn", "{mem}", "new", "{tmp}/no_such_dir"], "data not found"),
+    (["learn", "{mem}", "a", "emoji"], "exists already"),
+    (["learn", "{tmp}/fresh", "x", "{data}/c.npz", "--base", "{tmp}/not_a_base"], "not found"),
+])
+def test_clear_errors(argv, message, memory, data_files, tmp_path, capsys):
+    argv = [a.format(mem=memory, tmp=tmp_path, data=data_files) for a in argv]
+    assert main(argv + ["--no-progress"] if argv[0] == "learn" else argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"gmem {argv[0]}: error:") and message in err
+
+
+def test_usage_error_exit_code(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample"])
+    assert e.value.code == 2
+
+
+def test_demo_end_to_end_tiny(tiny_base_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--base", str(tiny_base_dir), "--iterations", "2", "--tasks", "emoji,fashion_mnist",
+                 "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "no forgetting" in text and "bit-identical" in text and "pixFID8" in text
+    assert (out / "tasks_after_2_fashion_mnist.png").is_file() and (out / "interp_1_source_to_emoji.png").is_file()
+    assert (out / "classes_2_fashion_mnist.png").is_file() and (out / "memory" / "manifest.json").is_file()
+
+
+def test_info_verify_names_a_damaged_file(memory, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(memory, copy)
+    victim = next((copy / "tasks").glob("c-*.safetensors"))
+    victim.write_bytes(b"garbage")
+    assert main(["info", str(copy)]) == 0          # reading the manifest needs no task file
+    assert main(["info", str(copy), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "a: ok" in out and "DAMAGED" in out and victim.name in out
+    assert main(["sample", str(copy), "a", "-n", "2", "--out", str(tmp_path / "ok.png")]) == 0
+    assert main(["sample", str(copy), "c", "-n", "2", "--out", str(tmp_path / "bad.png")]) == 1
+    assert victim.name in capsys.readouterr().err
+
+
+def test_demo_detects_forgetting(tiny_base_dir, tmp_path, monkeypatch, capsys):
+    """If learning a task disturbed an earlier one, the demo says so and exits with 3."""
+    import gmem.nn as gnn
+    from gmem.memory import GANMemory
+
+    original = GANMemory.learn
+
+    def leaky_learn(self, name, *args, **kwargs):
+        index = original(self, name, *args, **kwargs)
+        if len(self.tasks) > 1:
+            with torch.no_grad():
+                gnn.style_parameters(self.generator, self.tasks[0])[0].add_(0.5)
+        return index
+
+    monkeypatch.setattr(GANMemory, "learn", leaky_learn)
+    code = main(["demo", "--base", str(tiny_base_dir), "--iterations", "1", "--tasks", "emoji,oxygen_icons",
+                 "--out", str(tmp_path / "demo"), "--no-progress"])
+    assert code == 3
+    assert "FORGETTING DETECTED" in capsys.readouterr().out

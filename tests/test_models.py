@@ -1,0 +1,239 @@
+"""GP-GAN models: public-release names/shapes, checkpoint loading (EMA vs raw), errors, the default base."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmem.models import (CheckpointError, Discriminator, Generator, load_base, load_gan_stability, save_base)
+from gmem.models.base import DEFAULT_BASE_DIR, WEIGHTS_NAME
+
+torch.set_num_threads(1)
+
+
+def _public_generator_shapes(nf=64, z_dim=256, embed=256, nlabels=1):
+    """Key -> shape of the public 'resnet4' 256 generator, written out from the release's layout."""
+    s = {"embedding.weight": (nlabels, embed), "fc.weight": (16 * nf * 16, z_dim + embed), "fc.bias": (16 * nf * 16,)}
+    blocks = [(16, 16), (16, 16), (16, 8), (8, 4), (4, 2), (2, 1), (1, 1)]
+    for k, (fin, fout) in enumerate(blocks):
+        fin, fout = fin * nf, fout * nf
+        h = min(fin, fout)
+        s[f"resnet_{k}_0.conv_0.weight"] = (h, fin, 3, 3)
+        s[f"resnet_{k}_0.conv_0.bias"] = (h,)
+        s[f"resnet_{k}_0.conv_1.weight"] = (fout, h, 3, 3)
+        s[f"resnet_{k}_0.conv_1.bias"] = (fout,)
+        if fin != fout:
+            s[f"resnet_{k}_0.conv_s.weight"] = (fout, fin, 1, 1)
+    s["conv_img.weight"], s["conv_img.bias"] = (3, nf, 7, 7), (3,)
+    return s
+
+
+def _public_discriminator_shapes(nf=64, nlabels=1):
+    s = {"conv_img.weight": (nf, 3, 7, 7), "conv_img.bias": (nf,)}
+    blocks = [(1, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 16), (16, 16)]
+    for k, (fin, fout) in enumerate(blocks):
+        fin, fout = fin * nf, fout * nf
+        h = min(fin, fout)
+        s[f"resnet_{k}_0.conv_0.weight"] = (h, fin, 3, 3)
+        s[f"resnet_{k}_0.conv_0.bias"] = (h,)
+        s[f"resnet_{k}_0.conv_1.weight"] = (fout, h, 3, 3)
+        s[f"resnet_{k}_0.conv_1.bias"] = (fout,)
+        if fin != fout:
+            s[f"resnet_{k}_0.conv_s.weight"] = (fout, fin, 1, 1)
+    s["fc.weight"], s["fc.bias"] = (nlabels, 16 * nf * 16), (nlabels,)
+    return s
+
+
+def test_256_nf64_names_and_shapes_equal_public_release():
+    with torch.device("meta"):  # construct only: no memory, no init cost
+        G, D = Generator(256, 64, 256, 256, nlabels=1), Discriminator(256, 64, nlabels=1)
+    assert {k: tuple(v.shape) for k, v in G.state_dict().items()} == _public_generator_shapes()
+    assert {k: tuple(v.shape) for k, v in D.state_dict().items()} == _public_discriminator_shapes()
+    assert list(G.state_dict()) == list(_public_generator_shapes())  # same order as the release
+
+
+def test_256_nf64_forward_batch1():
+    torch.manual_seed(0)
+    G, D = Generator(256, 64), Discriminator(256, 64)
+    with torch.no_grad():
+        x = G(torch.randn(1, 256))
+        d = D(x)
+    assert x.shape == (1, 3, 256, 256) and d.shape == (1,)
+    assert x.abs().max() <= 1 and torch.isfinite(d).all()
+
+
+@pytest.mark.parametrize("size,n_blocks", [(32, 4), (64, 5)])
+def test_small_resolutions(size, n_blocks):
+    torch.manual_seed(0)
+    G = Generator(size, nf=4, z_dim=8, embed_size=4, nlabels=3)
+    D = Discriminator(size, nf=4, nlabels=3)
+    assert G.n_blocks == D.n_blocks == n_blocks
+    assert not hasattr(G, f"resnet_{n_blocks}_0")
+    z, y = torch.randn(5, 8), torch.tensor([0, 2, 1, 1, 0])
+    x = G(z, y)
+    assert x.shape == (5, 3, size, size) and x.abs().max() <= 1
+    logits = D(x, y)
+    assert logits.shape == (5,)
+    # D's fc output is indexed by each sample's label.
+    feats = {}
+    D.fc.register_forward_hook(lambda m, i, o: feats.setdefault("out", o))
+    D(x, y)
+    assert torch.equal(logits, feats["out"][torch.arange(5), y])
+    # Only plain layers, so gmem.nn.convert can modulate them.
+    kinds = {type(m) for m in G.modules()} | {type(m) for m in D.modules()}
+    assert kinds <= {Generator, Discriminator, type(G.resnet_0_0), torch.nn.Conv2d, torch.nn.Linear,
+                     torch.nn.Embedding}
+
+
+def test_labels_default_to_zero_and_are_checked():
+    torch.manual_seed(0)
+    G, D = Generator(32, nf=2, z_dim=4, embed_size=2, nlabels=2), Discriminator(32, nf=2, nlabels=2)
+    z = torch.randn(3, 4)
+    assert torch.equal(G(z), G(z, torch.zeros(3, dtype=torch.long)))
+    x = G(z)
+    assert torch.equal(D(x), D(x, torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(IndexError, match="label"):
+        G(z, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        D(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"z of shape \[N, 4\]"):
+        G(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="discriminator expects"):
+        D(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="size"):
+        Generator(48)
+
+
+def _independent_forward_g(sd, z, y, nf):
+    """The generator written out by hand from a raw state dict (no gmem module code)."""
+    def block(x, p, fin, fout):
+        xs = F.conv2d(x, sd[p + "conv_s.weight"]) if fin != fout else x
+        dx = F.conv2d(F.leaky_relu(x, 0.2), sd[p + "conv_0.weight"], sd[p + "conv_0.bias"], padding=1)
+        dx = F.conv2d(F.leaky_relu(dx, 0.2), sd[p + "conv_1.weight"], sd[p + "conv_1.bias"], padding=1)
+        return xs + 0.1 * dx
+    h = F.linear(torch.cat([z, sd["embedding.weight"][y]], 1), sd["fc.weight"], sd["fc.bias"])
+    h = h.view(z.shape[0], 16 * nf, 4, 4)
+    chans = [(16, 4), (4, 2), (2, 1), (1, 1)]  # size 32
+    for k, (fin, fout) in enumerate(chans):
+        if k:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+        h = block(h, f"resnet_{k}_0.", fin * nf, fout * nf)
+    return torch.tanh(F.conv2d(F.leaky_relu(h, 0.2), sd["conv_img.weight"], sd["conv_img.bias"], padding=3))
+
+
+def _independent_forward_d(sd, x, y, nf):
+    def block(h, p, fin, fout):
+        hs = F.conv2d(h, sd[p + "conv_s.weight"]) if fin != fout else h
+        dh = F.conv2d(F.leaky_relu(h, 0.2), sd[p + "conv_0.weight"], sd[p + "conv_0.bias"], padding=1)
+        dh = F.conv2d(F.leaky_relu(dh, 0.2), sd[p + "conv_1.weight"], sd[p + "conv_1.bias"], padding=1)
+        return hs + 0.1 * dh
+    h = F.conv2d(x, sd["conv_img.weight"], sd["conv_img.bias"], padding=3)
+    for k, (fin, fout) in enumerate([(1, 1), (1, 2), (2, 4), (4, 16)]):
+        if k:
+            h = F.avg_pool2d(h, 3, stride=2, padding=1)
+        h = block(h, f"resnet_{k}_0.", fin * nf, fout * nf)
+    out = F.linear(F.leaky_relu(h.flatten(1), 0.2), sd["fc.weight"], sd["fc.bias"])
+    return out[torch.arange(x.shape[0]), y]
+
+
+def _random_state(module, gen):
+    return {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in module.state_dict().items()}
+
+
+@pytest.fixture
+def public_checkpoint(tmp_path):
+    """A checkpoint in the public layout: random weights, `module.` prefixes, EMA != raw generator."""
+    nf, z_dim, embed, nlabels = 4, 16, 8, 3
+    gen = torch.Generator().manual_seed(1)
+    G, D = Generator(32, nf, z_dim, embed, nlabels), Discriminator(32, nf, nlabels)
+    raw, ema, disc = _random_state(G, gen), _random_state(G, gen), _random_state(D, gen)
+    pre = lambda sd: {"module." + k: v for k, v in sd.items()}  # noqa: E731
+    path = tmp_path / "model.pt"
+    torch.save({"generator": pre(raw), "generator_test": pre(ema), "discriminator": pre(disc),
+                "g_optimizer": {}, "d_optimizer": {}, "it": 1234, "epoch_idx": 7}, path)
+    return path, raw, ema, disc, nf, z_dim, nlabels
+
+
+def test_load_public_checkpoint_matches_independent_forward(public_checkpoint):
+    path, raw, ema, disc, nf, z_dim, nlabels = public_checkpoint
+    G, D = load_gan_stability(path)  # use_ema=True by default
+    assert (G.size, G.nf, G.z_dim, G.embed_size, G.nlabels) == (32, nf, z_dim, 8, nlabels)
+    assert not G.training and not D.training
+    z, y = torch.randn(4, z_dim, dtype=torch.float64), torch.tensor([2, 0, 1, 2])
+    G, D = G.double(), D.double()
+    ema64 = {k: v.double() for k, v in ema.items()}
+    disc64 = {k: v.double() for k, v in disc.items()}
+    with torch.no_grad():
+        x = G(z, y)
+        torch.testing.assert_close(x, _independent_forward_g(ema64, z, y, nf), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(D(x, y), _independent_forward_d(disc64, x, y, nf), rtol=1e-10, atol=1e-12)
+
+
+def test_ema_vs_raw_generator(public_checkpoint):
+    path, raw, ema, *_ = public_checkpoint
+    G_ema, _ = load_gan_stability(path, use_ema=True)
+    G_raw, _ = load_gan_stability(path, use_ema=False)
+    for k in raw:
+        assert torch.equal(G_ema.state_dict()[k], ema[k])
+        assert torch.equal(G_raw.state_dict()[k], raw[k])
+
+
+def test_checkpoint_errors_name_the_file(tmp_path, public_checkpoint):
+    path = public_checkpoint[0]
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_gan_stability(tmp_path / "nope.pt")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="damaged.pt.*cannot read"):
+        load_gan_stability(damaged)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_gan_stability(garbage)
+    ckpt = torch.load(path, weights_only=True)
+    no_ema = tmp_path / "no_ema.pt"
+    torch.save({"generator": ckpt["generator"], "discriminator": ckpt["discriminator"]}, no_ema)
+    with pytest.raises(CheckpointError, match="no_ema.pt.*generator_test.*use_ema=False"):
+        load_gan_stability(no_ema)
+    load_gan_stability(no_ema, use_ema=False)
+    wrong = tmp_path / "wrong.pt"
+    bad_d = dict(ckpt["discriminator"])
+    bad_d["module.resnet_1_0.conv_0.weight"] = torch.zeros(5, 5, 3, 3)
+    torch.save({**ckpt, "discriminator": bad_d}, wrong)
+    with pytest.raises(CheckpointError, match=r"wrong.pt.*discriminator.*resnet_1_0.conv_0.weight"):
+        load_gan_stability(wrong)
+    not_gan = tmp_path / "not_gan.pt"
+    torch.save({"generator_test": {"a": torch.zeros(1)}, "discriminator": {"b": torch.zeros(1)}}, not_gan)
+    with pytest.raises(CheckpointError, match="not_gan.pt.*missing tensor"):
+        load_gan_stability(not_gan)
+
+
+def test_save_and_load_base_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    G, D = Generator(32, nf=2, z_dim=4, embed_size=2), Discriminator(32, nf=2)
+    save_base(G, D, tmp_path / "b", dtype=torch.float32, info={"note": "test"})
+    G2, D2 = load_base(tmp_path / "b")
+    for a, b in ((G, G2), (D, D2)):
+        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    w = tmp_path / "b" / WEIGHTS_NAME
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged base weights"):
+        load_base(tmp_path / "b")
+
+
+@pytest.mark.skipif(not (DEFAULT_BASE_DIR / WEIGHTS_NAME).is_file(), reason="embedded base not exported yet")
+def test_default_base_loads_and_samples():
+    from gmem.models import default_base_info, load_default_base
+
+    G, D = load_default_base()
+    info = default_base_info()
+    assert G.size == info["generator"]["size"] == 32
+    with torch.no_grad():
+        x = G(torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(0)))
+        d = D(x)
+    assert x.shape == (4, 3, 32, 32) and torch.isfinite(d).all()
+    assert x.std() > 0.05  # not collapsed to a constant image
+    assert not math.isnan(float(x.mean()))
