@@ -35,6 +35,17 @@ def _or_none(grad: Tensor, wanted: bool) -> Optional[Tensor]:
     return grad if wanted else None
 
 
+def _fake_grads(x, gamma, beta, bias, output_mask):
+    """Fake ``(dx, dgamma, dbeta, dbias)`` of a backward op: input shapes, or empty where not asked."""
+    need_x, need_gamma, need_beta, need_bias = output_mask
+    return (
+        torch.empty_like(x) if need_x else _empty(x),
+        torch.empty_like(gamma) if need_gamma else _empty(gamma),
+        torch.empty_like(beta) if need_beta else _empty(beta),
+        torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # madafm_weight
 # ---------------------------------------------------------------------------------------------
@@ -117,13 +128,7 @@ def modulated_conv2d_backward_op(
 
 @modulated_conv2d_backward_op.register_fake
 def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask, backend):
-    need_x, need_gamma, need_beta, need_bias = output_mask
-    return (
-        torch.empty_like(x) if need_x else _empty(x),
-        torch.empty_like(gamma) if need_gamma else _empty(gamma),
-        torch.empty_like(beta) if need_beta else _empty(beta),
-        torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
-    )
+    return _fake_grads(x, gamma, beta, bias, output_mask)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -183,13 +188,7 @@ def modulated_linear_backward_op(
 
 @modulated_linear_backward_op.register_fake
 def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, backend):
-    need_x, need_gamma, need_beta, need_bias = output_mask
-    return (
-        torch.empty_like(x) if need_x else _empty(x),
-        torch.empty_like(gamma) if need_gamma else _empty(gamma),
-        torch.empty_like(beta) if need_beta else _empty(beta),
-        torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
-    )
+    return _fake_grads(x, gamma, beta, bias, output_mask)
 
 
 def _linear_setup(ctx, inputs, output):
