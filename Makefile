@@ -23,7 +23,9 @@ venv:
 	@bash tools/venv.sh
 
 # Installing builds the C++ (and, with a CUDA toolkit, CUDA) extension in place; the stamp lives in
-# the clone, so each clone installs once and later runs start at once.
+# the clone, so each clone installs once and later runs start at once. The cached environment is
+# shared by clones, so its editable install points at the clone that installed last; every clone
+# installs itself on its first make, and imports from a clone's root find that clone's gmem first.
 build/.installed: setup.py gmem/ops/_ext_build.py $(shell find csrc -type f) | venv
 	@mkdir -p build
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
