@@ -59,6 +59,19 @@ def _segment_tile(pid, seg_count_ptr, num_slots, rows_per_sample,
 
 
 @triton.jit
+def _row_samples(r, row_ok, start, P, order_ptr, HAS_ORDER: tl.constexpr):
+    """Original sample index of each row ``r`` (sample x pixel, ``P`` pixels) of a segment.
+
+    Rows are numbered in task-sorted order from the segment's ``start``; ``order`` maps a sorted
+    position back to the caller's sample (absent when the batch needed no reordering).
+    """
+    n = start + r // P
+    if HAS_ORDER:
+        n = tl.load(order_ptr + n, mask=row_ok, other=0)
+    return n
+
+
+@triton.jit
 def _style_tile(dense_ptr, d_t, d_a, d_b,
                 fa_ptr, fa_t, fa_a, fa_r, fs_ptr, fs_t, fs_r, fb_ptr, fb_t, fb_b, fb_r, rank,
                 task, a, b, a_ok, b_ok,
@@ -114,11 +127,7 @@ def _conv_fwd_kernel(
 
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < count * P
-    sorted_n = start + r // P
-    if HAS_ORDER:
-        n = tl.load(order_ptr + sorted_n, mask=row_ok, other=0)
-    else:
-        n = sorted_n
+    n = _row_samples(r, row_ok, start, P, order_ptr, HAS_ORDER)
     pix = r % P
     oh = pix // OW
     ow = pix % OW
@@ -244,11 +253,7 @@ def _conv_dx_kernel(
 
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < count * P
-    sorted_n = start + r // P
-    if HAS_ORDER:
-        n = tl.load(order_ptr + sorted_n, mask=row_ok, other=0)
-    else:
-        n = sorted_n
+    n = _row_samples(r, row_ok, start, P, order_ptr, HAS_ORDER)
     pix = r % P
     ih = pix // W
     iw = pix % W
@@ -345,11 +350,7 @@ def _conv_style_grad_kernel(
             for r0 in range(lo, hi, BLOCK_M):
                 r = r0 + tl.arange(0, BLOCK_M)
                 row_ok = r < hi
-                sorted_n = start + r // P
-                if HAS_ORDER:
-                    n = tl.load(order_ptr + sorted_n, mask=row_ok, other=0)
-                else:
-                    n = sorted_n
+                n = _row_samples(r, row_ok, start, P, order_ptr, HAS_ORDER)
                 n = n.to(tl.int64)
                 pix = r % P
                 oh = pix // OW
@@ -391,11 +392,7 @@ def _conv_bias_grad_kernel(
     for r0 in range(lo, hi, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         row_ok = r < hi
-        sorted_n = start + r // P
-        if HAS_ORDER:
-            n = tl.load(order_ptr + sorted_n, mask=row_ok, other=0)
-        else:
-            n = sorted_n
+        n = _row_samples(r, row_ok, start, P, order_ptr, HAS_ORDER)
         pix = r % P
         ptr = dy_ptr + n.to(tl.int64)[:, None] * sdn + o[None, :] * sdc + ((pix // OW) * sdh + (pix % OW) * sdw)[:, None]
         acc += tl.load(ptr, mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
