@@ -52,45 +52,6 @@ def _flush_buffer(device_index: int) -> torch.Tensor:
     return _L2_FLUSH[device_index]
 
 
-def _time_cpu(fn: Callable[[], object], budget: Budget) -> list[float]:
-    start = time.perf_counter()
-    for i in range(max(budget.warmup, 1)):
-        fn()
-    while time.perf_counter() - start < budget.warmup_s:
-        fn()
-    times, spent = [], 0.0
-    while len(times) < budget.max_reps and (len(times) < budget.min_reps or spent < budget.min_time_s):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        spent += dt
-    return times
-
-
-def _time_cuda(fn: Callable[[], object], budget: Budget) -> list[float]:
-    flush = _flush_buffer(torch.cuda.current_device())
-    start = time.perf_counter()
-    for i in range(max(budget.warmup, 1)):
-        fn()
-    torch.cuda.synchronize()
-    while time.perf_counter() - start < budget.warmup_s:
-        fn()
-        torch.cuda.synchronize()
-    times, spent = [], 0.0
-    while len(times) < budget.max_reps and (len(times) < budget.min_reps or spent < budget.min_time_s):
-        flush.zero_()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        ms = begin.elapsed_time(end)
-        times.append(ms)
-        spent += ms / 1e3
-    return times
-
-
 def _time_one(fn: Callable[[], object], device: str, flush: Optional[torch.Tensor]) -> float:
     """Milliseconds of one call (CUDA events after an L2 flush on GPU, wall clock on CPU)."""
     if device != "cuda":
@@ -104,6 +65,25 @@ def _time_one(fn: Callable[[], object], device: str, flush: Optional[torch.Tenso
     end.record()
     end.synchronize()
     return begin.elapsed_time(end)
+
+
+def _time_reps(fn: Callable[[], object], device: str, budget: Budget) -> list[float]:
+    """Warm up, then time single calls until the budget's repetitions and time are reached."""
+    flush = _flush_buffer(torch.cuda.current_device()) if device == "cuda" else None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for i in range(max(budget.warmup, 1)):
+        fn()
+    sync()
+    while time.perf_counter() - start < budget.warmup_s:
+        fn()
+        sync()
+    times, spent = [], 0.0
+    while len(times) < budget.max_reps and (len(times) < budget.min_reps or spent < budget.min_time_s):
+        ms = _time_one(fn, device, flush)
+        times.append(ms)
+        spent += ms / 1e3
+    return times
 
 
 def measure_many(fns: dict[str, Callable[[], object]], device: str, budget: Budget) -> dict[str, dict]:
@@ -140,7 +120,7 @@ def measure_many(fns: dict[str, Callable[[], object]], device: str, budget: Budg
 
 def measure(fn: Callable[[], object], device: str, budget: Budget) -> dict:
     """Time ``fn``: ``{"ms": median, "ms_min", "ms_mean", "ms_stdev", "reps"}`` (milliseconds)."""
-    return _stats(_time_cuda(fn, budget) if device == "cuda" else _time_cpu(fn, budget))
+    return _stats(_time_reps(fn, device, budget))
 
 
 def _stats(times: list[float]) -> dict:
