@@ -11,10 +11,9 @@ from gmem.models.base import DEFAULT_BASE_DIR, WEIGHTS_NAME
 torch.set_num_threads(1)
 
 
-def _public_generator_shapes(nf=64, z_dim=256, embed=256, nlabels=1):
-    """Key -> shape of the public 'resnet4' 256 generator, written out from the release's layout."""
-    s = {"embedding.weight": (nlabels, embed), "fc.weight": (16 * nf * 16, z_dim + embed), "fc.bias": (16 * nf * 16,)}
-    blocks = [(16, 16), (16, 16), (16, 8), (8, 4), (4, 2), (2, 1), (1, 1)]
+def _public_block_shapes(blocks, nf):
+    """Key -> shape of the residual blocks ``resnet_k_0`` with widths ``blocks`` (multiples of nf)."""
+    s = {}
     for k, (fin, fout) in enumerate(blocks):
         fin, fout = fin * nf, fout * nf
         h = min(fin, fout)
@@ -24,6 +23,14 @@ def _public_generator_shapes(nf=64, z_dim=256, embed=256, nlabels=1):
         s[f"resnet_{k}_0.conv_1.bias"] = (fout,)
         if fin != fout:
             s[f"resnet_{k}_0.conv_s.weight"] = (fout, fin, 1, 1)
+    return s
+
+
+def _public_generator_shapes(nf=64, z_dim=256, embed=256, nlabels=1):
+    """Key -> shape of the public 'resnet4' 256 generator, written out from the release's layout."""
+    s = {"embedding.weight": (nlabels, embed), "fc.weight": (16 * nf * 16, z_dim + embed), "fc.bias": (16 * nf * 16,)}
+    blocks = [(16, 16), (16, 16), (16, 8), (8, 4), (4, 2), (2, 1), (1, 1)]
+    s.update(_public_block_shapes(blocks, nf))
     s["conv_img.weight"], s["conv_img.bias"] = (3, nf, 7, 7), (3,)
     return s
 
@@ -31,15 +38,7 @@ def _public_generator_shapes(nf=64, z_dim=256, embed=256, nlabels=1):
 def _public_discriminator_shapes(nf=64, nlabels=1):
     s = {"conv_img.weight": (nf, 3, 7, 7), "conv_img.bias": (nf,)}
     blocks = [(1, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 16), (16, 16)]
-    for k, (fin, fout) in enumerate(blocks):
-        fin, fout = fin * nf, fout * nf
-        h = min(fin, fout)
-        s[f"resnet_{k}_0.conv_0.weight"] = (h, fin, 3, 3)
-        s[f"resnet_{k}_0.conv_0.bias"] = (h,)
-        s[f"resnet_{k}_0.conv_1.weight"] = (fout, h, 3, 3)
-        s[f"resnet_{k}_0.conv_1.bias"] = (fout,)
-        if fin != fout:
-            s[f"resnet_{k}_0.conv_s.weight"] = (fout, fin, 1, 1)
+    s.update(_public_block_shapes(blocks, nf))
     s["fc.weight"], s["fc.bias"] = (nlabels, 16 * nf * 16), (nlabels,)
     return s
 
