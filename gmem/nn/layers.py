@@ -110,8 +110,12 @@ class ModulatedLayer(nn.Module):
         """``b + bias_delta``: the whole bias the op receives."""
         return bias_delta if self.bias is None else self.bias + bias_delta
 
-    def _stacked_styles(self, task_ids: Tensor, with_bias: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-        """Stack the style sets that ``task_ids`` needs; returns them with ids local to the stack.
+    def _stacked_styles(
+        self, task_ids: Tensor, with_bias: bool = True
+    ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, list[int]]:
+        """Stack the style sets that ``task_ids`` needs: ``(gamma, beta, bias, local ids, tasks)``.
+
+        ``tasks[j]`` is the task stacked at position ``j``; ``local`` indexes the stack.
 
         Eagerly only the tasks present are stacked (one host sync for ``unique``), so stored tasks
         cost memory only; under torch.compile every task is stacked (no data-dependent shapes).
@@ -131,7 +135,7 @@ class ModulatedLayer(nn.Module):
         gamma = torch.stack([s[0] for s in styles])
         beta = torch.stack([s[1] for s in styles])
         bias = torch.stack([s[2] for s in styles]) if with_bias else None
-        return gamma, beta, bias, local
+        return gamma, beta, bias, local, tasks
 
 
 class ModulatedConv2d(ModulatedLayer):
@@ -196,7 +200,7 @@ class ModulatedConv2d(ModulatedLayer):
             padding = self.padding if self._pre_pad is None else 0
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation)
         if self.task_ids is not None:
-            gamma, beta, bias, local = self._stacked_styles(self.task_ids)
+            gamma, beta, bias, local, _ = self._stacked_styles(self.task_ids)
             return ops.modulated_conv2d(
                 x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
                 padding=self._op_padding, dilation=list(self.dilation), task_ids=local, backend=self.backend,
@@ -263,7 +267,7 @@ class ModulatedLinear(ModulatedLayer):
         if self.task_ids is not None:
             if any(s.bias.ndim == 2 for s in self.styles):
                 return self._forward_mixed_conditional(x)
-            gamma, beta, bias, local = self._stacked_styles(self.task_ids)
+            gamma, beta, bias, local, _ = self._stacked_styles(self.task_ids)
             return ops.modulated_linear(
                 x, self.weight_norm, gamma, beta, self.total_bias(bias), task_ids=local, backend=self.backend
             )
@@ -282,8 +286,7 @@ class ModulatedLinear(ModulatedLayer):
         n = x.shape[0]
         if self.class_ids is not None and self.class_ids.shape != (n,):
             raise ValueError(f"class ids must have shape [N] = [{n}], got {tuple(self.class_ids.shape)}")
-        gamma, beta, _, local = self._stacked_styles(self.task_ids, with_bias=False)
-        tasks = torch.unique(self.task_ids, sorted=True).tolist()
+        gamma, beta, _, local, tasks = self._stacked_styles(self.task_ids, with_bias=False)
         per_sample = x.new_zeros(n, self.out_features)
         for index, task in enumerate(tasks):
             rows = (local == index).nonzero().squeeze(1)
