@@ -26,6 +26,18 @@ TORCH_LIBRARY(gmem_ext, m) {
   m.def(
       "modulated_linear_backward(Tensor grad_out, Tensor x, Tensor weight_norm, Tensor gamma, Tensor beta, "
       "Tensor? bias, Tensor? task_ids, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // low-rank styles gamma = gamma_u diag(gamma_s) gamma_v^T (beta likewise): u [O, r], s [r], v [I, r]
+  // for one task, [T, O, r], [T, r], [T, I, r] with task_ids for stacked tasks
+  m.def(
+      "modulated_conv2d_lowrank(Tensor x, Tensor weight_norm, Tensor gamma_u, Tensor gamma_s, Tensor gamma_v, "
+      "Tensor beta_u, Tensor beta_s, Tensor beta_v, Tensor? bias, Tensor? task_ids, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
+  // (dx, du, ds, dv of gamma, du, ds, dv of beta, dbias); output_mask over (x, gamma, beta, bias)
+  m.def(
+      "modulated_conv2d_lowrank_backward(Tensor grad_out, Tensor x, Tensor weight_norm, Tensor gamma_u, "
+      "Tensor gamma_s, Tensor gamma_v, Tensor beta_u, Tensor beta_s, Tensor beta_v, Tensor? bias, Tensor? task_ids, "
+      "int[2] stride, int[2] padding, int[2] dilation, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import gmem._C` loads this library, which registers the ops above; the module itself is empty.

@@ -1,11 +1,13 @@
 // Device-independent parts of the gmem_ext ops: argument checks, grouping of mixed-task batches,
 // and the ATen convolutions / GEMMs around the device element kernels (see modulated_ops.h).
 #include "modulated_ops.h"
+#include "modulated_internal.h"
 
 #include <vector>
 
 namespace gmem_ext {
-namespace {
+// The helpers below are shared with lowrank_ops.cpp through modulated_internal.h.
+namespace internal {
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -67,14 +69,7 @@ at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int
   return b.reshape({num_tasks, out_features}).contiguous();  // an expanded [T, O] view gets materialised
 }
 
-// Samples grouped by task: a stable counting sort on the host (one device-to-host copy of the ids).
-struct TaskGroups {
-  std::vector<int64_t> task, start, count;
-  at::Tensor order;  // [N] int64 on the device of the ids; undefined when the ids are already sorted
-  // indices (into the batch) of the samples of group g
-  at::Tensor rows(size_t g) const { return order.narrow(0, start[g], count[g]); }
-};
-
+// (TaskGroups: see modulated_internal.h)
 TaskGroups group_by_task(const char* op, const at::Tensor& task_ids, int64_t num_tasks) {
   const at::Tensor ids = task_ids.to(at::kCPU).contiguous();
   const int64_t* p = ids.data_ptr<int64_t>();
@@ -183,7 +178,9 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, 1);
 }
 
-}  // namespace
+}  // namespace internal
+
+using namespace internal;
 
 at::Tensor madafm_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
                          const at::Tensor& beta) {

@@ -41,6 +41,11 @@ struct DeviceKernels {
   // dgamma += grad * h, dbeta += grad * rowsum, dbias += grad
   void (*film_backward_style)(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& rowsum,
                               const at::Tensor& task_ids, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dbias);
+  // one task, styles from low-rank factors: weight [O*I, K] = Gamma * weight_norm [O*I, K] + B with
+  // Gamma = gu [O, rg] diag(gs [rg]) gvt [rg, I] and B = bu [O, rb] diag(bs [rb]) bvt [rb, I] (v transposed)
+  void (*lowrank_forward)(const at::Tensor& weight_norm, const at::Tensor& gu, const at::Tensor& gs,
+                          const at::Tensor& gvt, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bvt,
+                          at::Tensor& weight);
 };
 
 at::Tensor madafm_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
@@ -69,9 +74,29 @@ Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_o
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
                                 std::array<bool, 4> output_mask);
 
+// Convolution with low-rank styles: gamma = gu diag(gs) gv^T, beta = bu diag(bs) bv^T, factors
+// u [O, r], s [r], v [I, r] (one task) or [T, O, r], [T, r], [T, I, r] (stacked, with task_ids);
+// gamma's and beta's ranks may differ. Only the tasks present in the batch are rebuilt (lowrank_ops.cpp).
+at::Tensor modulated_conv2d_lowrank(const DeviceKernels& k, const at::Tensor& x, const at::Tensor& weight_norm,
+                                    const at::Tensor& gamma_u, const at::Tensor& gamma_s, const at::Tensor& gamma_v,
+                                    const at::Tensor& beta_u, const at::Tensor& beta_s, const at::Tensor& beta_v,
+                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// (dx, du, ds, dv of gamma, du, ds, dv of beta, dbias); output_mask = (x, gamma, beta, bias)
+using LowRankGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor>;
+
+LowRankGrads modulated_conv2d_lowrank_backward(
+    const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight_norm,
+    const at::Tensor& gamma_u, const at::Tensor& gamma_s, const at::Tensor& gamma_v, const at::Tensor& beta_u,
+    const at::Tensor& beta_s, const at::Tensor& beta_v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& task_ids, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, std::array<bool, 4> output_mask);
+
 }  // namespace gmem_ext
 
-// Registers the six ops for one dispatch key with the kernels of that device (used by the device files).
+// Registers the ops for one dispatch key with the kernels of that device (used by the device files).
 #define GMEM_EXT_REGISTER_DEVICE_OPS(m, KERNELS)                                                                 \
   m.impl("madafm_weight", [](const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b) {                 \
     return gmem_ext::madafm_weight(KERNELS, wn, g, b);                                                           \
@@ -101,4 +126,19 @@ Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_o
             const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,   \
             std::array<bool, 4> mask) {                                                                          \
            return gmem_ext::modulated_linear_backward(KERNELS, dy, x, wn, g, b, bias, tid, mask);                \
+         });                                                                                                     \
+  m.impl("modulated_conv2d_lowrank",                                                                             \
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,              \
+            const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bv,             \
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,     \
+            at::IntArrayRef p, at::IntArrayRef d) {                                                              \
+           return gmem_ext::modulated_conv2d_lowrank(KERNELS, x, wn, gu, gs, gv, bu, bs, bv, bias, tid, s, p, d); \
+         });                                                                                                     \
+  m.impl("modulated_conv2d_lowrank_backward",                                                                    \
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu,              \
+            const at::Tensor& gs, const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs,             \
+            const at::Tensor& bv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,  \
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {                \
+           return gmem_ext::modulated_conv2d_lowrank_backward(KERNELS, dy, x, wn, gu, gs, gv, bu, bs, bv, bias,  \
+                                                               tid, s, p, d, mask);                              \
          })

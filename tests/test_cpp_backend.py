@@ -396,3 +396,243 @@ def test_failed_load_warns_once_and_disables_the_backends():
     env = {**__import__("os").environ, "GMEM_NO_JIT": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# LowRank styles: the factored path (gmem_ext::modulated_conv2d_lowrank), never densified
+# ---------------------------------------------------------------------------------------------
+def lowrank_factors(lead, o, i, rank, device, dtype=DT):
+    """``[u, s, v]`` leaves of one LowRank: ``u [*lead, O, r], s [*lead, r], v [*lead, I, r]``."""
+    return [
+        torch.randn(*lead, o, rank, dtype=dtype, device=device).requires_grad_(),
+        torch.rand(*lead, rank, dtype=dtype, device=device).add_(0.5).requires_grad_(),
+        torch.randn(*lead, i, rank, dtype=dtype, device=device).requires_grad_(),
+    ]
+
+
+def check_conv_lowrank(device, x, wn, gamma_parts, beta_parts, bias, task_ids, conv, tol=1e-10, make=None):
+    """Forward and every gradient (x, factors, bias) of the cpu/cuda backend against the reference
+    backend on the densified LowRank, in float64. ``make(parts)`` builds the LowRank (default: one term)."""
+    make = make or (lambda parts: LowRank(*parts))
+    x = x.detach().requires_grad_()
+    leaves = [x, *gamma_parts, *beta_parts] + ([bias.requires_grad_()] if bias is not None else [])
+    y = ops.modulated_conv2d(x, wn, make(gamma_parts), make(beta_parts), bias, task_ids=task_ids,
+                             backend=device, **conv)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, rest = leaves64[0], leaves64[1:]
+    g64, b64 = rest[: len(gamma_parts)], rest[len(gamma_parts): len(gamma_parts) + len(beta_parts)]
+    bias64 = rest[-1] if bias is not None else None
+    expected = ops.modulated_conv2d(x64, wn.double(), make(g64), make(b64), bias64, task_ids=task_ids,
+                                    backend="reference", **conv)
+    torch.testing.assert_close(y, expected.to(y.dtype), rtol=tol, atol=tol)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(y, leaves, grad.to(y.dtype))
+    want = torch.autograd.grad(expected, leaves64, grad)
+    names = ["x"] + [f"gamma factor {k}" for k in range(len(gamma_parts))]
+    names += [f"beta factor {k}" for k in range(len(beta_parts))] + ["bias"]
+    for g, e, name in zip(got, want, names):
+        torch.testing.assert_close(g, e.to(g.dtype), rtol=10 * tol, atol=10 * tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("seed", range(10))
+def test_conv_lowrank_matches_reference(device, seed, mixed):
+    rng = random.Random(5000 + seed * 7 + mixed)
+    x, wn, _, _, bias, task_ids, conv = random_conv_case(rng, mixed, device)
+    o, i = wn.shape[:2]
+    lead = (int(task_ids.max()) + 1 + rng.randint(0, 2),) if mixed else ()  # some stored tasks absent
+    if mixed and bias is not None and bias.ndim == 2:
+        bias = torch.randn(*lead, o, dtype=DT, device=device)
+    gamma = lowrank_factors(lead, o, i, rng.randint(1, 4), device)
+    beta = lowrank_factors(lead, o, i, rng.randint(1, 4), device)  # ranks of gamma and beta differ
+    check_conv_lowrank(device, x, wn, gamma, beta, bias, task_ids, conv)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "task_ids, num_tasks",
+    [
+        ([3, 0, 3, 1, 0, 0, 3], 5),  # random order, tasks 2 and 4 absent
+        ([0, 0, 1, 1, 1, 2], 3),  # already sorted: no gather
+        ([2, 2, 2, 2], 4),  # every sample of one task
+        ([1], 2),  # one sample
+        ([49, 3, 49, 17, 0], 50),  # many tasks stored, few present
+    ],
+)
+def test_conv_lowrank_task_mixes(device, task_ids, num_tasks):
+    torch.manual_seed(len(task_ids) * 17 + num_tasks)
+    x = torch.randn(len(task_ids), 3, 7, 6, dtype=DT, device=device)
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3, dtype=DT))[0].to(device)
+    c = torch.randn(num_tasks, 4, dtype=DT, device=device)
+    gamma, beta = lowrank_factors((num_tasks,), 4, 3, 2, device), lowrank_factors((num_tasks,), 4, 3, 1, device)
+    t = torch.tensor(task_ids, device=device)
+    check_conv_lowrank(device, x, wn, gamma, beta, c, t, dict(stride=(1, 2), padding=(1, 0), dilation=(1, 1)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_lowrank_rank_one_one_sample_and_wide_layers(device):
+    torch.manual_seed(21)
+    conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    # rank 1, one sample, single task
+    x = torch.randn(1, 2, 5, 5, dtype=DT, device=device)
+    wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0].to(device)
+    check_conv_lowrank(device, x, wn, lowrank_factors((), 3, 2, 1, device), lowrank_factors((), 3, 2, 1, device),
+                       None, None, conv)
+    # C_in beyond one 128-wide style block of the CPU kernel, 1x1 window, mixed
+    x = torch.randn(3, 131, 3, 3, dtype=DT, device=device)
+    wn = ops.normalize_weight(torch.randn(5, 131, 1, 1, dtype=DT))[0].to(device)
+    check_conv_lowrank(device, x, wn, lowrank_factors((2,), 5, 131, 3, device),
+                       lowrank_factors((2,), 5, 131, 2, device), torch.randn(5, dtype=DT, device=device),
+                       torch.tensor([1, 1, 0], device=device), dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_conv_lowrank_shared_knowledge_base(device, mixed):
+    # LowRank.concat(base, own): the shared base (no task dimension) plus each task's own factors
+    torch.manual_seed(22 + mixed)
+    o, i, t = 5, 4, 3
+    lead = (t,) if mixed else ()
+    x = torch.randn(4, i, 6, 5, dtype=DT, device=device)
+    wn = ops.normalize_weight(torch.randn(o, i, 3, 2, dtype=DT))[0].to(device)
+    gamma = lowrank_factors((), o, i, 2, device) + lowrank_factors(lead, o, i, 1, device)
+    beta = lowrank_factors((), o, i, 1, device) + lowrank_factors(lead, o, i, 2, device)
+    bias = torch.randn(*lead, o, dtype=DT, device=device)
+    task_ids = torch.tensor([2, 0, 2, 2], device=device) if mixed else None  # task 1 absent
+    concat = lambda p: LowRank.concat(LowRank(*p[:3]), LowRank(*p[3:]))  # noqa: E731
+    check_conv_lowrank(device, x, wn, gamma, beta, bias, task_ids,
+                       dict(stride=(2, 1), padding=(1, 0), dilation=(1, 1)), make=concat)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_lowrank_float32(device):
+    torch.manual_seed(23)
+    x = torch.randn(5, 6, 8, 8, device=device)
+    wn = ops.normalize_weight(torch.randn(7, 6, 3, 3))[0].to(device)
+    gamma = lowrank_factors((3,), 7, 6, 2, device, torch.float32)
+    beta = lowrank_factors((3,), 7, 6, 3, device, torch.float32)
+    c = torch.randn(3, 7, device=device)
+    t = torch.tensor([2, 0, 2, 1, 0], device=device)
+    check_conv_lowrank(device, x, wn, gamma, beta, c, t, dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
+                       tol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_lowrank_gradcheck(device):
+    torch.manual_seed(24)
+    x = torch.randn(4, 2, 5, 5, dtype=DT, device=device, requires_grad=True)
+    wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0].to(device)
+    c = torch.randn(3, 3, dtype=DT, device=device, requires_grad=True)
+    t = torch.tensor([2, 0, 2, 2], device=device)  # task 1 absent
+    mixed = lowrank_factors((3,), 3, 2, 2, device) + lowrank_factors((3,), 3, 2, 1, device)
+
+    def f(x, c, gu, gs, gv, bu, bs, bv):
+        return ops.modulated_conv2d(x, wn, LowRank(gu, gs, gv), LowRank(bu, bs, bv), c, task_ids=t, stride=2,
+                                    padding=1, backend=device)
+
+    assert torch.autograd.gradcheck(f, (x, c, *mixed))
+    assert torch.autograd.gradgradcheck(f, (x, c, *mixed))  # double backward: the reference formulas
+    single = lowrank_factors((), 3, 2, 1, device) + lowrank_factors((), 3, 2, 2, device)
+
+    def f1(x, c, gu, gs, gv, bu, bs, bv):
+        return ops.modulated_conv2d(x, wn, LowRank(gu, gs, gv), LowRank(bu, bs, bv), c[0], dilation=2,
+                                    padding=(2, 1), backend=device)
+
+    assert torch.autograd.gradcheck(f1, (x, c, *single))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_lowrank_zero_samples(device):
+    x = torch.randn(0, 2, 4, 4, device=device, requires_grad=True)
+    wn = ops.normalize_weight(torch.randn(3, 2, 3, 3))[0].to(device)
+    gamma, beta = lowrank_factors((2,), 3, 2, 2, device, torch.float32), lowrank_factors((2,), 3, 2, 1, device,
+                                                                                         torch.float32)
+    ids = torch.zeros(0, dtype=torch.long, device=device)
+    y = ops.modulated_conv2d(x, wn, LowRank(*gamma), LowRank(*beta), task_ids=ids, backend=device)
+    assert y.shape == (0, 3, 2, 2)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and all((f.grad == 0).all() for f in gamma + beta)
+
+
+def test_lowrank_conv_takes_the_factored_path(monkeypatch):
+    # the public op hands the factors to the compiled backend: no dense style matrix, no dense op
+    backend = ops.get_backend("cpu")
+    assert backend.supports_lowrank
+    calls = []
+    for method in ("modulated_conv2d_lowrank", "modulated_conv2d_lowrank_backward", "modulated_conv2d",
+                   "modulated_conv2d_backward"):
+        original = getattr(type(backend), method)
+        monkeypatch.setattr(type(backend), method,
+                            lambda self, *a, _m=method, _o=original, **k: calls.append(_m) or _o(self, *a, **k))
+    monkeypatch.setattr(LowRank, "dense", lambda self: pytest.fail("LowRank.dense() called on the factored path"))
+    torch.manual_seed(25)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3))[0]
+    gamma, beta = lowrank_factors((2,), 4, 3, 2, "cpu", torch.float32), lowrank_factors((2,), 4, 3, 2, "cpu",
+                                                                                        torch.float32)
+    y = ops.modulated_conv2d(x, wn, LowRank(*gamma), LowRank(*beta), task_ids=torch.tensor([1, 0]), padding=1,
+                             backend="cpu")
+    y.sum().backward()
+    assert calls == ["modulated_conv2d_lowrank", "modulated_conv2d_lowrank_backward"]
+    assert y.shape == (2, 4, 4, 4) and all(f.grad is not None for f in gamma + beta)
+
+
+def _lowrank_ext_cases(device):
+    torch.manual_seed(26)
+    kw = dict(device=device)
+    x, gy = torch.randn(5, 3, 6, 7, **kw), torch.randn(5, 4, 6, 7, **kw)
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3))[0].to(device)
+    g = [torch.randn(3, 4, 2, **kw), torch.rand(3, 2, **kw), torch.randn(3, 3, 2, **kw)]
+    b = [torch.randn(3, 4, 1, **kw), torch.rand(3, 1, **kw), torch.randn(3, 3, 1, **kw)]
+    c, t = torch.randn(3, 4, **kw), torch.tensor([2, 0, 2, 1, 2], **kw)
+    g1, b1 = [f[0] for f in g], [f[1] for f in b]
+    E = torch.ops.gmem_ext
+    conv = ([1, 1], [1, 1], [1, 1])
+    return [
+        (E.modulated_conv2d_lowrank.default, (x, wn, *g, *b, c, t, *conv)),
+        (E.modulated_conv2d_lowrank.default, (x, wn, *g1, *b1, None, None, [2, 1], [0, 1], [1, 2])),
+        (E.modulated_conv2d_lowrank_backward.default, (gy, x, wn, *g, *b, c, t, *conv, [True] * 4)),
+        (E.modulated_conv2d_lowrank_backward.default, (gy, x, wn, *g, *b, None, t, *conv, [False, True, False, False])),
+        (E.modulated_conv2d_lowrank_backward.default,
+         (gy, x, wn, *g1, *b1, c[0], None, *conv, [True, False, True, True])),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck_lowrank_ext_ops(device, case):
+    op, args = _lowrank_ext_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_public_lowrank_op_with_backend(device):
+    from gmem.ops.library import modulated_conv2d_lowrank_op
+
+    torch.manual_seed(27)
+    x = torch.randn(5, 3, 6, 6, device=device, requires_grad=True)
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3))[0].to(device)
+    fac = lowrank_factors((3,), 4, 3, 2, device, torch.float32) + lowrank_factors((3,), 4, 3, 1, device, torch.float32)
+    c = torch.randn(3, 4, device=device, requires_grad=True)
+    t = torch.tensor([2, 0, 2, 1, 2], device=device)
+    torch.library.opcheck(modulated_conv2d_lowrank_op, (x, wn, *fac, c, t, [1, 1], [1, 1], [1, 1], device))
+
+
+def test_lowrank_direct_calls_check_their_arguments():
+    E = torch.ops.gmem_ext
+    x, wn = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    g = [torch.randn(2, 4, 2), torch.rand(2, 2), torch.randn(2, 3, 2)]
+    conv = ([1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="gamma factors must be"):
+        E.modulated_conv2d_lowrank(x, wn, g[0], g[1], torch.randn(2, 5, 2), *g, None, torch.tensor([0, 1]), *conv)
+    with pytest.raises(RuntimeError, match="beta factors must be"):
+        E.modulated_conv2d_lowrank(x, wn, *g, g[0], torch.rand(2, 3), g[2], None, torch.tensor([0, 1]), *conv)
+    with pytest.raises(RuntimeError, match="same number of tasks"):
+        E.modulated_conv2d_lowrank(x, wn, *g, *(f[0] for f in g), None, torch.tensor([0, 1]), *conv)
+    with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 2\)"):
+        E.modulated_conv2d_lowrank(x, wn, *g, *g, None, torch.tensor([0, 2]), *conv)
+    with pytest.raises(RuntimeError, match="task_ids \\[N\\] is required"):
+        E.modulated_conv2d_lowrank(x, wn, *g, *g, None, None, *conv)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        E.modulated_conv2d_lowrank(x.half(), wn.half(), *(f.half() for f in g + g), None, torch.tensor([0, 1]), *conv)

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../kernels/cpu_kernels.h"
+#include "../kernels/lowrank_kernels.h"
 #include "../modulated_ops.h"
 
 namespace gmem_ext {
@@ -43,6 +44,23 @@ namespace kc {
 GMEM_DEFINE_CPU_KERNELS(float)
 GMEM_DEFINE_CPU_KERNELS(double)
 #undef GMEM_DEFINE_CPU_KERNELS
+// The low-rank kernel's clones name an ISA level, not a CPU model: GCC picks an "arch=haswell" clone
+// only on CPUs it identifies as Haswell-family Intel (on this project's AMD EPYC machines the baseline
+// clone ran, 1.3x slower here); "arch=x86-64-v3" (AVX2, FMA, ...; GCC >= 12) is picked by features.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define GMEM_CPU_CLONES_ISA __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GMEM_CPU_CLONES_ISA GMEM_CPU_CLONES
+#endif
+#define GMEM_DEFINE_CPU_LOWRANK_KERNEL(T)                                                                        \
+  GMEM_CPU_CLONES_ISA void lowrank_weight_rows(const T* wn, const T* gu, const T* gs, const T* gvt, int64_t rg,     \
+                                               const T* bu, const T* bs, const T* bvt, int64_t rb, T* w, int64_t o, \
+                                               int64_t i, int64_t window, int64_t begin, int64_t end) {            \
+    gmem_kernels::cpu::lowrank_weight_rows(wn, gu, gs, gvt, rg, bu, bs, bvt, rb, w, o, i, window, begin, end);    \
+  }
+GMEM_DEFINE_CPU_LOWRANK_KERNEL(float)
+GMEM_DEFINE_CPU_LOWRANK_KERNEL(double)
+#undef GMEM_DEFINE_CPU_LOWRANK_KERNEL
 }  // namespace kc
 
 // About this many elements per task keeps the threading overhead small next to the work.
@@ -140,8 +158,26 @@ void film_backward_style_cpu(const at::Tensor& grad, const at::Tensor& h, const 
   });
 }
 
-const DeviceKernels kCpuKernels{madafm_forward_cpu, madafm_backward_cpu, film_forward_cpu, film_backward_input_cpu,
-                                film_backward_style_cpu};
+// weight [O*I, K] of one task from low-rank style factors (kernels/lowrank_kernels.h), threads over O.
+void lowrank_forward_cpu(const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& gvt,
+                         const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bvt, at::Tensor& weight) {
+  check_cpu_dtype("gmem_ext::modulated_conv2d_lowrank", wn);
+  const int64_t out_ch = gu.size(0), in_ch = gvt.size(1), window = wn.size(1);
+  const int64_t rg = gu.size(1), rb = bu.size(1);
+  AT_DISPATCH_FLOATING_TYPES(wn.scalar_type(), "lowrank_forward_cpu", [&] {
+    const scalar_t* w = wn.const_data_ptr<scalar_t>();
+    const scalar_t *gu_p = gu.const_data_ptr<scalar_t>(), *gs_p = gs.const_data_ptr<scalar_t>();
+    const scalar_t *gv_p = gvt.const_data_ptr<scalar_t>(), *bu_p = bu.const_data_ptr<scalar_t>();
+    const scalar_t *bs_p = bs.const_data_ptr<scalar_t>(), *bv_p = bvt.const_data_ptr<scalar_t>();
+    scalar_t* out = weight.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, out_ch, grain_rows(in_ch * (window + rg + rb)), [&](int64_t begin, int64_t end) {
+      kc::lowrank_weight_rows(w, gu_p, gs_p, gv_p, rg, bu_p, bs_p, bv_p, rb, out, out_ch, in_ch, window, begin, end);
+    });
+  });
+}
+
+const DeviceKernels kCpuKernels{madafm_forward_cpu,      madafm_backward_cpu,     film_forward_cpu,
+                                film_backward_input_cpu, film_backward_style_cpu, lowrank_forward_cpu};
 
 }  // namespace
 }  // namespace gmem_ext

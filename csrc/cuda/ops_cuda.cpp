@@ -72,8 +72,16 @@ void film_backward_style_cuda(const at::Tensor& grad, const at::Tensor& h, const
                                           stream_of(grad)));
 }
 
-const DeviceKernels kCudaKernels{madafm_forward_cuda, madafm_backward_cuda, film_forward_cuda,
-                                 film_backward_input_cuda, film_backward_style_cuda};
+void lowrank_forward_cuda(const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& gvt,
+                          const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bvt, at::Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(wn.device());
+  C10_CUDA_CHECK(kcu::lowrank_weight(dtype_of("gmem_ext::modulated_conv2d_lowrank", wn), ptr(wn), ptr(gu), ptr(gs),
+                                     ptr(gvt), gu.size(1), ptr(bu), ptr(bs), ptr(bvt), bu.size(1), mut(weight),
+                                     gu.size(0), gvt.size(1), wn.size(1), stream_of(wn)));
+}
+
+const DeviceKernels kCudaKernels{madafm_forward_cuda,      madafm_backward_cuda,      film_forward_cuda,
+                                 film_backward_input_cuda, film_backward_style_cuda,  lowrank_forward_cuda};
 
 }  // namespace
 }  // namespace gmem_ext

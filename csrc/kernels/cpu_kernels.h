@@ -14,6 +14,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#include "cpu_kernels_avx2.h"
 
 namespace gmem_kernels {
 namespace cpu {
@@ -39,6 +42,9 @@ inline void for_each_task_span(int64_t R, int64_t row_begin, int64_t row_end, F 
 template <typename T, int KC>
 inline void build_span(const T* __restrict wn, const T* __restrict gamma, const T* __restrict beta,
                        T* __restrict out, int64_t n, int64_t K_rt) {
+  if constexpr (std::is_same_v<T, float> && KC == 9) {
+    if (avx2::enabled()) return avx2::build_span9(wn, gamma, beta, out, n);
+  }
   if constexpr (KC > 0) {
 #pragma omp simd
     for (int64_t u = 0; u < n; ++u) {
@@ -58,6 +64,9 @@ inline void build_span(const T* __restrict wn, const T* __restrict gamma, const 
 template <typename T, int KC>
 inline void reduce_span(const T* __restrict grad_weight, const T* __restrict wn, T* __restrict dgamma,
                         T* __restrict dbeta, int64_t n, int64_t K_rt) {
+  if constexpr (std::is_same_v<T, float> && KC == 9) {
+    if (avx2::enabled()) return avx2::reduce_span9(grad_weight, wn, dgamma, dbeta, n);
+  }
   if constexpr (KC > 0) {
 #pragma omp simd
     for (int64_t u = 0; u < n; ++u) {

@@ -32,6 +32,12 @@ cudaError_t film_backward_input(DType dtype, const void* grad, const void* gamma
                                 const int64_t* task_ids, void* gdy, void* rowdot, int64_t m, int64_t o,
                                 cudaStream_t stream);
 
+// weight [O*I, K] = Gamma * weight_norm [O*I, K] + B for one task, the styles rebuilt from their
+// factors (lowrank_cuda.cu): Gamma = gu [O, rg] diag(gs [rg]) gvt [rg, I], B likewise (bu, bs, bvt).
+cudaError_t lowrank_weight(DType dtype, const void* weight_norm, const void* gu, const void* gs, const void* gvt,
+                           int64_t rg, const void* bu, const void* bs, const void* bvt, int64_t rb, void* weight,
+                           int64_t out_ch, int64_t in_ch, int64_t window, cudaStream_t stream);
+
 // Scratch (in bytes) that film_backward_style needs for a deterministic two-stage reduction.
 int64_t film_backward_style_workspace_bytes(DType dtype, int64_t m, int64_t o, int64_t tasks);
 

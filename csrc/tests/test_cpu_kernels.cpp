@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../kernels/cpu_kernels.h"
+#include "../kernels/lowrank_kernels.h"
 
 namespace kc = gmem_kernels::cpu;
 
@@ -75,6 +76,28 @@ void test_madafm(int64_t tasks, int64_t out_ch, int64_t in_ch, int64_t window, i
   expect_close(name + "dbeta", dbeta, want_b, tol);
 }
 
+// A row's result must not depend on where the row ranges were split (threads, task spans, the
+// partial last block of the AVX2 3x3 kernels): single- and mixed-task paths rely on it.
+template <typename T>
+void test_madafm_split_invariant(int64_t tasks, int64_t out_ch, int64_t in_ch, int64_t window) {
+  std::mt19937 rng(static_cast<unsigned>(7 + window));
+  const int64_t rows = out_ch * in_ch, total = tasks * rows;
+  const auto wn = random_vector<T>(rows * window, rng);
+  const auto gamma = random_vector<T>(total, rng), beta = random_vector<T>(total, rng);
+  const auto grad = random_vector<T>(total * window, rng);
+  std::vector<T> w1(total * window), g1(total), b1(total), w2(total * window), g2(total), b2(total);
+  kc::madafm_weight_rows(wn.data(), gamma.data(), beta.data(), w1.data(), rows, window, 0, total);
+  kc::madafm_weight_backward_rows(grad.data(), wn.data(), g1.data(), b1.data(), rows, window, 0, total);
+  in_parts(total, 7, [&](int64_t b, int64_t e) {
+    kc::madafm_weight_rows(wn.data(), gamma.data(), beta.data(), w2.data(), rows, window, b, e);
+    kc::madafm_weight_backward_rows(grad.data(), wn.data(), g2.data(), b2.data(), rows, window, b, e);
+  });
+  if (w1 != w2 || g1 != g2 || b1 != b2) {
+    std::printf("FAIL madafm K=%lld: results depend on how the rows were split\n", static_cast<long long>(window));
+    ++failures;
+  }
+}
+
 template <typename T>
 void test_film(int64_t m, int64_t o, int64_t tasks, bool mixed, bool with_bias, int64_t parts, double tol) {
   std::mt19937 rng(static_cast<unsigned>(m * 100 + o * 10 + tasks));
@@ -119,6 +142,38 @@ void test_film(int64_t m, int64_t o, int64_t tasks, bool mixed, bool with_bias, 
   expect_close(name + "dbias", dc, want_dc, tol);
 }
 
+// The weight build with low-rank styles (kernels/lowrank_kernels.h) against naive loops: gamma and
+// beta rebuilt from their factors (ranks rg, rb; v passed transposed [r, I]), then gamma * wn + beta.
+template <typename T>
+void test_lowrank(int64_t out_ch, int64_t in_ch, int64_t window, int64_t rg, int64_t rb, int64_t parts, double tol) {
+  std::mt19937 rng(static_cast<unsigned>(out_ch * 1000 + in_ch * 100 + window * 10 + rg + rb));
+  const int64_t rows = out_ch * in_ch;
+  const auto wn = random_vector<T>(rows * window, rng);
+  const auto gu = random_vector<T>(out_ch * rg, rng), gs = random_vector<T>(rg, rng);
+  const auto gvt = random_vector<T>(rg * in_ch, rng);
+  const auto bu = random_vector<T>(out_ch * rb, rng), bs = random_vector<T>(rb, rng);
+  const auto bvt = random_vector<T>(rb * in_ch, rng);
+  std::vector<T> weight(rows * window);
+  in_parts(out_ch, parts, [&](int64_t b, int64_t e) {
+    kc::lowrank_weight_rows(wn.data(), gu.data(), gs.data(), gvt.data(), rg, bu.data(), bs.data(), bvt.data(), rb,
+                            weight.data(), out_ch, in_ch, window, b, e);
+  });
+  std::vector<double> want(rows * window);
+  for (int64_t o = 0; o < out_ch; ++o)
+    for (int64_t i = 0; i < in_ch; ++i) {
+      double g = 0, b = 0;
+      for (int64_t r = 0; r < rg; ++r) g += double(gu[o * rg + r]) * double(gs[r]) * double(gvt[r * in_ch + i]);
+      for (int64_t r = 0; r < rb; ++r) b += double(bu[o * rb + r]) * double(bs[r]) * double(bvt[r * in_ch + i]);
+      for (int64_t k = 0; k < window; ++k) {
+        const int64_t at = (o * in_ch + i) * window + k;
+        want[at] = g * double(wn[at]) + b;
+      }
+    }
+  expect_close("lowrank O=" + std::to_string(out_ch) + " I=" + std::to_string(in_ch) + " K=" +
+                   std::to_string(window) + " rg=" + std::to_string(rg) + " rb=" + std::to_string(rb) + " weight",
+               weight, want, tol);
+}
+
 }  // namespace
 
 int main() {
@@ -129,6 +184,11 @@ int main() {
     test_madafm<float>(3, 5, 2, window, 2, 1e-5);
   }
   test_madafm<double>(2, 0, 3, 9, 1, 1e-12);  // empty layer
+  // float 3x3 (the AVX2 kernels where the CPU has them): full blocks of 8 rows and partial ones
+  test_madafm<float>(3, 7, 5, 9, 4, 1e-5);
+  test_madafm<float>(1, 1, 3, 9, 1, 1e-5);
+  for (int64_t window : {9, 16}) test_madafm_split_invariant<float>(3, 7, 5, window);
+  test_madafm_split_invariant<double>(3, 7, 5, 9);
   for (int64_t parts : {1, 3}) {
     test_film<double>(7, 5, 1, false, true, parts, 1e-12);
     test_film<double>(9, 13, 4, true, true, parts, 1e-12);
@@ -136,6 +196,15 @@ int main() {
     test_film<float>(11, 17, 5, true, true, parts, 1e-5);
   }
   test_film<double>(1, 1, 1, false, false, 1, 1e-12);  // one sample, one output
+  // low-rank styles: windows 1/9/generic, ranks 1..5 (gamma's and beta's differ), I across the
+  // 128-wide style blocks (1, 5, 130, 300), split over output channels at odd places
+  for (int64_t window : {1, 9, 6}) {
+    test_lowrank<double>(3, 5, window, 2, 3, 1, 1e-12);
+    test_lowrank<double>(7, 130, window, 1, 1, 3, 1e-12);
+    test_lowrank<float>(5, 300, window, 4, 5, 2, 1e-5);
+  }
+  test_lowrank<double>(1, 1, 1, 1, 1, 1, 1e-12);
+  test_lowrank<double>(0, 3, 9, 2, 2, 1, 1e-12);  // empty layer
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

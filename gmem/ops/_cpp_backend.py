@@ -188,6 +188,31 @@ def _register_fakes() -> None:
     def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
         return _grads_fake(x, gamma, beta, bias, output_mask)
 
+    if not _has_lowrank_ops():  # a gmem._C built before these ops existed: LowRank styles get densified
+        return
+
+    @torch.library.register_fake(lib + "modulated_conv2d_lowrank")
+    def _(x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids, stride, padding, dilation):
+        kh, kw = weight_norm.shape[2:]
+        h = _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0])
+        w = _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])
+        return x.new_empty((x.shape[0], weight_norm.shape[0], h, w))
+
+    @torch.library.register_fake(lib + "modulated_conv2d_lowrank_backward")
+    def _(grad_out, x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids, stride, padding, dilation, output_mask):
+        empty = lambda: x.new_empty((0,))  # noqa: E731
+        factors = lambda fs, need: tuple(f.new_empty(f.shape) if need else empty() for f in fs)  # noqa: E731
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else empty(),
+            *factors((gu, gs, gv), output_mask[1]),
+            *factors((bu, bs, bv), output_mask[2]),
+            bias.new_empty(bias.shape) if (output_mask[3] and bias is not None) else empty(),
+        )
+
+
+def _has_lowrank_ops() -> bool:
+    return hasattr(torch.ops.gmem_ext, "modulated_conv2d_lowrank")
+
 
 # ---------------------------------------------------------------------------------------------
 # The backends
@@ -212,6 +237,22 @@ class CppBackend(Backend):
     def is_available(self) -> bool:
         return _load()
 
+    @property
+    def supports_lowrank(self) -> bool:
+        """LowRank gamma/beta of a conv go to ``gmem_ext::modulated_conv2d_lowrank`` as factors.
+
+        False only for an extension built before that op existed (the styles are then densified).
+        """
+        return _load() and _has_lowrank_ops()
+
+    @property
+    def native_autograd(self) -> frozenset:
+        """gmem_ext::madafm_weight carries its autograd in C++ (csrc/autograd.cpp); asked once."""
+        if "native_autograd" not in _state:
+            has = _load() and torch._C._dispatch_has_kernel_for_dispatch_key("gmem_ext::madafm_weight", "Autograd")
+            _state["native_autograd"] = frozenset({"madafm_weight"}) if has else frozenset()
+        return _state["native_autograd"]
+
     def madafm_weight(self, weight_norm, gamma, beta):
         return _ops().madafm_weight(weight_norm, gamma, beta)
 
@@ -233,6 +274,30 @@ class CppBackend(Backend):
             list(stride), list(padding), list(dilation), mask,
         )
         return _none_unless(grads, mask)
+
+    def modulated_conv2d_lowrank(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
+        """``gamma, beta = (u, s, v)``: ``[(T,) O, r], [(T,) r], [(T,) I, r]``, rebuilt in the weight build."""
+        return _ops().modulated_conv2d_lowrank(
+            x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
+            list(stride), list(padding), list(dilation),
+        )
+
+    def modulated_conv2d_lowrank_backward(
+        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
+    ):
+        """``(dx, (du, ds, dv) | None, (du, ds, dv) | None, dbias)`` shaped like the inputs."""
+        mask = [bool(m) for m in output_mask]
+        mask[3] = mask[3] and bias is not None
+        dx, *factor_grads, dbias = _ops().modulated_conv2d_lowrank_backward(
+            grad_out, x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
+            list(stride), list(padding), list(dilation), mask,
+        )
+        return (
+            dx if mask[0] else None,
+            tuple(factor_grads[:3]) if mask[1] else None,
+            tuple(factor_grads[3:]) if mask[2] else None,
+            dbias if mask[3] else None,
+        )
 
     def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
         return _ops().modulated_linear(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)

@@ -15,8 +15,10 @@ CSRC = REPO_ROOT / "csrc"
 
 # Relative to the repository root. The .cu kernels are torch-free (CMake compiles them alone);
 # the .cpp files hold the ATen glue.
-CPU_SOURCES = ["csrc/gmem_ext.cpp", "csrc/modulated_ops.cpp", "csrc/cpu/ops_cpu.cpp"]
-CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp", "csrc/kernels/madafm_cuda.cu", "csrc/kernels/film_cuda.cu"]
+CPU_SOURCES = ["csrc/gmem_ext.cpp", "csrc/autograd.cpp", "csrc/modulated_ops.cpp", "csrc/lowrank_ops.cpp", "csrc/cpu/ops_cpu.cpp"]
+CUDA_SOURCES = [
+    "csrc/cuda/ops_cuda.cpp", "csrc/kernels/madafm_cuda.cu", "csrc/kernels/film_cuda.cu", "csrc/kernels/lowrank_cuda.cu"
+]
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"  # Ampere and Hopper; TORCH_CUDA_ARCH_LIST overrides
 

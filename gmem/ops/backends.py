@@ -42,6 +42,12 @@ class Backend:
     device_types: tuple[str, ...] = ("cpu", "cuda")
     #: dtypes this backend computes in
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    #: whether torch.compile (dynamo) can trace this backend's methods, fullgraph, and should: then
+    #: compile sees its kernels instead of one opaque custom op (gmem.ops.library)
+    traceable: bool = False
+    #: public ops whose backend method records its own autograd (a C++ autograd kernel): eager calls
+    #: use the method as it is, with no Python autograd node around it (gmem.ops.library)
+    native_autograd: frozenset[str] = frozenset()
 
     def is_available(self) -> bool:
         return True
