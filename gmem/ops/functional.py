@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import get_backend, resolve_backend
-from .library import madafm_weight_op, modulated_conv2d_lowrank_op, modulated_conv2d_op, modulated_linear_op
+from . import library
 from .lowrank import LowRank
 
 __all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear"]
@@ -84,8 +84,8 @@ def _style_pair(op, gamma, beta, like, style_shape) -> tuple[Tensor, Tensor, boo
     _check_tensor(op, "gamma", gamma, like)
     _check_tensor(op, "beta", beta, like)
     k = len(style_shape)
-    shape_txt = "[" + ", ".join(map(str, style_shape)) + "]"
     if gamma.ndim not in (k, k + 1) or tuple(gamma.shape[gamma.ndim - k:]) != tuple(style_shape):
+        shape_txt = "[" + ", ".join(map(str, style_shape)) + "]"  # built only here: no str() of shapes under compile
         raise ValueError(
             f"{op}: gamma must be {shape_txt} (one task) or [T, {shape_txt[1:]} (stacked tasks) to "
             f"match the layer, got {tuple(gamma.shape)}"
@@ -146,10 +146,10 @@ def madafm_weight(weight_norm: Tensor, gamma: Style, beta: Style, *, backend: st
     gamma, beta, _ = _style_pair(op, gamma, beta, weight_norm, style_shape)
     name = resolve_backend(backend, weight_norm.device, weight_norm.dtype, op)
     if weight_norm.ndim == 4:
-        return madafm_weight_op(weight_norm, gamma, beta, name)
+        return library.madafm_weight(weight_norm, gamma, beta, name)
     # mFiLM rows: view [O, I] as a conv weight [O, 1, I, 1] whose "kernel" is the row
     o, i = weight_norm.shape
-    out = madafm_weight_op(weight_norm.reshape(o, 1, i, 1), gamma[..., None], beta[..., None], name)
+    out = library.madafm_weight(weight_norm.reshape(o, 1, i, 1), gamma[..., None], beta[..., None], name)
     return out.reshape(*gamma.shape[:-1], o, i)
 
 
@@ -199,7 +199,7 @@ def modulated_conv2d(
             return out
     gamma, beta, bias, task_ids = _styles(op, gamma, beta, bias, task_ids, x, (o, i), o, x.shape[0])
     name = resolve_backend(backend, x.device, x.dtype, op)
-    return modulated_conv2d_op(
+    return library.modulated_conv2d(
         x, weight_norm.detach(), gamma, beta, bias, task_ids, stride_, padding_, dilation_, name
     )
 
@@ -219,7 +219,7 @@ def _modulated_conv2d_lowrank(op, x, weight_norm, gamma, beta, bias, task_ids, s
     if not getattr(get_backend(name), "supports_lowrank", False):
         return None  # before validating, so other backends see no extra work (the id range check syncs)
     _, _, bias, task_ids = _styles(op, proxy(gamma), proxy(beta), bias, task_ids, x, (o, i), o, x.shape[0])
-    return modulated_conv2d_lowrank_op(
+    return library.modulated_conv2d_lowrank(
         x, weight_norm.detach(), gamma.u, gamma.s, gamma.v, beta.u, beta.s, beta.v, bias, task_ids,
         stride, padding, dilation, name,
     )
@@ -257,5 +257,5 @@ def modulated_linear(
     x2 = x.reshape(-1, i)
     if task_ids is not None and x2.shape[0] != n:  # inner dimensions share their sample's task
         task_ids = task_ids.repeat_interleave(x2.shape[0] // max(n, 1))
-    out = modulated_linear_op(x2, weight_norm.detach(), gamma, beta, bias, task_ids, name)
+    out = library.modulated_linear(x2, weight_norm.detach(), gamma, beta, bias, task_ids, name)
     return out.reshape(*lead, o)

@@ -4,7 +4,15 @@ Each op takes the concrete backend name as its last argument and forwards to tha
 op definition serves every backend; autograd, fake tensors (torch.compile, opcheck) and the
 backward wiring are written once, here.
 
-Backward: first-order gradients go through a backward op of the same backend (a fused kernel where
+Two ways in, one set of autograd rules. Under torch.compile (and for ``opcheck``) the public
+functions call the custom ops, which compile treats as opaque calls with fake implementations. In
+eager mode they call the backend inside a ``torch.autograd.Function`` built from the same setup and
+backward functions: the custom-op boundary costs ~25 us a call (measured on the 2-core CPU machine
+at a forward+backward), which is most of the time of a small layer. A backend whose methods dynamo
+can trace (``Backend.traceable``, e.g. Triton through ``torch.library.triton_op``) takes the
+``autograd.Function`` under torch.compile too, so that compile sees its kernels.
+
+Backward: first-order gradients go through the backward of the same backend (a fused kernel where
 the backend has one). When autograd records the backward itself (``create_graph=True``, e.g. the
 R1 penalty of GAN training), the gradients are computed with the differentiable reference formulas
 instead, so double backward works with every backend.
@@ -19,7 +27,10 @@ from torch import Tensor
 from . import reference
 from .backends import get_backend
 
-__all__ = ["madafm_weight_op", "modulated_conv2d_op", "modulated_conv2d_lowrank_op", "modulated_linear_op"]
+__all__ = [
+    "madafm_weight", "modulated_conv2d", "modulated_conv2d_lowrank", "modulated_linear",
+    "madafm_weight_op", "modulated_conv2d_op", "modulated_conv2d_lowrank_op", "modulated_linear_op",
+]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -44,6 +55,40 @@ def _fake_grads(x, gamma, beta, bias, output_mask):
         torch.empty_like(beta) if need_beta else _empty(beta),
         torch.empty_like(bias) if (need_bias and bias is not None) else _empty(x),
     )
+
+
+def _direct(backend: str) -> bool:
+    """Whether the public op calls ``backend`` through an autograd.Function (True) or its custom op."""
+    if not torch.compiler.is_compiling():
+        return True
+    return get_backend(backend).traceable
+
+
+def _backward_of(ctx, custom_op, method: str, *args):
+    """First-order gradients from the backend: directly on the autograd.Function path, else its op."""
+    if getattr(ctx, "direct", False):
+        return getattr(get_backend(ctx.backend), method)(*args)
+    return custom_op(*args, ctx.backend)
+
+
+def _eager_function(name: str, forward, setup_context, backward) -> type:
+    """A ``torch.autograd.Function`` with the forward, setup and backward of a custom op.
+
+    ``forward(ctx, *inputs)`` style on purpose: with a separate ``setup_context`` staticmethod,
+    ``Function.apply`` binds its arguments through ``inspect.signature`` on every call (~20 us).
+    """
+
+    def forward_with_setup(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.direct = True
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"The autograd.Function path of {name} (see the module docstring).",
+        "forward": staticmethod(forward_with_setup),
+        "backward": staticmethod(backward),
+    })
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +127,27 @@ def _madafm_backward(ctx, grad_weight):
     if torch.is_grad_enabled():
         dgamma, dbeta = reference.madafm_weight_backward(grad_weight, weight_norm)
     else:
-        dgamma, dbeta = madafm_weight_backward_op(grad_weight.contiguous(), weight_norm, ctx.backend)
+        dgamma, dbeta = _backward_of(
+            ctx, madafm_weight_backward_op, "madafm_weight_backward", grad_weight.contiguous(), weight_norm
+        )
     return None, dgamma, dbeta, None
 
 
 madafm_weight_op.register_autograd(_madafm_backward, setup_context=_madafm_setup)
+_MadafmWeight = _eager_function(
+    "madafm_weight", lambda wn, g, b, backend: get_backend(backend).madafm_weight(wn, g, b),
+    _madafm_setup, _madafm_backward,
+)
+
+
+def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor, backend: str) -> Tensor:
+    """gmem::madafm_weight on canonical arguments, by the path :func:`_direct` picks."""
+    if _direct(backend):
+        impl = get_backend(backend)
+        if "madafm_weight" in impl.native_autograd and not torch.compiler.is_compiling():
+            return impl.madafm_weight(weight_norm, gamma, beta)  # records its own (C++) autograd node
+        return _MadafmWeight.apply(weight_norm, gamma, beta, backend)
+    return madafm_weight_op(weight_norm, gamma, beta, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,15 +209,25 @@ def _conv_backward(ctx, grad_out):
             grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, mask
         )
     else:
-        grads = modulated_conv2d_backward_op(
-            grad_out.contiguous(), x, weight_norm, gamma, beta, bias, task_ids,
-            stride, padding, dilation, mask, ctx.backend,
+        grads = _backward_of(
+            ctx, modulated_conv2d_backward_op, "modulated_conv2d_backward", grad_out.contiguous(), x,
+            weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, mask,
         )
         dx, dgamma, dbeta, dbias = (_or_none(g, m) for g, m in zip(grads, mask))
     return dx, None, dgamma, dbeta, dbias, None, None, None, None, None
 
 
 modulated_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+_ModulatedConv2d = _eager_function(
+    "modulated_conv2d", lambda *args: get_backend(args[-1]).modulated_conv2d(*args[:-1]),
+    _conv_setup, _conv_backward,
+)
+
+
+def modulated_conv2d(x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend: str) -> Tensor:
+    """gmem::modulated_conv2d on canonical arguments, by the path :func:`_direct` picks."""
+    args = (x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend)
+    return _ModulatedConv2d.apply(*args) if _direct(backend) else modulated_conv2d_op(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,14 +277,25 @@ def _linear_backward(ctx, grad_out):
             grad_out, x, weight_norm, gamma, beta, bias, task_ids, mask
         )
     else:
-        grads = modulated_linear_backward_op(
-            grad_out.contiguous(), x, weight_norm, gamma, beta, bias, task_ids, mask, ctx.backend
+        grads = _backward_of(
+            ctx, modulated_linear_backward_op, "modulated_linear_backward", grad_out.contiguous(), x,
+            weight_norm, gamma, beta, bias, task_ids, mask,
         )
         dx, dgamma, dbeta, dbias = (_or_none(g, m) for g, m in zip(grads, mask))
     return dx, None, dgamma, dbeta, dbias, None, None
 
 
 modulated_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_ModulatedLinear = _eager_function(
+    "modulated_linear", lambda *args: get_backend(args[-1]).modulated_linear(*args[:-1]),
+    _linear_setup, _linear_backward,
+)
+
+
+def modulated_linear(x, weight_norm, gamma, beta, bias, task_ids, backend: str) -> Tensor:
+    """gmem::modulated_linear on canonical arguments, by the path :func:`_direct` picks."""
+    args = (x, weight_norm, gamma, beta, bias, task_ids, backend)
+    return _ModulatedLinear.apply(*args) if _direct(backend) else modulated_linear_op(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +388,14 @@ def _conv_lowrank_backward(ctx, grad_out):
         )
         g_grads = lowrank_factor_grads(dgamma, gu, gs, gv) if mask[1] else (None,) * 3
         b_grads = lowrank_factor_grads(dbeta, bu, bs, bv) if mask[2] else (None,) * 3
+    elif getattr(ctx, "direct", False):
+        dx, g_grads, b_grads, dbias = get_backend(ctx.backend).modulated_conv2d_lowrank_backward(
+            grad_out.contiguous(), x, weight_norm, (gu, gs, gv), (bu, bs, bv), bias, task_ids,
+            stride, padding, dilation, mask,
+        )
+        dx, dbias = _or_none(dx, mask[0]), _or_none(dbias, mask[3])
+        g_grads = g_grads if (mask[1] and g_grads is not None) else (None,) * 3
+        b_grads = b_grads if (mask[2] and b_grads is not None) else (None,) * 3
     else:
         grads = modulated_conv2d_lowrank_backward_op(
             grad_out.contiguous(), x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids,
@@ -319,3 +409,18 @@ def _conv_lowrank_backward(ctx, grad_out):
 
 
 modulated_conv2d_lowrank_op.register_autograd(_conv_lowrank_backward, setup_context=_conv_lowrank_setup)
+_ModulatedConv2dLowRank = _eager_function(
+    "modulated_conv2d_lowrank",
+    lambda x, wn, gu, gs, gv, bu, bs, bv, *rest: get_backend(rest[-1]).modulated_conv2d_lowrank(
+        x, wn, (gu, gs, gv), (bu, bs, bv), *rest[:-1]
+    ),
+    _conv_lowrank_setup, _conv_lowrank_backward,
+)
+
+
+def modulated_conv2d_lowrank(x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, beta_s, beta_v, bias, task_ids,
+                             stride, padding, dilation, backend: str) -> Tensor:
+    """gmem::modulated_conv2d_lowrank on canonical arguments, by the path :func:`_direct` picks."""
+    args = (x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, beta_s, beta_v, bias, task_ids,
+            stride, padding, dilation, backend)
+    return _ModulatedConv2dLowRank.apply(*args) if _direct(backend) else modulated_conv2d_lowrank_op(*args)

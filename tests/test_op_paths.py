@@ -1,0 +1,153 @@
+"""The two ways into a gmem op (gmem.ops.library): eager calls go through a torch.autograd.Function
+that calls the backend directly, torch.compile (of non-traceable backends) through the custom ops.
+Both must give the same values and gradients, and each path must really be the one taken."""
+import pytest
+import torch
+
+import gmem.ops as ops
+from gmem.ops import LowRank, library
+
+DT = torch.float64
+
+
+def _backends():
+    names = ["reference"]
+    if "cpu" in ops.available_backends():
+        names.append("cpu")
+    return names
+
+
+def _conv_inputs(mixed: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(5, 3, 7, 6, dtype=DT, requires_grad=True)
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3, dtype=DT))[0]
+    lead = (3,) if mixed else ()
+    gamma = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
+    beta = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
+    bias = torch.randn(*lead, 4, dtype=DT, requires_grad=True)
+    ids = torch.tensor([2, 0, 2, 1, 0]) if mixed else None
+    return x, wn, gamma, beta, bias, ids
+
+
+def _grads(out, leaves, seed=1):
+    torch.manual_seed(seed)
+    return torch.autograd.grad(out, leaves, torch.randn_like(out))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mixed", [False, True])
+def test_conv_paths_agree(backend, mixed):
+    x, wn, gamma, beta, bias, ids = _conv_inputs(mixed)
+    args = (x, wn, gamma, beta, bias, ids, [2, 1], [1, 0], [1, 2], backend)
+    leaves = (x, gamma, beta, bias)
+    direct = library.modulated_conv2d(*args)
+    via_op = library.modulated_conv2d_op(*args)
+    assert torch.equal(direct, via_op)
+    for a, b in zip(_grads(direct, leaves), _grads(via_op, leaves)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mixed", [False, True])
+def test_linear_and_weight_paths_agree(backend, mixed):
+    torch.manual_seed(2)
+    lead = (3,) if mixed else ()
+    x = torch.randn(4, 6, dtype=DT, requires_grad=True)
+    wn = ops.normalize_weight(torch.randn(5, 6, dtype=DT))[0]
+    gamma = torch.randn(*lead, 5, dtype=DT, requires_grad=True)
+    beta = torch.randn(*lead, 5, dtype=DT, requires_grad=True)
+    ids = torch.tensor([1, 1, 0, 2]) if mixed else None
+    args = (x, wn, gamma, beta, None, ids, backend)
+    direct, via_op = library.modulated_linear(*args), library.modulated_linear_op(*args)
+    assert torch.equal(direct, via_op)
+    for a, b in zip(_grads(direct, (x, gamma, beta)), _grads(via_op, (x, gamma, beta))):
+        assert torch.equal(a, b)
+
+    wn4 = ops.normalize_weight(torch.randn(4, 3, 3, 3, dtype=DT))[0]
+    g4 = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
+    b4 = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
+    direct, via_op = library.madafm_weight(wn4, g4, b4, backend), library.madafm_weight_op(wn4, g4, b4, backend)
+    assert torch.equal(direct, via_op)
+    for a, b in zip(_grads(direct, (g4, b4)), _grads(via_op, (g4, b4))):
+        assert torch.equal(a, b)
+
+
+def test_eager_calls_never_touch_the_custom_ops(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager path went through a custom op")
+
+    for name in ("madafm_weight_op", "modulated_conv2d_op", "modulated_linear_op", "modulated_conv2d_lowrank_op",
+                 "madafm_weight_backward_op", "modulated_conv2d_backward_op", "modulated_linear_backward_op"):
+        monkeypatch.setattr(library, name, refuse)
+    for backend in _backends():
+        x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
+        y = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend=backend)
+        y.sum().backward()
+        z = ops.modulated_linear(torch.randn(2, 3, dtype=DT), torch.randn(4, 3, dtype=DT),
+                                 gamma[0, :, 0], beta[0, :, 0], backend=backend)
+        assert z.shape == (2, 4)
+        w = ops.madafm_weight(wn, gamma[0], beta[0], backend=backend)
+        w.sum().backward()
+
+
+def test_compile_goes_through_the_custom_op():
+    """An opaque backend under torch.compile is one gmem:: custom op in the captured graph."""
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda x, g, b: ops.modulated_conv2d(x, wn, g, b, bias, task_ids=ids, padding=1, backend="reference"),
+        backend=recording_backend, fullgraph=True,
+    )
+    y = f(x, gamma, beta)
+    assert any("gmem.modulated_conv2d" in target for target in seen), seen
+    eager = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend="reference")
+    torch.testing.assert_close(y, eager)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_double_backward_on_the_eager_path(backend):
+    """R1-style gradient penalty: grad of a grad, through the autograd.Function path."""
+    x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
+    y = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend=backend)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (dgamma,) = torch.autograd.grad(dx.square().sum(), gamma)
+    y_ref = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend="reference")
+    (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x, create_graph=True)
+    (dgamma_ref,) = torch.autograd.grad(dx_ref.square().sum(), gamma)
+    torch.testing.assert_close(dgamma, dgamma_ref)
+    assert dgamma.abs().sum() > 0
+
+
+def test_lowrank_eager_path_matches_dense():
+    torch.manual_seed(3)
+    x, wn, *_ = _conv_inputs(mixed=False)
+    factors = [torch.randn(4, 2, dtype=DT), torch.rand(2, dtype=DT), torch.randn(3, 2, dtype=DT)]
+    factors = [f.requires_grad_() for f in factors]
+    beta = torch.randn(4, 3, dtype=DT)
+    y = ops.modulated_conv2d(x, wn, LowRank(*factors), beta, padding=1, backend="reference")
+    y_dense = ops.modulated_conv2d(x, wn, LowRank(*factors).dense(), beta, padding=1, backend="reference")
+    torch.testing.assert_close(y, y_dense)
+    torch.testing.assert_close(_grads(y, factors), _grads(y_dense, factors))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mixed", [False, True])
+def test_weight_build_gradcheck_and_double_backward(backend, mixed):
+    """madafm_weight: the cpu backend records a C++ autograd node (csrc/autograd.cpp) in eager mode."""
+    torch.manual_seed(4)
+    lead = (2,) if mixed else ()
+    wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0]
+    gamma = torch.randn(*lead, 3, 2, dtype=DT, requires_grad=True)
+    beta = torch.randn(*lead, 3, 2, dtype=DT, requires_grad=True)
+    fn = lambda g, b: ops.madafm_weight(wn, g, b, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (gamma, beta))
+    assert torch.autograd.gradgradcheck(fn, (gamma, beta))
+    if backend == "cpu":
+        out = fn(gamma, beta)
+        assert "MadafmWeightFunction" in out.grad_fn.name()
