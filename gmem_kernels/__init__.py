@@ -8,6 +8,10 @@ Reached only through ``gmem.ops`` (``backend="triton"``); see ``NOTES.md`` for t
 * :mod:`.weight`: the modulated weight itself and its backward (elementwise);
 * :mod:`.grouping`: the device-side stable grouping of samples by task (no host synchronisation).
 
+Each kernel launch is a ``gmem_triton::`` operator (``torch.library.triton_op`` + ``wrap_triton``,
+see :func:`._config.kernel_op`), so torch.compile traces through these functions into the kernels;
+``python -m gmem_kernels.trace_check`` checks that without a GPU.
+
 Importing this package needs Triton; running the kernels needs a CUDA GPU, or ``TRITON_INTERPRET=1``
 in the environment *before* this package is imported (the CPU interpreter, for tests only).
 """

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import INTERPRET, dot_precision, next_pow2, tuned
+from ._config import INTERPRET, dot_precision, kernel_op, next_pow2, tuned, wrap_triton
 from .grouping import TaskGroups
 
 
@@ -174,18 +174,30 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 Style = Union[Tensor, tuple[Tensor, Tensor, Tensor]]
 
 
-def _style_args(style: Style) -> list:
-    """The 16 kernel arguments of one style set (dense pointer + strides, factors + strides, rank)."""
-    if isinstance(style, Tensor):
-        return [style, *style.stride(), style, 0, 0, 0, style, 0, 0, style, 0, 0, 0, 0]
+def _style_args(style: list[Tensor]) -> list:
+    """The 16 kernel arguments of one style set, given as ``[dense]`` or ``[u, s, v]`` (see
+    :func:`_style_list`): dense pointer + strides, factors + strides, rank."""
+    if len(style) == 1:
+        (dense,) = style
+        return [dense, *dense.stride(), dense, 0, 0, 0, dense, 0, 0, dense, 0, 0, 0, 0]
     u, s, v = style
     return [u, 0, 0, 0, u, *u.stride(), s, *s.stride(), v, *v.stride(), u.shape[-1]]
+
+
+def _style_list(style: Style) -> list[Tensor]:
+    """A style set as the op argument ``Tensor[]``: ``[dense]`` or ``[u, s, v]``."""
+    return [style] if isinstance(style, Tensor) else list(style)
 
 
 def _is_lowrank(gamma: Style, beta: Style) -> bool:
     if isinstance(gamma, Tensor) != isinstance(beta, Tensor):
         raise NotImplementedError("gmem_kernels: gamma and beta must both be dense or both low-rank")
     return not isinstance(gamma, Tensor)
+
+
+def _groups_args(groups: TaskGroups) -> tuple:
+    """``(order | None, start, count, task)``: the segments as op arguments."""
+    return groups.order, groups.start, groups.count, groups.task
 
 
 def conv2d_forward(
@@ -197,6 +209,20 @@ def conv2d_forward(
 
     Single task: pass ``[1, O, I]`` / ``[1, O]`` stacks with :func:`.grouping.single_group`.
     """
+    _is_lowrank(gamma, beta)
+    return _conv_forward_op(
+        x, weight_norm, _style_list(gamma), _style_list(beta), bias, *_groups_args(groups),
+        list(stride), list(padding), list(dilation),
+    )
+
+
+@kernel_op("gmem_triton::conv2d_forward")
+def _conv_forward_op(
+    x: Tensor, weight_norm: Tensor, gamma: list[Tensor], beta: list[Tensor], bias: Optional[Tensor],
+    order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor, seg_task: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> Tensor:
+    """:func:`conv2d_forward` as an op: style sets as ``[dense]`` or ``[u, s, v]``, segments flat."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight_norm.shape
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
@@ -204,22 +230,21 @@ def conv2d_forward(
     y = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    slots = groups.num_slots
-    order = groups.order if groups.order is not None else groups.start  # unused placeholder
-    bias_arg = bias if bias is not None else x
+    slots = seg_count.shape[0]
+    bias_arg = bias if bias is not None else x  # unused placeholder
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
 
     def grid(meta):
         return (triton.cdiv(n * oh * ow, meta["BLOCK_M"]) + slots, triton.cdiv(c_out, meta["BLOCK_N"]))
 
-    _conv_fwd_kernel[grid](
+    wrap_triton(_conv_fwd_kernel)[grid](
         x, weight_norm, bias_arg, y, *_style_args(gamma), *_style_args(beta),
-        order, groups.start, groups.count, groups.task, slots,
+        order if order is not None else seg_start, seg_start, seg_count, seg_task, slots,
         c_in, h, w, c_out, oh, ow, n * oh * ow,
         *x.stride(), *weight_norm.stride(), *bias_strides,
         *y.stride(), *stride, *padding, *dilation,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_ORDER=groups.order is not None,
-        LOWRANK=_is_lowrank(gamma, beta), R_BLOCK=16, S_BLOCK=next_pow2(slots), IN_PREC=dot_precision(x.dtype),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_ORDER=order is not None,
+        LOWRANK=len(gamma) == 3, R_BLOCK=16, S_BLOCK=next_pow2(slots), IN_PREC=dot_precision(x.dtype),
     )
     return y
 
@@ -422,64 +447,102 @@ def conv2d_backward(
     """
     need_x, need_gamma, need_beta, need_bias = output_mask
     need_bias = need_bias and bias is not None
+    conv = (list(stride), list(padding), list(dilation))
+    dx = dgamma = dbeta = dbias = None
+    if need_x:
+        _is_lowrank(gamma, beta)
+        dx = _conv_input_grad_op(
+            grad_out, x, weight_norm, _style_list(gamma), _style_list(beta), *_groups_args(groups), *conv
+        )
+    if need_gamma or need_beta:
+        dg, db = _conv_style_grad_op(x, grad_out, weight_norm, groups.order, groups.start, groups.count, *conv)
+        # slots -> tasks (a gather)
+        finish = (lambda d: d) if per_slot else (lambda d: groups.per_task(d).to(x.dtype))
+        if need_gamma:
+            dgamma = finish(dg)
+        if need_beta:
+            dbeta = finish(db)
+    if need_bias:
+        dc = _conv_bias_grad_op(grad_out, groups.order, groups.start, groups.count)
+        dbias = groups.per_task(dc).to(bias.dtype)
+    return dx, dgamma, dbeta, dbias
+
+
+@kernel_op("gmem_triton::conv2d_input_grad")
+def _conv_input_grad_op(
+    grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: list[Tensor], beta: list[Tensor],
+    order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor, seg_task: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> Tensor:
+    """``dx`` (shaped and strided like ``x``, which is read for nothing else)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight_norm.shape
     _, _, oh, ow = grad_out.shape
-    slots = groups.num_slots
-    order = groups.order if groups.order is not None else groups.start
-    has_order = groups.order is not None
-    prec = dot_precision(x.dtype)
-    dx = dgamma = dbeta = dbias = None
+    slots = seg_count.shape[0]
+    dx = torch.empty_like(x)
+    if dx.numel() == 0:
+        return dx
 
-    if need_x:
-        dx = torch.empty_like(x)
-        if dx.numel():
-            def grid(meta):
-                return (triton.cdiv(n * h * w, meta["BLOCK_M"]) + slots, triton.cdiv(c_in, meta["BLOCK_N"]))
+    def grid(meta):
+        return (triton.cdiv(n * h * w, meta["BLOCK_M"]) + slots, triton.cdiv(c_in, meta["BLOCK_N"]))
 
-            _conv_dx_kernel[grid](
-                grad_out, weight_norm, dx, *_style_args(gamma), *_style_args(beta),
-                order, groups.start, groups.count, groups.task, slots,
-                c_in, h, w, c_out, oh, ow, n * h * w,
-                *grad_out.stride(), *weight_norm.stride(),
-                *dx.stride(), *stride, *padding, *dilation,
-                KH=kh, KW=kw, HAS_ORDER=has_order, LOWRANK=_is_lowrank(gamma, beta), R_BLOCK=16,
-                S_BLOCK=next_pow2(slots), IN_PREC=prec,
-            )
+    wrap_triton(_conv_dx_kernel)[grid](
+        grad_out, weight_norm, dx, *_style_args(gamma), *_style_args(beta),
+        order if order is not None else seg_start, seg_start, seg_count, seg_task, slots,
+        c_in, h, w, c_out, oh, ow, n * h * w,
+        *grad_out.stride(), *weight_norm.stride(),
+        *dx.stride(), *stride, *padding, *dilation,
+        KH=kh, KW=kw, HAS_ORDER=order is not None, LOWRANK=len(gamma) == 3, R_BLOCK=16,
+        S_BLOCK=next_pow2(slots), IN_PREC=dot_precision(x.dtype),
+    )
+    return dx
 
+
+@kernel_op("gmem_triton::conv2d_style_grad")
+def _conv_style_grad_op(
+    x: Tensor, grad_out: Tensor, weight_norm: Tensor,
+    order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> tuple[Tensor, Tensor]:
+    """Per-slot ``(dgamma, dbeta)``, each ``[S, O, I]`` float32."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight_norm.shape
+    _, _, oh, ow = grad_out.shape
+    slots = seg_count.shape[0]
     rows_total = n * oh * ow
-    if need_gamma or need_beta:
-        tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64)
-        split = _row_split(rows_total, slots, tiles, INTERPRET)
-        dg = torch.empty((split, slots, c_out, c_in), dtype=torch.float32, device=x.device)
-        db = torch.empty_like(dg)
+    tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64)
+    split = _row_split(rows_total, slots, tiles, INTERPRET)
+    dg = torch.empty((split, slots, c_out, c_in), dtype=torch.float32, device=x.device)
+    db = torch.empty_like(dg)
 
-        def grid(meta):
-            return (slots * split, triton.cdiv(c_out, meta["BLOCK_O"]) * triton.cdiv(c_in, meta["BLOCK_I"]))
+    def grid(meta):
+        return (slots * split, triton.cdiv(c_out, meta["BLOCK_O"]) * triton.cdiv(c_in, meta["BLOCK_I"]))
 
-        _conv_style_grad_kernel[grid](
-            x, grad_out, weight_norm, dg, db,
-            order, groups.start, groups.count, slots,
-            c_in, h, w, c_out, oh, ow, rows_total,
-            *x.stride(), *grad_out.stride(), *weight_norm.stride(), *stride, *padding, *dilation,
-            KH=kh, KW=kw, HAS_ORDER=has_order, SPLIT=split, IN_PREC=prec,
-        )
-        # second stage: fixed-order sum over the row chunks, then slots -> tasks (a gather)
-        finish = (lambda d: d) if per_slot else (lambda d: groups.per_task(d).to(x.dtype))
-        if need_gamma:
-            dgamma = finish(dg.sum(0))
-        if need_beta:
-            dbeta = finish(db.sum(0))
+    wrap_triton(_conv_style_grad_kernel)[grid](
+        x, grad_out, weight_norm, dg, db,
+        order if order is not None else seg_start, seg_start, seg_count, slots,
+        c_in, h, w, c_out, oh, ow, rows_total,
+        *x.stride(), *grad_out.stride(), *weight_norm.stride(), *stride, *padding, *dilation,
+        KH=kh, KW=kw, HAS_ORDER=order is not None, SPLIT=split, IN_PREC=dot_precision(x.dtype),
+    )
+    # second stage: fixed-order sum over the row chunks
+    return dg.sum(0), db.sum(0)
 
-    if need_bias:
-        split = _row_split(rows_total, slots, triton.cdiv(c_out, 64), INTERPRET)
-        block_o = 16 if INTERPRET else 64
-        block_m = 16 if INTERPRET else 32
-        dc = torch.empty((split, slots, c_out), dtype=torch.float32, device=x.device)
-        _conv_bias_grad_kernel[(slots * split, triton.cdiv(c_out, block_o))](
-            grad_out, dc, order, groups.start, groups.count, slots,
-            c_out, oh, ow, *grad_out.stride(),
-            HAS_ORDER=has_order, SPLIT=split, BLOCK_O=block_o, BLOCK_M=block_m,
-        )
-        dbias = groups.per_task(dc.sum(0)).to(bias.dtype)
-    return dx, dgamma, dbeta, dbias
+
+@kernel_op("gmem_triton::conv2d_bias_grad")
+def _conv_bias_grad_op(
+    grad_out: Tensor, order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor,
+) -> Tensor:
+    """Per-slot bias gradient ``[S, O]`` float32."""
+    n, c_out, oh, ow = grad_out.shape
+    slots = seg_count.shape[0]
+    split = _row_split(n * oh * ow, slots, triton.cdiv(c_out, 64), INTERPRET)
+    block_o = 16 if INTERPRET else 64
+    block_m = 16 if INTERPRET else 32
+    dc = torch.empty((split, slots, c_out), dtype=torch.float32, device=grad_out.device)
+    wrap_triton(_conv_bias_grad_kernel)[(slots * split, triton.cdiv(c_out, block_o))](
+        grad_out, dc, order if order is not None else seg_start, seg_start, seg_count, slots,
+        c_out, oh, ow, *grad_out.stride(),
+        HAS_ORDER=order is not None, SPLIT=split, BLOCK_O=block_o, BLOCK_M=block_m,
+    )
+    return dc.sum(0)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import INTERPRET, dot_precision, tuned
+from ._config import INTERPRET, dot_precision, kernel_op, tuned, wrap_triton
 from .grouping import TaskGroups
 
 
@@ -164,6 +164,14 @@ def linear_forward(
 ) -> Tensor:
     """``x [M, I]``, ``weight_norm [O, I]``, ``gamma, beta [T, O]``, ``bias None | [T, O]``,
     ``task_ids None | int [M]`` (None: every row uses task 0) -> ``y [M, O]``."""
+    return _linear_forward_op(x, weight_norm, gamma, beta, bias, task_ids)
+
+
+@kernel_op("gmem_triton::linear_forward")
+def _linear_forward_op(
+    x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
+    task_ids: Optional[Tensor],
+) -> Tensor:
     m, c_in = x.shape
     c_out = weight_norm.shape[0]
     y = torch.empty((m, c_out), dtype=x.dtype, device=x.device)
@@ -173,7 +181,7 @@ def linear_forward(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
 
-    _linear_fwd_kernel[grid](
+    wrap_triton(_linear_fwd_kernel)[grid](
         x, weight_norm, gamma, beta, bias if bias is not None else gamma,
         task_ids if task_ids is not None else x, y,
         m, c_in, c_out, *x.stride(), *weight_norm.stride(), *gamma.stride(), *beta.stride(),
@@ -190,39 +198,11 @@ def linear_backward(
     """``(dx [M, I], dgamma [T, O], dbeta [T, O], dbias [T, O])``, ``None`` where the mask is False."""
     need_x, need_gamma, need_beta, need_bias = output_mask
     need_bias = need_bias and bias is not None
-    m, c_in = x.shape
-    c_out = weight_norm.shape[0]
-    prec = dot_precision(x.dtype)
     dx = dgamma = dbeta = dbias = None
     if need_x:
-        dx = torch.empty_like(x)
-        if dx.numel():
-            def grid(meta):
-                return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
-
-            _linear_dx_kernel[grid](
-                grad_out, weight_norm, gamma, beta, task_ids if task_ids is not None else x, dx,
-                m, c_in, c_out, *grad_out.stride(), *weight_norm.stride(), *gamma.stride(),
-                *beta.stride(), *dx.stride(),
-                HAS_TASKS=task_ids is not None, IN_PREC=prec,
-            )
+        dx = _linear_input_grad_op(grad_out, x, weight_norm, gamma, beta, task_ids)
     if need_gamma or need_beta or need_bias:
-        slots = groups.num_slots
-        block_n, block_m, block_k = (16, 16, 16) if INTERPRET else (64, 64, 32)
-        o_blocks = triton.cdiv(c_out, block_n)
-        if INTERPRET:
-            split = 2 if m >= 32 else 1
-        else:
-            split = int(max(1, min(264 // max(1, o_blocks * slots), m // max(1, 128 * slots), 64)))
-        parts = torch.empty((3, split, slots, c_out), dtype=torch.float32, device=x.device)
-        _linear_style_grad_kernel[(slots * split, o_blocks)](
-            x, grad_out, weight_norm, parts[0], parts[1], parts[2],
-            groups.order if groups.order is not None else groups.start, groups.start, groups.count, slots,
-            c_in, c_out, *x.stride(), *grad_out.stride(), *weight_norm.stride(),
-            HAS_ORDER=groups.order is not None, SPLIT=split, IN_PREC=prec,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-        )
-        sums = parts.sum(1)  # fixed-order second stage over the row chunks: [3, S, O]
+        sums = _linear_style_grad_op(x, grad_out, weight_norm, groups.order, groups.start, groups.count)
         if need_gamma:
             dgamma = groups.per_task(sums[0]).to(gamma.dtype)
         if need_beta:
@@ -230,3 +210,53 @@ def linear_backward(
         if need_bias:
             dbias = groups.per_task(sums[2]).to(bias.dtype)
     return dx, dgamma, dbeta, dbias
+
+
+@kernel_op("gmem_triton::linear_input_grad")
+def _linear_input_grad_op(
+    grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, task_ids: Optional[Tensor],
+) -> Tensor:
+    """``dx`` shaped and strided like ``x`` (read for nothing else)."""
+    m, c_in = x.shape
+    c_out = weight_norm.shape[0]
+    dx = torch.empty_like(x)
+    if dx.numel() == 0:
+        return dx
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
+
+    wrap_triton(_linear_dx_kernel)[grid](
+        grad_out, weight_norm, gamma, beta, task_ids if task_ids is not None else x, dx,
+        m, c_in, c_out, *grad_out.stride(), *weight_norm.stride(), *gamma.stride(),
+        *beta.stride(), *dx.stride(),
+        HAS_TASKS=task_ids is not None, IN_PREC=dot_precision(x.dtype),
+    )
+    return dx
+
+
+@kernel_op("gmem_triton::linear_style_grad")
+def _linear_style_grad_op(
+    x: Tensor, grad_out: Tensor, weight_norm: Tensor,
+    order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor,
+) -> Tensor:
+    """Per-slot float32 sums ``[3, S, O]``: ``dgamma``, ``dbeta``, ``dbias`` of each segment."""
+    m, c_in = x.shape
+    c_out = weight_norm.shape[0]
+    slots = seg_count.shape[0]
+    block_n, block_m, block_k = (16, 16, 16) if INTERPRET else (64, 64, 32)
+    o_blocks = triton.cdiv(c_out, block_n)
+    if INTERPRET:
+        split = 2 if m >= 32 else 1
+    else:
+        split = int(max(1, min(264 // max(1, o_blocks * slots), m // max(1, 128 * slots), 64)))
+    # three separate buffers, not views of one: a kernel writing views is harder on functionalization
+    dg, db, dc = (torch.empty((split, slots, c_out), dtype=torch.float32, device=x.device) for _ in range(3))
+    wrap_triton(_linear_style_grad_kernel)[(slots * split, o_blocks)](
+        x, grad_out, weight_norm, dg, db, dc,
+        order if order is not None else seg_start, seg_start, seg_count, slots,
+        c_in, c_out, *x.stride(), *grad_out.stride(), *weight_norm.stride(),
+        HAS_ORDER=order is not None, SPLIT=split, IN_PREC=dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return torch.stack([dg.sum(0), db.sum(0), dc.sum(0)])  # fixed-order second stage over the row chunks

@@ -1,6 +1,7 @@
 """The modulated weight ``gamma * weight_norm + beta`` and its backward, elementwise in Triton.
 
 Only for users who want the weight itself (the fused convolution never builds it in memory).
+Both functions are ``gmem_triton::`` ops (see :func:`._config.kernel_op`).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import INTERPRET, next_pow2
+from ._config import INTERPRET, kernel_op, next_pow2, wrap_triton
 
 
 @triton.jit
@@ -52,6 +53,7 @@ def _madafm_weight_backward_kernel(dw_ptr, wn_ptr, dg_ptr, db_ptr, ROWS, OI, K,
     tl.store(db_ptr + row, db.to(db_ptr.dtype.element_ty), mask=row_ok)
 
 
+@kernel_op("gmem_triton::madafm_weight")
 def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """``weight_norm [O, I, kh, kw]``, ``gamma, beta [O, I] | [T, O, I]`` -> ``[(T,) O, I, kh, kw]``."""
     o, c_in, kh, kw = weight_norm.shape
@@ -64,11 +66,12 @@ def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     block_k = min(next_pow2(k), 16 if INTERPRET else 128)
     block_r = 16 if INTERPRET else max(1, 4096 // block_k)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
-    _madafm_weight_kernel[grid](weight_norm.contiguous(), g3, b3, out, rows, o * c_in, c_in, k,
+    wrap_triton(_madafm_weight_kernel)[grid](weight_norm.contiguous(), g3, b3, out, rows, o * c_in, c_in, k,
                                 *g3.stride(), *b3.stride(), BLOCK_R=block_r, BLOCK_K=block_k)
     return out
 
 
+@kernel_op("gmem_triton::madafm_weight_backward")
 def madafm_weight_backward(grad_weight: Tensor, weight_norm: Tensor) -> tuple[Tensor, Tensor]:
     """``grad_weight [(T,) O, I, kh, kw]`` -> ``(dgamma, dbeta)``, each ``[(T,) O, I]``."""
     o, c_in, kh, kw = weight_norm.shape
@@ -80,7 +83,7 @@ def madafm_weight_backward(grad_weight: Tensor, weight_norm: Tensor) -> tuple[Te
         return dg, db
     block_k = min(next_pow2(k), 16 if INTERPRET else 64)
     block_r = 16 if INTERPRET else 64
-    _madafm_weight_backward_kernel[(triton.cdiv(rows, block_r),)](
+    wrap_triton(_madafm_weight_backward_kernel)[(triton.cdiv(rows, block_r),)](
         grad_weight.contiguous(), weight_norm.contiguous(), dg, db, rows, o * c_in, k,
         BLOCK_R=block_r, BLOCK_K=block_k,
     )

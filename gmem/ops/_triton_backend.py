@@ -9,6 +9,12 @@ and float16 (fp32 accumulation). float64 is not: :meth:`supports` says so, and `
 raises a ValueError naming the backend and dtype (``"auto"`` falls back to another backend).
 Tensors must be on CUDA, or on the CPU under the interpreter; anything else raises
 NotImplementedError. Nothing falls back to the reference silently.
+
+torch.compile: ``traceable = True``. Every method is plain torch ops (the device-side task grouping
+included, no host synchronisation) around ``gmem_triton::`` ops, one per kernel launch, registered
+with ``torch.library.triton_op``; so ``gmem.ops`` calls these methods inside an autograd.Function
+that dynamo traces (``fullgraph=True`` works), and AOT autograd decomposes each op into its Triton
+kernel launch. Under the interpreter the ``gmem_triton::`` ops stay opaque (see gmem_kernels/NOTES.md).
 """
 from __future__ import annotations
 
@@ -40,6 +46,9 @@ class TritonBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     #: takes LowRank gamma/beta factors directly (``gmem::modulated_conv2d_lowrank``)
     supports_lowrank = True
+    #: every method is traceable by dynamo: host code is torch ops (the task grouping included) and
+    #: each launch is a ``gmem_triton::`` op (``torch.library.triton_op``, see gmem_kernels/NOTES.md)
+    traceable = True
 
     def is_available(self) -> bool:
         return _kernels is not None
