@@ -8,6 +8,9 @@
   ``triton``; an interpreter, i.e. Triton on the CPU, is skipped): the public op with ``backend=name``;
 * ``grouped_conv`` (mixed-task convs): per-sample modulated weights and one ``groups=N`` conv,
   as StyleGAN2 does modulated convs;
+* ``per_task_plain`` (mixed-task convs): one ``F.conv2d`` per task present, with precomputed
+  weights, on inputs already grouped by task: the floor of every group-by-task method (the
+  ``reference`` and ``cpu`` mixed paths pay this plus the grouping and the weight builds);
 * ``plain``: ``F.conv2d`` / ``F.linear`` with a precomputed weight of the same shape, the limit a
   modulated op can approach (for ``madafm_weight``: a copy of a weight of the output's size, plus
   one window sum of its gradient for ``fwd+bwd``: the memory-traffic floor).
@@ -213,6 +216,30 @@ def _grouped_forward(case: Case, inp: Inputs) -> Callable[[], torch.Tensor]:
     return f
 
 
+def _per_task_plain_step(case: Case, inp: Inputs) -> Callable[[], object]:
+    """Per-task convs with precomputed weights on pre-grouped inputs (no gather, no weight build)."""
+    pad = case.layer.padding
+    bwd = case.pass_ == "fwd+bwd"
+    tasks = torch.unique(inp.task_ids).tolist()
+    groups = []
+    for t in tasks:
+        rows = (inp.task_ids == t).nonzero().flatten()
+        x = inp.x.detach().index_select(0, rows).requires_grad_(bwd)
+        w = inp.plain_weight.detach().clone().requires_grad_(bwd)
+        dy = inp.grad_out.index_select(0, rows) if bwd else None
+        groups.append((x, w, dy))
+
+    def step():
+        if not bwd:
+            with torch.no_grad():
+                return [F.conv2d(x, w, inp.plain_bias, 1, pad) for x, w, _ in groups]
+        outs = [torch.autograd.grad(F.conv2d(x, w, inp.plain_bias, 1, pad), (x, w, inp.plain_bias), dy)
+                for x, w, dy in groups]
+        return outs
+
+    return step
+
+
 def _plain_forward(case: Case, inp: Inputs) -> Callable:
     if case.op == "madafm_weight":
         return None  # handled by _plain_weight_step
@@ -270,6 +297,9 @@ def build_providers(case: Case, inp: Inputs, device: str, names: list[str], comp
             providers.append(Provider(name, _step(case, _public_forward(case, inp, name), inp.leaves, inp.grad_out)))
     if case.op == "modulated_conv2d" and inp.task_ids is not None and wanted("grouped_conv"):
         providers.append(Provider("grouped_conv", _step(case, _grouped_forward(case, inp), inp.leaves, inp.grad_out)))
+    if case.op == "modulated_conv2d" and inp.task_ids is not None and wanted("per_task_plain"):
+        providers.append(Provider("per_task_plain", _per_task_plain_step(case, inp),
+                                  note="per-task F.conv2d, precomputed weights, pre-grouped inputs"))
     if wanted("plain"):
         if case.op == "madafm_weight":
             providers.append(Provider("plain", _plain_weight_step(case, inp), note="copy + window-sum floor"))

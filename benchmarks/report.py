@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 from .cases import Case
 
-BASELINES = {"reference", "torch_compile", "plain", "grouped_conv"}
+BASELINES = {"reference", "torch_compile", "plain", "grouped_conv", "per_task_plain"}
 
 
 def is_compiled(backend: str) -> bool:
@@ -226,7 +226,7 @@ def plot_ratio_to_plain(files: Iterable[str], out: str) -> None:
     panels = [(path, *load_records(path)) for path in files]
     height = max(4.0, max(len({r["case"] for r in recs}) for _, _, recs in panels) * 0.28 + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), height), squeeze=False)
-    markers = {"reference": "o", "torch_compile": "s", "grouped_conv": "^", "cpu": "D", "cuda": "P", "triton": "X"}
+    markers = {"reference": "o", "torch_compile": "s", "grouped_conv": "^", "per_task_plain": "v", "cpu": "D", "cuda": "P", "triton": "X"}
     for ax, (path, meta, recs) in zip(axes[0], panels):
         recs = [r for r in recs if r.get("ratio_plain") and r["backend"] != "plain"]
         cases = list(dict.fromkeys(r["case"] for r in recs))

@@ -39,7 +39,7 @@ def run_case(case: Case, device: str, budget: timing.Budget, compile_mode: Optio
     except Exception as err:  # one broken provider must not stop the suite: build them one by one
         log(f"  building providers failed ({err!r}); retrying one at a time")
         providers = []
-        for name in ["reference", "torch_compile", *names, "grouped_conv", "plain"]:
+        for name in ["reference", "torch_compile", *names, "grouped_conv", "per_task_plain", "plain"]:
             if include is not None and name not in include:
                 continue
             try:

@@ -28,7 +28,7 @@ def _providers(case: cases_mod.Case) -> list[str]:
     names, _ = compiled_backends(DEVICE, DTYPES[case.dtype])
     out = ["reference", "torch_compile", *names]
     if case.op == "modulated_conv2d" and case.style_tasks:
-        out.append("grouped_conv")
+        out += ["grouped_conv", "per_task_plain"]
     return out + ["plain"]
 
 

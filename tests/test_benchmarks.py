@@ -34,7 +34,7 @@ def expected_providers(case: cases.Case) -> set[str]:
     names, _ = compiled_backends("cpu", torch.float32)
     wanted = {"reference", "torch_compile", "plain", *names}
     if case.op == "modulated_conv2d" and case.style_tasks:
-        wanted.add("grouped_conv")
+        wanted |= {"grouped_conv", "per_task_plain"}
     return wanted
 
 
