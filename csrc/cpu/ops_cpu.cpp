@@ -12,8 +12,14 @@ namespace gmem_ext {
 namespace {
 
 // The kernels are built for the baseline ISA and, where GCC can, also for AVX2+FMA (target_clones:
-// the loader picks the clone for the CPU at run time). An AVX-512 clone measured slower here.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// the loader picks the clone for the CPU at run time; the kernels are forced inline into these
+// wrappers, see GMEM_KERNEL_INLINE). The clone names an ISA level, not a CPU model: GCC picks an
+// "arch=haswell" clone only on CPUs it identifies as Haswell-family Intel (on this project's AMD EPYC
+// machines the baseline ran instead); "arch=x86-64-v3" (AVX2, FMA, ...; GCC >= 12) is picked by
+// features. An AVX-512 clone measured slower here.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define GMEM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GMEM_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define GMEM_CPU_CLONES
@@ -44,18 +50,10 @@ namespace kc {
 GMEM_DEFINE_CPU_KERNELS(float)
 GMEM_DEFINE_CPU_KERNELS(double)
 #undef GMEM_DEFINE_CPU_KERNELS
-// The low-rank kernel's clones name an ISA level, not a CPU model: GCC picks an "arch=haswell" clone
-// only on CPUs it identifies as Haswell-family Intel (on this project's AMD EPYC machines the baseline
-// clone ran, 1.3x slower here); "arch=x86-64-v3" (AVX2, FMA, ...; GCC >= 12) is picked by features.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-#define GMEM_CPU_CLONES_ISA __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define GMEM_CPU_CLONES_ISA GMEM_CPU_CLONES
-#endif
-#define GMEM_DEFINE_CPU_LOWRANK_KERNEL(T)                                                                        \
-  GMEM_CPU_CLONES_ISA void lowrank_weight_rows(const T* wn, const T* gu, const T* gs, const T* gvt, int64_t rg,     \
-                                               const T* bu, const T* bs, const T* bvt, int64_t rb, T* w, int64_t o, \
-                                               int64_t i, int64_t window, int64_t begin, int64_t end) {            \
+#define GMEM_DEFINE_CPU_LOWRANK_KERNEL(T)                                                                       \
+  GMEM_CPU_CLONES void lowrank_weight_rows(const T* wn, const T* gu, const T* gs, const T* gvt, int64_t rg,        \
+                                           const T* bu, const T* bs, const T* bvt, int64_t rb, T* w, int64_t o,    \
+                                           int64_t i, int64_t window, int64_t begin, int64_t end) {                \
     gmem_kernels::cpu::lowrank_weight_rows(wn, gu, gs, gvt, rg, bu, bs, bvt, rb, w, o, i, window, begin, end);    \
   }
 GMEM_DEFINE_CPU_LOWRANK_KERNEL(float)

@@ -18,6 +18,15 @@
 
 #include "cpu_kernels_avx2.h"
 
+// Forced inlining: the ATen glue (csrc/cpu/ops_cpu.cpp) wraps each kernel in a function with
+// target_clones (AVX2+FMA and baseline); only code inlined into those wrappers is compiled for the
+// clone's ISA (without it GCC may keep a template out of line, compiled for the baseline only).
+#if defined(__GNUC__)
+#define GMEM_KERNEL_INLINE inline __attribute__((always_inline))
+#else
+#define GMEM_KERNEL_INLINE inline
+#endif
+
 namespace gmem_kernels {
 namespace cpu {
 
@@ -26,7 +35,7 @@ namespace detail {
 // The rows [row_begin, row_end) of [T, R] split into spans that stay inside one task, so that the
 // span's rows of weight_norm are contiguous too: f(first row r, its weight_norm row j, count).
 template <typename F>
-inline void for_each_task_span(int64_t R, int64_t row_begin, int64_t row_end, F f) {
+GMEM_KERNEL_INLINE void for_each_task_span(int64_t R, int64_t row_begin, int64_t row_end, F f) {
   int64_t r = row_begin;
   while (r < row_end) {
     const int64_t j = r % R;
@@ -40,8 +49,8 @@ inline void for_each_task_span(int64_t R, int64_t row_begin, int64_t row_end, F 
 // is vectorised across rows (the window fully unrolled), which measured faster than vectorising
 // the short window loop itself.
 template <typename T, int KC>
-inline void build_span(const T* __restrict wn, const T* __restrict gamma, const T* __restrict beta,
-                       T* __restrict out, int64_t n, int64_t K_rt) {
+GMEM_KERNEL_INLINE void build_span(const T* __restrict wn, const T* __restrict gamma, const T* __restrict beta,
+                                   T* __restrict out, int64_t n, int64_t K_rt) {
   if constexpr (std::is_same_v<T, float> && KC == 9) {
     if (avx2::enabled()) return avx2::build_span9(wn, gamma, beta, out, n);
   }
@@ -62,8 +71,8 @@ inline void build_span(const T* __restrict wn, const T* __restrict gamma, const 
 
 // dgamma[u] = sum_k dW[u, k] * wn[u, k], dbeta[u] = sum_k dW[u, k] for n windows.
 template <typename T, int KC>
-inline void reduce_span(const T* __restrict grad_weight, const T* __restrict wn, T* __restrict dgamma,
-                        T* __restrict dbeta, int64_t n, int64_t K_rt) {
+GMEM_KERNEL_INLINE void reduce_span(const T* __restrict grad_weight, const T* __restrict wn, T* __restrict dgamma,
+                                    T* __restrict dbeta, int64_t n, int64_t K_rt) {
   if constexpr (std::is_same_v<T, float> && KC == 9) {
     if (avx2::enabled()) return avx2::reduce_span9(grad_weight, wn, dgamma, dbeta, n);
   }
@@ -95,16 +104,16 @@ inline void reduce_span(const T* __restrict grad_weight, const T* __restrict wn,
 }
 
 template <typename T, int KC>
-inline void build_rows(const T* wn, const T* gamma, const T* beta, T* out, int64_t R, int64_t K,
-                       int64_t row_begin, int64_t row_end) {
+GMEM_KERNEL_INLINE void build_rows(const T* wn, const T* gamma, const T* beta, T* out, int64_t R, int64_t K,
+                                   int64_t row_begin, int64_t row_end) {
   for_each_task_span(R, row_begin, row_end, [&](int64_t r, int64_t j, int64_t n) {
     build_span<T, KC>(wn + j * K, gamma + r, beta + r, out + r * K, n, K);
   });
 }
 
 template <typename T, int KC>
-inline void reduce_rows(const T* grad_weight, const T* wn, T* dgamma, T* dbeta, int64_t R, int64_t K,
-                        int64_t row_begin, int64_t row_end) {
+GMEM_KERNEL_INLINE void reduce_rows(const T* grad_weight, const T* wn, T* dgamma, T* dbeta, int64_t R, int64_t K,
+                                    int64_t row_begin, int64_t row_end) {
   for_each_task_span(R, row_begin, row_end, [&](int64_t r, int64_t j, int64_t n) {
     reduce_span<T, KC>(grad_weight + r * K, wn + j * K, dgamma + r, dbeta + r, n, K);
   });
@@ -114,8 +123,8 @@ inline void reduce_rows(const T* grad_weight, const T* wn, T* dgamma, T* dbeta, 
 
 // weight[t, j, k] = gamma[t, j] * wn[j, k] + beta[t, j] for rows r = t*R + j in [row_begin, row_end).
 template <typename T>
-void madafm_weight_rows(const T* wn, const T* gamma, const T* beta, T* weight, int64_t R, int64_t K,
-                        int64_t row_begin, int64_t row_end) {
+GMEM_KERNEL_INLINE void madafm_weight_rows(const T* wn, const T* gamma, const T* beta, T* weight, int64_t R, int64_t K,
+                                           int64_t row_begin, int64_t row_end) {
   switch (K) {  // the usual windows: 1x1, 3x3, 4x4, 5x5
     case 1: detail::build_rows<T, 1>(wn, gamma, beta, weight, R, K, row_begin, row_end); break;
     case 9: detail::build_rows<T, 9>(wn, gamma, beta, weight, R, K, row_begin, row_end); break;
@@ -127,8 +136,8 @@ void madafm_weight_rows(const T* wn, const T* gamma, const T* beta, T* weight, i
 
 // dgamma[r] = sum_k dW[r, k] * wn[r % R, k],  dbeta[r] = sum_k dW[r, k]  (one pass over dW).
 template <typename T>
-void madafm_weight_backward_rows(const T* grad_weight, const T* wn, T* dgamma, T* dbeta, int64_t R, int64_t K,
-                                 int64_t row_begin, int64_t row_end) {
+GMEM_KERNEL_INLINE void madafm_weight_backward_rows(const T* grad_weight, const T* wn, T* dgamma, T* dbeta,
+                                                    int64_t R, int64_t K, int64_t row_begin, int64_t row_end) {
   switch (K) {
     case 1: detail::reduce_rows<T, 1>(grad_weight, wn, dgamma, dbeta, R, K, row_begin, row_end); break;
     case 9: detail::reduce_rows<T, 9>(grad_weight, wn, dgamma, dbeta, R, K, row_begin, row_end); break;
@@ -141,8 +150,8 @@ void madafm_weight_backward_rows(const T* grad_weight, const T* wn, T* dgamma, T
 // mFiLM forward epilogue, in place on h for rows [m_begin, m_end):
 //   h[m, o] = gamma[t, o] * h[m, o] + beta[t, o] * rowsum[m] + bias[t, o]   (t = task of row m).
 template <typename T>
-void film_forward_rows(T* h, const T* rowsum, const T* gamma, const T* beta, const T* bias,
-                       const int64_t* task_ids, int64_t O, int64_t m_begin, int64_t m_end) {
+GMEM_KERNEL_INLINE void film_forward_rows(T* h, const T* rowsum, const T* gamma, const T* beta, const T* bias,
+                                          const int64_t* task_ids, int64_t O, int64_t m_begin, int64_t m_end) {
   for (int64_t m = m_begin; m < m_end; ++m) {
     const int64_t t = task_ids ? task_ids[m] : 0;
     const T* __restrict g = gamma + t * O;
@@ -164,8 +173,9 @@ void film_forward_rows(T* h, const T* rowsum, const T* gamma, const T* beta, con
 //   gdy[m, o] = grad[m, o] * gamma[t, o],   rowdot[m] = sum_o grad[m, o] * beta[t, o],
 // so that dx = gdy @ Wn + rowdot[:, None].
 template <typename T>
-void film_backward_input_rows(const T* grad, const T* gamma, const T* beta, const int64_t* task_ids, T* gdy,
-                              T* rowdot, int64_t O, int64_t m_begin, int64_t m_end) {
+GMEM_KERNEL_INLINE void film_backward_input_rows(const T* grad, const T* gamma, const T* beta,
+                                                 const int64_t* task_ids, T* gdy, T* rowdot, int64_t O,
+                                                 int64_t m_begin, int64_t m_end) {
   for (int64_t m = m_begin; m < m_end; ++m) {
     const int64_t t = task_ids ? task_ids[m] : 0;
     const T* __restrict g = gamma + t * O;
@@ -189,8 +199,9 @@ void film_backward_input_rows(const T* grad, const T* gamma, const T* beta, cons
 //   dbias[t, o]  = sum_{m: t(m)=t} grad[m, o]
 // Outputs [T, O] must be zero on entry; a null output (or h / rowsum) is skipped.
 template <typename T>
-void film_backward_style_cols(const T* grad, const T* h, const T* rowsum, const int64_t* task_ids, T* dgamma,
-                              T* dbeta, T* dbias, int64_t M, int64_t O, int64_t o_begin, int64_t o_end) {
+GMEM_KERNEL_INLINE void film_backward_style_cols(const T* grad, const T* h, const T* rowsum,
+                                                 const int64_t* task_ids, T* dgamma, T* dbeta, T* dbias,
+                                                 int64_t M, int64_t O, int64_t o_begin, int64_t o_end) {
   const int64_t n = o_end - o_begin;
   for (int64_t m = 0; m < M; ++m) {
     const int64_t t = task_ids ? task_ids[m] : 0;

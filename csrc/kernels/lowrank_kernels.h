@@ -18,14 +18,8 @@
 
 #include "cpu_kernels.h"
 
-// Forced inlining: the ATen glue wraps each kernel in a function with target_clones (AVX2+FMA and
-// baseline); only code inlined into those wrappers is compiled for AVX2 (measured: without it GCC
-// kept the template out of line, baseline-compiled, and the AVX2 clone was no faster).
-#if defined(__GNUC__)
-#define GMEM_LOWRANK_INLINE inline __attribute__((always_inline))
-#else
-#define GMEM_LOWRANK_INLINE inline
-#endif
+// GMEM_KERNEL_INLINE (cpu_kernels.h): forced inlining into the target_clones wrappers.
+#define GMEM_LOWRANK_INLINE GMEM_KERNEL_INLINE
 
 namespace gmem_kernels {
 namespace cpu {
