@@ -227,13 +227,16 @@ def plot_ratio_to_plain(files: Iterable[str], out: str) -> None:
     height = max(4.0, max(len({r["case"] for r in recs}) for _, _, recs in panels) * 0.28 + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), height), squeeze=False)
     markers = {"reference": "o", "torch_compile": "s", "grouped_conv": "^", "per_task_plain": "v", "cpu": "D", "cuda": "P", "triton": "X"}
+    # one colour per provider in every panel (matplotlib's cycle would recolour per panel)
+    colors = {b: f"C{i}" for i, b in enumerate(markers)}
     for ax, (path, meta, recs) in zip(axes[0], panels):
         recs = [r for r in recs if r.get("ratio_plain") and r["backend"] != "plain"]
         cases = list(dict.fromkeys(r["case"] for r in recs))
         backends = list(dict.fromkeys(r["backend"] for r in recs))
         for b in backends:
             pts = [(r["ratio_plain"], cases.index(r["case"])) for r in recs if r["backend"] == b]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=b, marker=markers.get(b, "*"), s=36)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=b, marker=markers.get(b, "*"),
+                       color=colors.get(b, "C9"), s=36)
         ax.axvline(1.0, color="k", lw=1)
         ax.axvline(1.10, color="g", lw=0.8, ls="--", label="1.10x plain (GPU target)")
         ax.set_xscale("log")

@@ -42,6 +42,8 @@ def _check_tensor(op: str, name: str, t: Tensor, like: Tensor) -> None:
 
 
 def _pair(op: str, name: str, value: IntPair, minimum: int) -> list[int]:
+    if type(value) is int and value >= minimum:  # the common case, checked in one step (per-call cost)
+        return [value, value]
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if (
