@@ -106,36 +106,12 @@ at::Tensor modulated_conv2d_lowrank(const DeviceKernels& k, const at::Tensor& x,
   const LowRankInfo styles = check_lowrank_styles(op, gamma, beta, x, out_ch, in_ch);
   const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
   const at::Tensor bias_table = check_bias(op, bias, styles.num_tasks, styles.stacked, out_ch, x);
-  auto bias_of = [&](int64_t t) { return bias_table.defined() ? bias_table.select(0, t) : at::Tensor(); };
-  at::Tensor weight = at::empty_like(weight_norm, at::MemoryFormat::Contiguous);
-
-  if (!styles.stacked) {
-    build_lowrank_weight_into(k, weight_norm, gamma, beta, weight);
-    return conv(x, weight, bias_of(0), stride, padding, dilation);
-  }
-  const TaskGroups groups = group_by_task(op, ids, styles.num_tasks);
-  if (groups.task.empty()) {  // empty batch: the shape comes from a convolution of nothing
-    return conv(x, weight_norm, bias_of(0), stride, padding, dilation);
-  }
-  if (groups.task.size() == 1) {  // one task in the batch: no gather
-    const int64_t t = groups.task[0];
-    build_lowrank_weight_into(k, weight_norm, gamma.at(t), beta.at(t), weight);
-    return conv(x, weight, bias_of(t), stride, padding, dilation);
-  }
-  // One weight buffer reused by every group (stream-ordered on CUDA).
-  at::Tensor out;
-  for (size_t g = 0; g < groups.task.size(); ++g) {
-    const int64_t t = groups.task[g];
-    build_lowrank_weight_into(k, weight_norm, gamma.at(t), beta.at(t), weight);
-    at::Tensor part = conv(take_rows(x, groups, g), weight, bias_of(t), stride, padding, dilation);
-    if (!out.defined()) {
-      std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
-      shape[0] = x.size(0);
-      out = at::empty(shape, part.options().memory_format(part.suggest_memory_format()));
-    }
-    put_rows(out, groups, g, part);
-  }
-  return out;
+  const TaskGroups groups = task_groups(op, ids, styles.stacked, styles.num_tasks, x.size(0));
+  auto build = [&](int64_t t, at::Tensor& weight) {
+    build_lowrank_weight_into(k, weight_norm, styles.stacked ? gamma.at(t) : gamma,
+                              styles.stacked ? beta.at(t) : beta, weight);
+  };
+  return conv_by_task(x, weight_norm, groups, bias_table, build, stride, padding, dilation);
 }
 
 LowRankGrads modulated_conv2d_lowrank_backward(
@@ -154,57 +130,36 @@ LowRankGrads modulated_conv2d_lowrank_backward(
   const LowRankInfo styles = check_lowrank_styles(op, gamma, beta, x, out_ch, in_ch);
   const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
   check_bias(op, bias, styles.num_tasks, styles.stacked, out_ch, x);
-  const bool need_x = output_mask[0], need_gamma = output_mask[1], need_beta = output_mask[2];
-  const bool need_style = need_gamma || need_beta, need_bias = output_mask[3] && bias.has_value();
-  at::Tensor dx, dbias, dense_gamma, dense_beta;  // dense style gradients: [O, I] or [P, O, I]
-  at::Tensor present;                             // the P tasks of dense_gamma/dense_beta (stacked only)
+  const bool need_gamma = output_mask[1], need_beta = output_mask[2], need_style = need_gamma || need_beta;
+  const bool need_bias = output_mask[3] && bias.has_value();
+  const TaskGroups groups = task_groups(op, ids, styles.stacked, styles.num_tasks, x.size(0));
 
-  if (!styles.stacked) {
-    // The weight values only matter for dx; the weight gradient needs the shape alone.
-    at::Tensor weight = weight_norm;
-    if (need_x) {
-      weight = at::empty_like(weight_norm, at::MemoryFormat::Contiguous);
-      build_lowrank_weight_into(k, weight_norm, gamma, beta, weight);
-    }
-    std::optional<at::IntArrayRef> bias_sizes;
-    std::vector<int64_t> bias_shape{out_ch};
-    if (need_bias) bias_sizes = at::IntArrayRef(bias_shape);
-    at::Tensor dweight;
-    std::tie(dx, dweight, dbias) = at::convolution_backward(grad_out, x, weight, bias_sizes, stride, padding,
-                                                            dilation, false, {0, 0}, 1,
-                                                            {need_x, need_style, need_bias});
-    if (need_style) {
-      dense_gamma = at::empty({out_ch, in_ch}, x.options());
-      dense_beta = at::empty({out_ch, in_ch}, x.options());
-      reduce_weight_grad_into(k, dweight, weight_norm, dense_gamma, dense_beta);
-    }
-  } else {
-    const TaskGroups groups = group_by_task(op, ids, styles.num_tasks);
+  // Dense style gradients of the tasks present: [O, I] for one task, [P, O, I] for the P groups of a
+  // stacked call (never for all T stored), turned into factor gradients below.
+  at::Tensor dense_gamma, dense_beta, present, dbias;
+  if (need_style) {
     const int64_t num_present = static_cast<int64_t>(groups.task.size());
-    at::Tensor weight = need_x ? at::empty_like(weight_norm, at::MemoryFormat::Contiguous) : weight_norm;
-    if (need_x) dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-    if (need_style) {
-      dense_gamma = at::empty({num_present, out_ch, in_ch}, x.options());
-      dense_beta = at::empty({num_present, out_ch, in_ch}, x.options());
-      present = at::tensor(groups.task, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    std::vector<int64_t> shape{out_ch, in_ch};
+    if (styles.stacked) shape.insert(shape.begin(), num_present);
+    dense_gamma = at::empty(shape, x.options());
+    dense_beta = at::empty(shape, x.options());
+    if (!styles.stacked && num_present == 0) {  // empty batch: no group writes the gradients
+      dense_gamma.zero_();
+      dense_beta.zero_();
     }
-    if (need_bias) dbias = at::zeros({styles.num_tasks, out_ch}, x.options());
-    for (size_t g = 0; g < groups.task.size(); ++g) {
-      const int64_t t = groups.task[g];
-      const at::Tensor xg = take_rows(x, groups, g), dyg = take_rows(grad_out, groups, g);
-      if (need_x || need_style) {
-        if (need_x) build_lowrank_weight_into(k, weight_norm, gamma.at(t), beta.at(t), weight);
-        auto [dxg, dwg, unused] = at::convolution_backward(dyg, xg, weight, std::nullopt, stride, padding, dilation,
-                                                           false, {0, 0}, 1, {need_x, need_style, false});
-        if (need_x) put_rows(dx, groups, g, dxg);
-        if (need_style) {
-          at::Tensor dg = dense_gamma[g], db = dense_beta[g];
-          reduce_weight_grad_into(k, dwg, weight_norm, dg, db);
-        }
-      }
-      if (need_bias) dbias[t].copy_(dyg.sum({0, 2, 3}));
-    }
+    if (styles.stacked) present = at::tensor(groups.task, at::TensorOptions().dtype(at::kLong)).to(x.device());
   }
+  if (need_bias) dbias = at::zeros({styles.num_tasks, out_ch}, x.options());
+  auto build = [&](int64_t t, at::Tensor& weight) {
+    build_lowrank_weight_into(k, weight_norm, styles.stacked ? gamma.at(t) : gamma,
+                              styles.stacked ? beta.at(t) : beta, weight);
+  };
+  auto reduce = [&](size_t g, int64_t, const at::Tensor& grad_weight) {
+    at::Tensor dg = styles.stacked ? dense_gamma[g] : dense_gamma, db = styles.stacked ? dense_beta[g] : dense_beta;
+    reduce_weight_grad_into(k, grad_weight, weight_norm, dg, db);
+  };
+  const at::Tensor dx = conv_backward_by_task(grad_out, x, weight_norm, groups, build, output_mask[0], need_style,
+                                              reduce, dbias, stride, padding, dilation);
 
   auto style_grads = [&](bool need, const at::Tensor& dense, const Factors& f) {
     if (!need) return std::make_tuple(empty_grad(x), empty_grad(x), empty_grad(x));
@@ -212,7 +167,7 @@ LowRankGrads modulated_conv2d_lowrank_backward(
   };
   auto [dgu, dgs, dgv] = style_grads(need_gamma, dense_gamma, gamma);
   auto [dbu, dbs, dbv] = style_grads(need_beta, dense_beta, beta);
-  return {need_x ? dx : empty_grad(x), dgu, dgs, dgv, dbu, dbs, dbv,
+  return {output_mask[0] ? dx : empty_grad(x), dgu, dgs, dgv, dbu, dbs, dbv,
           need_bias ? dbias.view(bias->sizes()) : empty_grad(x)};
 }
 

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -37,6 +38,10 @@ struct TaskGroups {
 
 TaskGroups group_by_task(const char* op, const at::Tensor& task_ids, int64_t num_tasks);
 
+// The groups of a call: by task for stacked styles (ids [N]), else the whole batch as task 0 (no
+// gather); an empty batch has no group.
+TaskGroups task_groups(const char* op, const at::Tensor& ids, bool stacked, int64_t num_tasks, int64_t batch);
+
 // The rows of t (batch dimension) of group g, and their write-back into out.
 at::Tensor take_rows(const at::Tensor& t, const TaskGroups& groups, size_t g);
 void put_rows(at::Tensor& out, const TaskGroups& groups, size_t g, const at::Tensor& part);
@@ -51,6 +56,27 @@ void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight_no
 // at::convolution with an optional bias row [O] (undefined: none).
 at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias_row, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// Writes task t's weight [O, I, kh, kw] into the contiguous buffer it is given.
+using BuildWeight = std::function<void(int64_t t, at::Tensor& weight)>;
+
+// The modulated convolution by task group, shared by the dense and the low-rank ops: per group
+// (the tasks present only) build_weight fills one reused buffer (stream-ordered on CUDA, so the
+// next build waits for the previous convolution), then one ATen convolution of the group's samples,
+// written back in batch order. bias_table [T, O] or undefined.
+at::Tensor conv_by_task(const at::Tensor& x, const at::Tensor& weight_norm, const TaskGroups& groups,
+                        const at::Tensor& bias_table, const BuildWeight& build_weight, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// Its backward: per group one convolution_backward. Returns dx [N, I, H, W] in batch order (with
+// need_x; else undefined); with need_style the group's weight gradient [O, I, kh, kw] goes to
+// reduce_style(g, t, grad_weight); dbias (if defined, [T, O]) gets row t. build_weight runs only
+// for dx: the weight gradient needs the weight's shape alone.
+using ReduceStyle = std::function<void(size_t g, int64_t t, const at::Tensor& grad_weight)>;
+at::Tensor conv_backward_by_task(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight_norm,
+                                 const TaskGroups& groups, const BuildWeight& build_weight, bool need_x,
+                                 bool need_style, const ReduceStyle& reduce_style, at::Tensor& dbias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
 }  // namespace internal
 }  // namespace gmem_ext

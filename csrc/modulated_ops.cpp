@@ -178,6 +178,66 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, 1);
 }
 
+TaskGroups task_groups(const char* op, const at::Tensor& ids, bool stacked, int64_t num_tasks, int64_t batch) {
+  if (stacked) return group_by_task(op, ids, num_tasks);
+  TaskGroups whole;
+  if (batch > 0) whole.task = {0}, whole.start = {0}, whole.count = {batch};
+  return whole;
+}
+
+at::Tensor conv_by_task(const at::Tensor& x, const at::Tensor& weight_norm, const TaskGroups& groups,
+                        const at::Tensor& bias_table, const BuildWeight& build_weight, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  auto bias_of = [&](int64_t t) { return bias_table.defined() ? bias_table.select(0, t) : at::Tensor(); };
+  if (groups.task.empty()) {  // empty batch: the shape comes from a convolution of nothing
+    return conv(x, weight_norm, bias_of(0), stride, padding, dilation);
+  }
+  at::Tensor weight = at::empty_like(weight_norm, at::MemoryFormat::Contiguous);
+  at::Tensor out;
+  for (size_t g = 0; g < groups.task.size(); ++g) {
+    const int64_t t = groups.task[g];
+    build_weight(t, weight);
+    at::Tensor part = conv(take_rows(x, groups, g), weight, bias_of(t), stride, padding, dilation);
+    if (groups.task.size() == 1) return part;  // the whole batch: nothing to write back
+    if (!out.defined()) {
+      std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
+      shape[0] = x.size(0);
+      out = at::empty(shape, part.options().memory_format(part.suggest_memory_format()));
+    }
+    put_rows(out, groups, g, part);
+  }
+  return out;
+}
+
+at::Tensor conv_backward_by_task(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight_norm,
+                                 const TaskGroups& groups, const BuildWeight& build_weight, bool need_x,
+                                 bool need_style, const ReduceStyle& reduce_style, at::Tensor& dbias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const bool need_bias = dbias.defined(), whole_batch = groups.task.size() == 1;
+  at::Tensor dx;
+  if (need_x && !whole_batch) dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (!(need_x || need_style || need_bias)) return dx;
+  at::Tensor weight = need_x ? at::empty_like(weight_norm, at::MemoryFormat::Contiguous) : weight_norm;
+  const std::vector<int64_t> bias_shape{weight_norm.size(0)};
+  std::optional<at::IntArrayRef> bias_sizes;
+  if (need_bias) bias_sizes = at::IntArrayRef(bias_shape);
+  for (size_t g = 0; g < groups.task.size(); ++g) {
+    const int64_t t = groups.task[g];
+    if (need_x) build_weight(t, weight);
+    auto [dxg, dwg, dbg] = at::convolution_backward(take_rows(grad_out, groups, g), take_rows(x, groups, g), weight,
+                                                    bias_sizes, stride, padding, dilation, false, {0, 0}, 1,
+                                                    {need_x, need_style, need_bias});
+    if (need_x && whole_batch) {
+      dx = dxg;
+    } else if (need_x) {
+      put_rows(dx, groups, g, dxg);
+    }
+    if (need_style) reduce_style(g, t, dwg);
+    if (need_bias) dbias[t].copy_(dbg);
+  }
+  return dx;
+}
+
 }  // namespace internal
 
 using namespace internal;
@@ -208,40 +268,18 @@ at::Tensor modulated_conv2d(const DeviceKernels& k, const at::Tensor& x, const a
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = "gmem_ext::modulated_conv2d";
   check_conv(op, x, weight_norm, stride, padding, dilation);
-  const int64_t out_ch = weight_norm.size(0);
   const StyleInfo styles = check_styles(op, gamma, beta, x, weight_norm.sizes().slice(0, 2));
-  const int64_t num_tasks = styles.num_tasks;
-  const bool stacked = styles.stacked;
-  const at::Tensor ids = check_task_ids(op, task_ids, stacked, x.size(0), x);
-  const at::Tensor bias_table = check_bias(op, bias, num_tasks, stacked, out_ch, x);
-  auto bias_of = [&](int64_t t) { return bias_table.defined() ? bias_table.select(0, t) : at::Tensor(); };
-
-  if (!stacked) return conv(x, build_weight(k, weight_norm, gamma, beta), bias_of(0), stride, padding, dilation);
-
-  const TaskGroups groups = group_by_task(op, ids, num_tasks);
-  if (groups.task.size() == 1) {  // one task in the batch: a plain single-task call, no gather
-    const int64_t t = groups.task[0];
-    return conv(x, build_weight(k, weight_norm, gamma[t], beta[t]), bias_of(t), stride, padding, dilation);
-  }
-  if (groups.task.empty()) {  // empty batch: the shape comes from a convolution of nothing
-    return conv(x, weight_norm, bias_of(0), stride, padding, dilation);
-  }
-  // Only the tasks present cost anything: each group builds its weight into one reused buffer
-  // (stream-ordered on CUDA, so the next build waits for the previous convolution).
-  at::Tensor weight = at::empty_like(weight_norm, at::MemoryFormat::Contiguous);
-  at::Tensor out;
-  for (size_t g = 0; g < groups.task.size(); ++g) {
-    const int64_t t = groups.task[g];
-    build_weight_into(k, weight_norm, gamma[t], beta[t], weight);
-    at::Tensor part = conv(take_rows(x, groups, g), weight, bias_of(t), stride, padding, dilation);
-    if (!out.defined()) {
-      std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
-      shape[0] = x.size(0);
-      out = at::empty(shape, part.options().memory_format(part.suggest_memory_format()));
+  const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
+  const at::Tensor bias_table = check_bias(op, bias, styles.num_tasks, styles.stacked, weight_norm.size(0), x);
+  const TaskGroups groups = task_groups(op, ids, styles.stacked, styles.num_tasks, x.size(0));
+  auto build = [&](int64_t t, at::Tensor& weight) {
+    if (styles.stacked) {
+      build_weight_into(k, weight_norm, gamma[t], beta[t], weight);
+    } else {
+      build_weight_into(k, weight_norm, gamma, beta, weight);
     }
-    put_rows(out, groups, g, part);
-  }
-  return out;
+  };
+  return conv_by_task(x, weight_norm, groups, bias_table, build, stride, padding, dilation);
 }
 
 Grads modulated_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
@@ -256,52 +294,33 @@ Grads modulated_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_o
               ": grad_out must be [N, C_out, H_out, W_out], got ", grad_out.sizes());
   const int64_t out_ch = weight_norm.size(0);
   const StyleInfo styles = check_styles(op, gamma, beta, x, weight_norm.sizes().slice(0, 2));
-  const int64_t num_tasks = styles.num_tasks;
-  const bool stacked = styles.stacked;
-  const at::Tensor ids = check_task_ids(op, task_ids, stacked, x.size(0), x);
-  const at::Tensor bias_table = check_bias(op, bias, num_tasks, stacked, out_ch, x);
-  const bool need_x = output_mask[0], need_style = output_mask[1] || output_mask[2];
+  const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
+  check_bias(op, bias, styles.num_tasks, styles.stacked, out_ch, x);
+  const bool need_style = output_mask[1] || output_mask[2];
   const bool need_bias = output_mask[3] && bias.has_value();
-  at::Tensor dx, dgamma, dbeta, dbias;
+  const TaskGroups groups = task_groups(op, ids, styles.stacked, styles.num_tasks, x.size(0));
 
-  if (!stacked) {
-    // The weight values only matter for dx; the weight gradient needs the shape alone.
-    const at::Tensor weight = need_x ? build_weight(k, weight_norm, gamma, beta) : weight_norm;
-    std::optional<at::IntArrayRef> bias_sizes;
-    std::vector<int64_t> bias_shape{out_ch};
-    if (need_bias) bias_sizes = at::IntArrayRef(bias_shape);
-    at::Tensor dweight;
-    std::tie(dx, dweight, dbias) = at::convolution_backward(grad_out, x, weight, bias_sizes, stride, padding,
-                                                            dilation, false, {0, 0}, 1,
-                                                            {need_x, need_style, need_bias});
-    if (need_style) std::tie(dgamma, dbeta) = reduce_weight_grad(k, dweight, weight_norm);
-  } else {
-    const TaskGroups groups = group_by_task(op, ids, num_tasks);
-    // One weight buffer reused by every group; style gradients reduced straight into their task's
-    // rows (tasks absent from the batch keep exact zeros).
-    at::Tensor weight = need_x ? at::empty_like(weight_norm, at::MemoryFormat::Contiguous) : weight_norm;
-    if (need_x) dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-    if (need_style) {
-      dgamma = at::zeros_like(gamma, at::MemoryFormat::Contiguous);
-      dbeta = at::zeros_like(beta, at::MemoryFormat::Contiguous);
-    }
-    if (need_bias) dbias = at::zeros({num_tasks, out_ch}, x.options());
-    for (size_t g = 0; g < groups.task.size(); ++g) {
-      const int64_t t = groups.task[g];
-      const at::Tensor xg = take_rows(x, groups, g), dyg = take_rows(grad_out, groups, g);
-      if (need_x || need_style) {
-        if (need_x) build_weight_into(k, weight_norm, gamma[t], beta[t], weight);
-        auto [dxg, dwg, unused] = at::convolution_backward(dyg, xg, weight, std::nullopt, stride, padding, dilation,
-                                                           false, {0, 0}, 1, {need_x, need_style, false});
-        if (need_x) put_rows(dx, groups, g, dxg);
-        if (need_style) {
-          at::Tensor dg = dgamma[t], db = dbeta[t];
-          reduce_weight_grad_into(k, dwg, weight_norm, dg, db);
-        }
-      }
-      if (need_bias) dbias[t].copy_(dyg.sum({0, 2, 3}));
-    }
+  // Style gradients reduced straight into their task's rows (tasks absent from the batch keep
+  // exact zeros); the bias gradient as a [T, O] table (T = 1 for one task).
+  at::Tensor dgamma, dbeta, dbias;
+  if (need_style) {
+    dgamma = at::zeros_like(gamma, at::MemoryFormat::Contiguous);
+    dbeta = at::zeros_like(beta, at::MemoryFormat::Contiguous);
   }
+  if (need_bias) dbias = at::zeros({styles.num_tasks, out_ch}, x.options());
+  auto build = [&](int64_t t, at::Tensor& weight) {
+    if (styles.stacked) {
+      build_weight_into(k, weight_norm, gamma[t], beta[t], weight);
+    } else {
+      build_weight_into(k, weight_norm, gamma, beta, weight);
+    }
+  };
+  auto reduce = [&](size_t, int64_t t, const at::Tensor& grad_weight) {
+    at::Tensor dg = styles.stacked ? dgamma[t] : dgamma, db = styles.stacked ? dbeta[t] : dbeta;
+    reduce_weight_grad_into(k, grad_weight, weight_norm, dg, db);
+  };
+  const at::Tensor dx = conv_backward_by_task(grad_out, x, weight_norm, groups, build, output_mask[0], need_style,
+                                              reduce, dbias, stride, padding, dilation);
   return {output_mask[0] ? dx : empty_grad(x), output_mask[1] ? dgamma : empty_grad(x),
           output_mask[2] ? dbeta : empty_grad(x), need_bias ? dbias.view(bias->sizes()) : empty_grad(x)};
 }
