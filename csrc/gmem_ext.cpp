@@ -23,9 +23,14 @@ TORCH_LIBRARY(gmem_ext, m) {
   m.def(
       "modulated_linear(Tensor x, Tensor weight_norm, Tensor gamma, Tensor beta, Tensor? bias, "
       "Tensor? task_ids) -> Tensor");
+  // (output, x_wn): also the shared product x_wn = x @ weight_norm^T [M, O] that the backward would
+  // otherwise recompute (one GEMM); the eager autograd path keeps it
+  m.def(
+      "modulated_linear_forward(Tensor x, Tensor weight_norm, Tensor gamma, Tensor beta, Tensor? bias, "
+      "Tensor? task_ids) -> (Tensor, Tensor)");
   m.def(
       "modulated_linear_backward(Tensor grad_out, Tensor x, Tensor weight_norm, Tensor gamma, Tensor beta, "
-      "Tensor? bias, Tensor? task_ids, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor? task_ids, bool[4] output_mask, Tensor? x_wn=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // low-rank styles gamma = gamma_u diag(gamma_s) gamma_v^T (beta likewise): u [O, r], s [r], v [I, r]
   // for one task, [T, O, r], [T, r], [T, I, r] with task_ids for stacked tasks
   m.def(

@@ -343,33 +343,49 @@ void check_linear_ids(const char* op, const at::Tensor& ids, int64_t num_tasks) 
     TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < num_tasks, op, ": task_ids must lie in [0, ", num_tasks, "), got ", p[i]);
 }
 
+// y = g[t] * x_wn + b[t] * sum_i x + bias[t], with x_wn = x @ Wn^T computed once for every task;
+// keep_x_wn: y gets its own buffer and x_wn is returned too (else the epilogue runs in place).
+std::tuple<at::Tensor, at::Tensor> linear_forward(const char* op, const DeviceKernels& k, const at::Tensor& x,
+                                                  const at::Tensor& weight_norm, const at::Tensor& gamma,
+                                                  const at::Tensor& beta, const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& task_ids, bool keep_x_wn) {
+  check_linear(op, x, weight_norm);
+  const int64_t out_features = weight_norm.size(0);
+  const StyleInfo styles = check_styles(op, gamma, beta, x, weight_norm.sizes().slice(0, 1));
+  const int64_t num_tasks = styles.num_tasks;
+  const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
+  check_linear_ids(op, ids, num_tasks);
+  const at::Tensor bias_table = check_bias(op, bias, num_tasks, styles.stacked, out_features, x);
+  const at::Tensor x_wn = at::mm(x, weight_norm.t()).contiguous();
+  at::Tensor y = keep_x_wn ? x_wn.clone() : x_wn;
+  if (y.numel() == 0) return {y, x_wn};
+  const at::Tensor rowsum = x.sum(1).contiguous();
+  k.film_forward(y, rowsum, gamma.contiguous().view({num_tasks, out_features}),
+                 beta.contiguous().view({num_tasks, out_features}), bias_table, ids);
+  return {y, keep_x_wn ? x_wn : at::Tensor()};
+}
+
 }  // namespace
 
 at::Tensor modulated_linear(const DeviceKernels& k, const at::Tensor& x, const at::Tensor& weight_norm,
                             const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& task_ids) {
-  const char* op = "gmem_ext::modulated_linear";
-  check_linear(op, x, weight_norm);
-  const int64_t out_features = weight_norm.size(0);
-  const StyleInfo styles = check_styles(op, gamma, beta, x, weight_norm.sizes().slice(0, 1));
-  const int64_t num_tasks = styles.num_tasks;
-  const bool stacked = styles.stacked;
-  const at::Tensor ids = check_task_ids(op, task_ids, stacked, x.size(0), x);
-  check_linear_ids(op, ids, num_tasks);
-  const at::Tensor bias_table = check_bias(op, bias, num_tasks, stacked, out_features, x);
-  // One GEMM with the frozen weight for every task, then the per-sample epilogue in place.
-  at::Tensor h = at::mm(x, weight_norm.t()).contiguous();
-  if (h.numel() == 0) return h;
-  const at::Tensor rowsum = x.sum(1).contiguous();
-  k.film_forward(h, rowsum, gamma.contiguous().view({num_tasks, out_features}),
-                 beta.contiguous().view({num_tasks, out_features}), bias_table, ids);
-  return h;
+  return std::get<0>(
+      linear_forward("gmem_ext::modulated_linear", k, x, weight_norm, gamma, beta, bias, task_ids, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> modulated_linear_forward(const DeviceKernels& k, const at::Tensor& x,
+                                                            const at::Tensor& weight_norm, const at::Tensor& gamma,
+                                                            const at::Tensor& beta,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            const std::optional<at::Tensor>& task_ids) {
+  return linear_forward("gmem_ext::modulated_linear_forward", k, x, weight_norm, gamma, beta, bias, task_ids, true);
 }
 
 Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
-                                std::array<bool, 4> output_mask) {
+                                std::array<bool, 4> output_mask, const std::optional<at::Tensor>& x_wn) {
   const char* op = "gmem_ext::modulated_linear_backward";
   check_linear(op, x, weight_norm);
   check_same(op, "grad_out", grad_out, x);
@@ -382,6 +398,12 @@ Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_o
   const at::Tensor ids = check_task_ids(op, task_ids, stacked, m, x);
   check_linear_ids(op, ids, num_tasks);
   check_bias(op, bias, num_tasks, stacked, out_features, x);
+  if (x_wn.has_value()) {
+    check_same(op, "x_wn", *x_wn, x);
+    TORCH_CHECK(x_wn->dim() == 2 && x_wn->size(0) == m && x_wn->size(1) == out_features, op,
+                ": x_wn (x @ weight_norm^T from the forward) must be [", m, ", ", out_features, "], got ",
+                x_wn->sizes());
+  }
   const bool need_bias = output_mask[3] && bias.has_value();
   const at::Tensor dy = grad_out.contiguous();
   const at::Tensor g = gamma.contiguous().view({num_tasks, out_features});
@@ -396,7 +418,8 @@ Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_o
     dx = at::addmm(rowdot.unsqueeze(1), gdy, weight_norm);
   }
   if (output_mask[1] || output_mask[2] || need_bias) {
-    const at::Tensor h = output_mask[1] ? at::mm(x, weight_norm.t()).contiguous() : at::Tensor();
+    at::Tensor h;  // x @ Wn^T: the forward's when given, else one more GEMM
+    if (output_mask[1]) h = x_wn.has_value() ? x_wn->contiguous() : at::mm(x, weight_norm.t()).contiguous();
     const at::Tensor rowsum = output_mask[2] ? x.sum(1).contiguous() : at::Tensor();
     auto zeros = [&](bool need) { return need ? at::zeros({num_tasks, out_features}, x.options()) : at::Tensor(); };
     dgamma = zeros(output_mask[1]);

@@ -69,10 +69,18 @@ at::Tensor modulated_linear(const DeviceKernels& k, const at::Tensor& x, const a
                             const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& task_ids);
 
+// The output and the shared product x_wn = x @ weight_norm^T [M, O] (kept for the backward).
+std::tuple<at::Tensor, at::Tensor> modulated_linear_forward(const DeviceKernels& k, const at::Tensor& x,
+                                                            const at::Tensor& weight_norm, const at::Tensor& gamma,
+                                                            const at::Tensor& beta,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            const std::optional<at::Tensor>& task_ids);
+
+// x_wn: the forward's x @ weight_norm^T, used for dgamma instead of a second GEMM (else recomputed).
 Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
-                                std::array<bool, 4> output_mask);
+                                std::array<bool, 4> output_mask, const std::optional<at::Tensor>& x_wn = std::nullopt);
 
 // Convolution with low-rank styles: gamma = gu diag(gs) gv^T, beta = bu diag(bs) bv^T, factors
 // u [O, r], s [r], v [I, r] (one task) or [T, O, r], [T, r], [T, I, r] (stacked, with task_ids);
@@ -121,11 +129,16 @@ LowRankGrads modulated_conv2d_lowrank_backward(
             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {                      \
            return gmem_ext::modulated_linear(KERNELS, x, wn, g, b, bias, tid);                                   \
          });                                                                                                     \
+  m.impl("modulated_linear_forward",                                                                             \
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,                \
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {                      \
+           return gmem_ext::modulated_linear_forward(KERNELS, x, wn, g, b, bias, tid);                           \
+         });                                                                                                     \
   m.impl("modulated_linear_backward",                                                                            \
          [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,               \
             const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,   \
-            std::array<bool, 4> mask) {                                                                          \
-           return gmem_ext::modulated_linear_backward(KERNELS, dy, x, wn, g, b, bias, tid, mask);                \
+            std::array<bool, 4> mask, const std::optional<at::Tensor>& x_wn) {                                   \
+           return gmem_ext::modulated_linear_backward(KERNELS, dy, x, wn, g, b, bias, tid, mask, x_wn);          \
          });                                                                                                     \
   m.impl("modulated_conv2d_lowrank",                                                                             \
          [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,              \

@@ -320,14 +320,44 @@ def _ext_cases(device):
         (E.modulated_linear.default, (z, wl, gl[0], bl[0], None, None)),
         (E.modulated_linear_backward.default, (gz, z, wl, gl, bl, cl, t, [True, True, True, True])),
         (E.modulated_linear_backward.default, (gz, z, wl, gl[2], bl[2], None, None, [True, False, True, False])),
+        (E.modulated_linear_forward.default, (z, wl, gl, bl, cl, t)),
+        (E.modulated_linear_forward.default, (z, wl, gl[0], bl[0], None, None)),
+        (E.modulated_linear_backward.default, (gz, z, wl, gl, bl, cl, t, [True, True, True, True], z @ wl.T)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck_ext_ops(device, case):
     op, args = _ext_cases(device)[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_linear_forward_hands_over_x_wn_and_the_backward_uses_it(device, mixed):
+    # modulated_linear_forward: the same output as modulated_linear plus x @ Wn^T; the backward given
+    # that product returns what it computes without it (the product is the same GEMM), bit for bit
+    torch.manual_seed(13)
+    E = torch.ops.gmem_ext
+    m, i, o, tasks = 9, 7, 5, 3
+    z, wn = torch.randn(m, i, device=device), ops.normalize_weight(torch.randn(o, i))[0].to(device)
+    lead = (tasks,) if mixed else ()
+    g, b, c = (torch.randn(*lead, o, device=device) for _ in range(3))
+    ids = torch.randint(0, tasks, (m,), device=device) if mixed else None
+    y, x_wn = E.modulated_linear_forward(z, wn, g, b, c, ids)
+    assert torch.equal(y, E.modulated_linear(z, wn, g, b, c, ids))
+    torch.testing.assert_close(x_wn, z @ wn.T)
+    gz = torch.randn(m, o, device=device)
+    for mask in ([True] * 4, [False, True, False, False], [True, False, True, True]):
+        with_product = E.modulated_linear_backward(gz, z, wn, g, b, c, ids, mask, x_wn)
+        without = E.modulated_linear_backward(gz, z, wn, g, b, c, ids, mask)
+        for a, r in zip(with_product, without):
+            assert torch.equal(a, r)
+    with pytest.raises(RuntimeError, match=r"x_wn \(x @ weight_norm\^T from the forward\) must be \[9, 5\]"):
+        E.modulated_linear_backward(gz, z, wn, g, b, c, ids, [True] * 4, x_wn[:, :4])
+    with pytest.raises(RuntimeError, match="x_wn"):
+        E.modulated_linear_backward(gz, z, wn, g, b, c, ids, [True] * 4, x_wn.double())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -90,6 +90,31 @@ def test_eager_calls_never_touch_the_custom_ops(monkeypatch):
         w.sum().backward()
 
 
+def test_eager_linear_backward_reuses_the_forward_product(monkeypatch):
+    # the cpu backend hands x @ Wn^T from its forward to its backward (one GEMM fewer); a backend
+    # without it (the reference) gets None and recomputes
+    seen = {}
+    for name in _backends():
+        backend = ops.get_backend(name)
+        original = type(backend).modulated_linear_backward
+
+        def spy(self, *args, x_wn=None, _original=original, _name=name):
+            seen[_name] = x_wn
+            return _original(self, *args, x_wn=x_wn)
+
+        monkeypatch.setattr(type(backend), "modulated_linear_backward", spy)
+        z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+        wn = ops.normalize_weight(torch.randn(3, 6, dtype=torch.float64))[0]
+        g = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        y = ops.modulated_linear(z, wn, g, b, backend=name)
+        y.backward(torch.randn_like(y))
+        monkeypatch.undo()
+    if "cpu" in seen:
+        assert seen["cpu"] is not None and seen["cpu"].shape == (4, 3)
+    assert seen["reference"] is None
+
+
 def test_compile_goes_through_the_custom_op():
     """An opaque backend under torch.compile is one gmem:: custom op in the captured graph."""
     seen = []

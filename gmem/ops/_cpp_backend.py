@@ -184,9 +184,19 @@ def _register_fakes() -> None:
     def _(x, weight_norm, gamma, beta, bias, task_ids):
         return x.new_empty((x.shape[0], weight_norm.shape[0]))
 
-    @torch.library.register_fake(lib + "modulated_linear_backward")
-    def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
-        return _grads_fake(x, gamma, beta, bias, output_mask)
+    if _has_op("modulated_linear_forward"):  # absent from a gmem._C built before it existed
+        @torch.library.register_fake(lib + "modulated_linear_forward")
+        def _(x, weight_norm, gamma, beta, bias, task_ids):
+            shape = (x.shape[0], weight_norm.shape[0])
+            return x.new_empty(shape), x.new_empty(shape)
+
+        @torch.library.register_fake(lib + "modulated_linear_backward")
+        def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, x_wn=None):
+            return _grads_fake(x, gamma, beta, bias, output_mask)
+    else:
+        @torch.library.register_fake(lib + "modulated_linear_backward")
+        def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
+            return _grads_fake(x, gamma, beta, bias, output_mask)
 
     if not _has_lowrank_ops():  # a gmem._C built before these ops existed: LowRank styles get densified
         return
@@ -210,8 +220,12 @@ def _register_fakes() -> None:
         )
 
 
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.gmem_ext, name)
+
+
 def _has_lowrank_ops() -> bool:
-    return hasattr(torch.ops.gmem_ext, "modulated_conv2d_lowrank")
+    return _has_op("modulated_conv2d_lowrank")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,11 +316,18 @@ class CppBackend(Backend):
     def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
         return _ops().modulated_linear(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
 
-    def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
+    def modulated_linear_forward(self, x, weight_norm, gamma, beta, bias, task_ids):
+        if not _has_op("modulated_linear_forward"):  # an extension built before the op existed
+            return super().modulated_linear_forward(x, weight_norm, gamma, beta, bias, task_ids)
+        return _ops().modulated_linear_forward(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
+
+    def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask,
+                                  x_wn=None):
         mask = [bool(m) for m in output_mask]
         mask[3] = mask[3] and bias is not None
+        extra = () if x_wn is None else (x_wn,)  # only passed by a build that has modulated_linear_forward
         grads = _ops().modulated_linear_backward(
-            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, mask
+            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, mask, *extra
         )
         return _none_unless(grads, mask)
 

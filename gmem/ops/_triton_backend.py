@@ -182,6 +182,7 @@ class TritonBackend(Backend):
     def modulated_linear_backward(
         self, grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor,
         bias: Optional[Tensor], task_ids: Optional[Tensor], output_mask: Sequence[bool],
+        x_wn: Optional[Tensor] = None,  # never produced here: the fused kernel recomputes its tiles
     ) -> Grads:
         self._check("modulated_linear_backward", grad_out, x, weight_norm, gamma, beta, bias, task_ids)
         g, b, c = self._stacked(gamma, beta, bias, task_ids)

@@ -93,10 +93,20 @@ class Backend:
         """``x [M, I]``, ``weight_norm [O, I]``, ``gamma, beta [O] | [T, O]`` -> ``[M, O]``."""
         return reference.modulated_linear(x, weight_norm, gamma, beta, bias, task_ids)
 
+    def modulated_linear_forward(
+        self, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
+        task_ids: Optional[Tensor],
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """The output and, if the backend can hand it over, ``x_wn = x @ weight_norm^T [M, O]`` for its
+        backward (the GEMM every task shares); ``None`` here: the backward recomputes what it needs."""
+        return self.modulated_linear(x, weight_norm, gamma, beta, bias, task_ids), None
+
     def modulated_linear_backward(
         self, grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor,
         bias: Optional[Tensor], task_ids: Optional[Tensor], output_mask: Sequence[bool],
+        x_wn: Optional[Tensor] = None,
     ) -> Grads:
+        """``x_wn``: what :meth:`modulated_linear_forward` returned (a backend may ignore it)."""
         return reference.modulated_linear_backward(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask)
 
     def __repr__(self) -> str:

@@ -262,14 +262,15 @@ def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, backen
     return _fake_grads(x, gamma, beta, bias, output_mask)
 
 
-def _linear_setup(ctx, inputs, output):
+def _linear_setup(ctx, inputs, output, x_wn: Optional[Tensor] = None):
     x, weight_norm, gamma, beta, bias, task_ids, backend = inputs
-    ctx.save_for_backward(x, weight_norm, gamma, beta, bias, task_ids)
+    # x_wn = x @ weight_norm^T from the forward, if the backend handed it over (eager path only)
+    ctx.save_for_backward(x, weight_norm, gamma, beta, bias, task_ids, x_wn)
     ctx.backend = backend
 
 
 def _linear_backward(ctx, grad_out):
-    x, weight_norm, gamma, beta, bias, task_ids = ctx.saved_tensors
+    x, weight_norm, gamma, beta, bias, task_ids, x_wn = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[2], need[3], bias is not None and need[4]]
     if torch.is_grad_enabled():
@@ -277,19 +278,30 @@ def _linear_backward(ctx, grad_out):
             grad_out, x, weight_norm, gamma, beta, bias, task_ids, mask
         )
     else:
-        grads = _backward_of(
-            ctx, modulated_linear_backward_op, "modulated_linear_backward", grad_out.contiguous(), x,
-            weight_norm, gamma, beta, bias, task_ids, mask,
-        )
+        args = (grad_out.contiguous(), x, weight_norm, gamma, beta, bias, task_ids, mask)
+        if getattr(ctx, "direct", False):
+            grads = get_backend(ctx.backend).modulated_linear_backward(*args, x_wn=x_wn)
+        else:
+            grads = modulated_linear_backward_op(*args, ctx.backend)
         dx, dgamma, dbeta, dbias = (_or_none(g, m) for g, m in zip(grads, mask))
     return dx, None, dgamma, dbeta, dbias, None, None
 
 
 modulated_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
-_ModulatedLinear = _eager_function(
-    "modulated_linear", lambda *args: get_backend(args[-1]).modulated_linear(*args[:-1]),
-    _linear_setup, _linear_backward,
-)
+
+
+class _ModulatedLinear(torch.autograd.Function):
+    """The autograd.Function path of modulated_linear (see the module docstring). Unlike the other
+    ops it keeps what the backend's forward hands over for the backward (``x_wn``, saving a GEMM)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output, x_wn = get_backend(inputs[-1]).modulated_linear_forward(*inputs[:-1])
+        _linear_setup(ctx, inputs, output, x_wn)
+        ctx.direct = True
+        return output
+
+    backward = staticmethod(_linear_backward)
 
 
 def modulated_linear(x, weight_norm, gamma, beta, bias, task_ids, backend: str) -> Tensor:
