@@ -86,11 +86,13 @@ def _error_record(case: Case, backend: str, env: dict, err: BaseException) -> di
 def run_suite(case_list: list[Case], device: str = "cpu", budget: timing.Budget = timing.QUICK,
               threads: Optional[int] = None, providers: Optional[list[str]] = None,
               compile_mode: Optional[str] = "auto", e2e: bool = False, quick: bool = True,
-              log: Callable[[str], None] = print, e2e_ops: Optional[list[str]] = None) -> dict:
+              log: Callable[[str], None] = print, e2e_ops: Optional[list[str]] = None,
+              on_case: Optional[Callable[[dict], None]] = None) -> dict:
     """Run ``case_list`` (plus the end-to-end cases if ``e2e``); returns ``{"meta", "results", "errors"}``.
 
     ``providers`` restricts which providers run (names as in the records); ``compile_mode`` "auto"
-    means max-autotune on GPU and the default mode on CPU.
+    means max-autotune on GPU and the default mode on CPU. ``on_case`` gets the results so far
+    (``meta["complete"]`` False) after every case, so that a run cut short keeps what it measured.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("benchmarks: --device cuda asked for, but torch sees no GPU")
@@ -104,6 +106,31 @@ def run_suite(case_list: list[Case], device: str = "cpu", budget: timing.Budget 
     started = time.time()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     records: list[dict] = []
+
+    def summary(complete: bool) -> dict:
+        good = [r for r in records if r.get("ms")]
+        errors = [r for r in records if not r.get("ms")]
+        report.add_ratios(good)
+        report.add_targets(good)
+        meta = {
+            **env,
+            "suite": "quick" if quick else "full",
+            "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - started, 1),
+            "complete": complete,
+            "budget": vars(budget),
+            "compile_mode": compile_mode or "default",
+            "available_backends": __import__("gmem.ops", fromlist=["x"]).available_backends(),
+            "skipped_backends": skipped,
+            # 1-minute load averages before and after (this run itself adds about `threads`)
+            "load_average": [load_start[0], os.getloadavg()[0]] if load_start else None,
+            "method": ("median of repeated calls after warm-up; " + (
+                "CUDA events, L2 flushed (256 MiB write) before each call"
+                if device == "cuda" else f"wall clock, torch.set_num_threads({threads})")
+                + "; the providers of a case are timed interleaved, one call each per round"),
+        }
+        return {"meta": meta, "results": good, "errors": errors}
+
     for n, case in enumerate(case_list, 1):
         t0 = time.perf_counter()
         try:
@@ -114,32 +141,14 @@ def run_suite(case_list: list[Case], device: str = "cpu", budget: timing.Budget 
         records += recs
         done = ", ".join(f"{r['backend']} {r['ms']:.3f}" if r.get("ms") else f"{r['backend']} ERROR" for r in recs)
         log(f"[{n}/{len(case_list)}] {case.op} {case.name} ({time.perf_counter() - t0:.1f}s): {done}")
+        if on_case is not None:
+            on_case(summary(complete=False))
     if e2e:
         from . import e2e as e2e_mod
 
         records += e2e_mod.run(device, quick=quick, budget=budget, env=env, include=include,
                                compile_mode=compile_mode, log=log, ops=e2e_ops)
-    good = [r for r in records if r.get("ms")]
-    errors = [r for r in records if not r.get("ms")]
-    report.add_ratios(good)
-    report.add_targets(good)
-    meta = {
-        **env,
-        "suite": "quick" if quick else "full",
-        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(time.time() - started, 1),
-        "budget": vars(budget),
-        "compile_mode": compile_mode or "default",
-        "available_backends": __import__("gmem.ops", fromlist=["x"]).available_backends(),
-        "skipped_backends": skipped,
-        # 1-minute load averages before and after (this run itself adds about `threads`)
-        "load_average": [load_start[0], os.getloadavg()[0]] if load_start else None,
-        "method": ("median of repeated calls after warm-up; " + (
-            "CUDA events, L2 flushed (256 MiB write) before each call"
-            if device == "cuda" else f"wall clock, torch.set_num_threads({threads})")
-            + "; the providers of a case are timed interleaved, one call each per round"),
-    }
-    return {"meta": meta, "results": good, "errors": errors}
+    return summary(complete=True)
 
 
 def main(argv=None) -> int:
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda if available, else cpu")
     parser.add_argument("--ops", nargs="+", choices=cases_mod.OPS, help="only these ops")
-    parser.add_argument("--filter", help="only cases whose name contains this text")
+    parser.add_argument("--filter", nargs="+", help="only cases whose name contains one of these texts")
     parser.add_argument("--providers", nargs="+", help="only these providers (e.g. reference plain cpu)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     parser.add_argument("--compile-mode", default="auto",
@@ -171,7 +180,7 @@ def main(argv=None) -> int:
     if args.ops:
         case_list = [c for c in case_list if c.op in args.ops]
     if args.filter:
-        case_list = [c for c in case_list if args.filter in c.name]
+        case_list = [c for c in case_list if any(text in c.name for text in args.filter)]
         args.no_e2e = True  # a filter names kernel cases
     want_e2e = not args.no_e2e and not args.tiny and (not args.ops or any(o.startswith("e2e") for o in args.ops))
     if args.list:
@@ -179,10 +188,21 @@ def main(argv=None) -> int:
             print(f"{c.op:18} {c.name}")
         return 0
 
+    paths = [args.json] if args.json else []
+    if args.save:
+        threads = args.threads or default_threads()
+        paths.append(os.path.join(os.path.dirname(__file__), "results", machine.results_filename(device, threads)))
+
+    def checkpoint(partial: dict) -> None:
+        # A run cut short (time limit, crash) keeps what it measured in the --json file; the --save
+        # file under benchmarks/results/ is only replaced by a complete run.
+        report.write_json(args.json, partial)
+
     result = run_suite(case_list, device, budget, args.threads, args.providers, args.compile_mode,
                        e2e=want_e2e, quick=args.quick or args.tiny,
                        log=lambda s: print(s, file=sys.stderr, flush=True),
-                       e2e_ops=[o for o in args.ops if o.startswith("e2e")] if args.ops else None)
+                       e2e_ops=[o for o in args.ops if o.startswith("e2e")] if args.ops else None,
+                       on_case=checkpoint if args.json else None)
     meta, records = result["meta"], result["results"]
     print(f"# gmem benchmarks: {meta['machine']} ({device}), torch {meta['torch']}, triton {meta['triton']}, "
           f"{meta['threads']} threads, {meta['suite']} suite, {meta['method']}")
@@ -198,9 +218,6 @@ def main(argv=None) -> int:
         for r in result["errors"]:
             print(f"  {r['backend']} {r['case']}: {r['error']}")
     payload = {"meta": meta, "results": records, "errors": result["errors"]}
-    paths = [args.json] if args.json else []
-    if args.save:
-        paths.append(os.path.join(os.path.dirname(__file__), "results", machine.results_filename(device, meta["threads"])))
     for path in paths:
         report.write_json(path, payload)
         print(f"wrote {len(records)} records to {path}")

@@ -92,6 +92,29 @@ def test_json_round_trip(suite, tmp_path):
     assert report.markdown_table(records).count("\n") == len({r["case"] for r in records}) + 1
 
 
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    # the --json file is rewritten after every case (meta.complete False); a crash in the third
+    # case leaves the first two on disk
+    two = [c for c in cases.tiny_cases() if c.op == "madafm_weight"][:2]
+    third = cases.tiny_cases()[-1]
+    real_run_case = run.run_case
+
+    def run_case(case, *args, **kwargs):
+        if case is third:
+            raise KeyboardInterrupt  # not an Exception: ends the run like Ctrl-C or a time limit would
+        return real_run_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(run, "run_case", run_case)
+    monkeypatch.setattr(cases, "tiny_cases", lambda: [*two, third])
+    path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--tiny", "--device", "cpu", "--threads", "1", "--providers", "reference", "plain",
+                  "--json", str(path)])
+    meta, records = report.load_records(str(path))
+    assert meta["complete"] is False
+    assert {r["case"] for r in records} == {c.name for c in two}
+
+
 def test_cli_lists_quick_cases(capsys):
     assert run.main(["--quick", "--device", "cpu", "--list"]) == 0
     out = capsys.readouterr().out
