@@ -10,7 +10,10 @@ eager mode they call the backend inside a ``torch.autograd.Function`` built from
 backward functions: the custom-op boundary costs ~25 us a call (measured on the 2-core CPU machine
 at a forward+backward), which is most of the time of a small layer. A backend whose methods dynamo
 can trace (``Backend.traceable``, e.g. Triton through ``torch.library.triton_op``) takes the
-``autograd.Function`` under torch.compile too, so that compile sees its kernels.
+``autograd.Function`` under torch.compile too, so that compile sees its kernels. Two eager
+refinements: where a backend's op carries its own autograd (``Backend.native_autograd``, e.g. the
+C++ ``madafm_weight``) it is called with no Python node at all; and the linear keeps what the
+backend's forward hands over for its backward (``x_wn = x @ Wn^T``, one GEMM fewer).
 
 Backward: first-order gradients go through the backward of the same backend (a fused kernel where
 the backend has one). When autograd records the backward itself (``create_graph=True``, e.g. the
