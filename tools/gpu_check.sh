@@ -51,7 +51,7 @@ if [[ "$BUILD" == 1 ]]; then
 fi
 "$PY" -c "import gmem.ops as ops; print('backends:', ops.available_backends())" >> "$OUT/log.txt" 2>&1
 
-step tests 150 "$PY" -m pytest -q -x -rs -p no:cacheprovider \
+step tests 150 "$PY" -m pytest -q --maxfail=10 -rs -p no:cacheprovider \
   tests/test_cpp_backend.py tests/test_op_paths.py tests/test_triton.py
 
 step bench-quick 60 "$PY" -m benchmarks.run --quick --device "$DEVICE" --no-e2e \
