@@ -90,6 +90,34 @@ def test_eager_calls_never_touch_the_custom_ops(monkeypatch):
         w.sum().backward()
 
 
+def test_no_grad_calls_skip_the_autograd_functions(monkeypatch):
+    # with grad mode off (sampling, replay) there is nothing to record: the backend runs alone,
+    # and gives what the autograd path gives
+    for backend in _backends():
+        x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
+        u, s, v = torch.randn(3, 4, 2, dtype=DT), torch.rand(3, 2, dtype=DT) + 0.5, torch.randn(3, 3, 2, dtype=DT)
+        z, wl = torch.randn(2, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+        calls = [
+            lambda: ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend=backend),
+            lambda: ops.modulated_conv2d(x, wn, LowRank(u, s, v), beta, bias, task_ids=ids, padding=1,
+                                         backend=backend),
+            lambda: ops.modulated_linear(z, wl, gamma[0, :4, 0], beta[0, :4, 0], backend=backend),
+            lambda: ops.madafm_weight(wn, gamma, beta, backend=backend),
+        ]
+        expected = [call().detach() for call in calls]
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a no-grad call went through autograd.Function.apply")
+
+        for function in (library._ModulatedConv2d, library._ModulatedConv2dLowRank, library._ModulatedLinear,
+                         library._MadafmWeight):
+            monkeypatch.setattr(function, "apply", refuse)
+        with torch.no_grad():
+            for call, want in zip(calls, expected):
+                assert torch.equal(call(), want)
+        monkeypatch.undo()
+
+
 def test_eager_linear_backward_reuses_the_forward_product(monkeypatch):
     # the cpu backend hands x @ Wn^T from its forward to its backward (one GEMM fewer); a backend
     # without it (the reference) gets None and recomputes

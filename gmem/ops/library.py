@@ -91,7 +91,19 @@ def _eager_function(name: str, forward, setup_context, backward) -> type:
         "__doc__": f"The autograd.Function path of {name} (see the module docstring).",
         "forward": staticmethod(forward_with_setup),
         "backward": staticmethod(backward),
+        "forward_only": staticmethod(forward),
     })
+
+
+def _call(function: type, custom_op, *args):
+    """The public op on canonical ``args`` (backend name last), by the path :func:`_direct` picks:
+    the custom op, the autograd.Function, or with grad mode off (sampling, replay) the backend's
+    forward alone, since there is no autograd node to record."""
+    if not _direct(args[-1]):
+        return custom_op(*args)
+    if not torch.is_grad_enabled():
+        return function.forward_only(*args)
+    return function.apply(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +161,7 @@ def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor, backend: str
         impl = get_backend(backend)
         if "madafm_weight" in impl.native_autograd and not torch.compiler.is_compiling():
             return impl.madafm_weight(weight_norm, gamma, beta)  # records its own (C++) autograd node
-        return _MadafmWeight.apply(weight_norm, gamma, beta, backend)
-    return madafm_weight_op(weight_norm, gamma, beta, backend)
+    return _call(_MadafmWeight, madafm_weight_op, weight_norm, gamma, beta, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +240,8 @@ _ModulatedConv2d = _eager_function(
 
 def modulated_conv2d(x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend: str) -> Tensor:
     """gmem::modulated_conv2d on canonical arguments, by the path :func:`_direct` picks."""
-    args = (x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, backend)
-    return _ModulatedConv2d.apply(*args) if _direct(backend) else modulated_conv2d_op(*args)
+    return _call(_ModulatedConv2d, modulated_conv2d_op, x, weight_norm, gamma, beta, bias, task_ids, stride,
+                 padding, dilation, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,11 +317,14 @@ class _ModulatedLinear(torch.autograd.Function):
 
     backward = staticmethod(_linear_backward)
 
+    @staticmethod
+    def forward_only(*inputs):
+        return get_backend(inputs[-1]).modulated_linear(*inputs[:-1])
+
 
 def modulated_linear(x, weight_norm, gamma, beta, bias, task_ids, backend: str) -> Tensor:
     """gmem::modulated_linear on canonical arguments, by the path :func:`_direct` picks."""
-    args = (x, weight_norm, gamma, beta, bias, task_ids, backend)
-    return _ModulatedLinear.apply(*args) if _direct(backend) else modulated_linear_op(*args)
+    return _call(_ModulatedLinear, modulated_linear_op, x, weight_norm, gamma, beta, bias, task_ids, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +450,5 @@ _ModulatedConv2dLowRank = _eager_function(
 def modulated_conv2d_lowrank(x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, beta_s, beta_v, bias, task_ids,
                              stride, padding, dilation, backend: str) -> Tensor:
     """gmem::modulated_conv2d_lowrank on canonical arguments, by the path :func:`_direct` picks."""
-    args = (x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, beta_s, beta_v, bias, task_ids,
-            stride, padding, dilation, backend)
-    return _ModulatedConv2dLowRank.apply(*args) if _direct(backend) else modulated_conv2d_lowrank_op(*args)
+    return _call(_ModulatedConv2dLowRank, modulated_conv2d_lowrank_op, x, weight_norm, gamma_u, gamma_s, gamma_v,
+                 beta_u, beta_s, beta_v, bias, task_ids, stride, padding, dilation, backend)
