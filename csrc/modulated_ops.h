@@ -31,14 +31,17 @@ struct DeviceKernels {
   // dgamma, dbeta [P, R] = window sums of grad_weight [P, R, K] * weight_norm [R, K] and of grad_weight
   void (*madafm_backward)(const at::Tensor& grad_weight, const at::Tensor& weight_norm, at::Tensor& dgamma,
                           at::Tensor& dbeta);
-  // in place: h [M, O] <- gamma[t] * h + beta[t] * rowsum[:, None] + bias[t]; bias/task_ids may be undefined
+  // in place: h [M, O] <- gamma[t] * h + beta[t] * rowsum[:, None] + bias[t]; bias/task_ids may be undefined.
+  // The film kernels trust task_ids to lie in [0, T): the CPU glue checks them on the host, and on
+  // CUDA gmem.ops checks them before any op is called (a check here would add a device sync).
   void (*film_forward)(at::Tensor& h, const at::Tensor& rowsum, const at::Tensor& gamma, const at::Tensor& beta,
                        const at::Tensor& bias, const at::Tensor& task_ids);
   // gdy [M, O] = grad * gamma[t], rowdot [M] = sum_o grad * beta[t]
   void (*film_backward_input)(const at::Tensor& grad, const at::Tensor& gamma, const at::Tensor& beta,
                               const at::Tensor& task_ids, at::Tensor& gdy, at::Tensor& rowdot);
-  // per-task sums [T, O] (outputs zero-initialised by the caller; undefined ones are skipped):
-  // dgamma += grad * h, dbeta += grad * rowsum, dbias += grad
+  // per-task sums [T, O] over the rows of each task (undefined outputs are skipped), written into
+  // outputs the caller has zeroed (the CPU kernel adds to them, the CUDA one overwrites them):
+  // dgamma = sum grad * h, dbeta = sum grad * rowsum, dbias = sum grad
   void (*film_backward_style)(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& rowsum,
                               const at::Tensor& task_ids, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dbias);
   // one task, styles from low-rank factors: weight [O*I, K] = Gamma * weight_norm [O*I, K] + B with

@@ -11,6 +11,10 @@ constexpr int kThreads = 256;
 constexpr int kStyleThreads = 128;   // columns per block of the per-task reduction
 constexpr int kRowsPerChunk = 64;    // rows per partial sum of the per-task reduction
 constexpr int kMaxChunks = 128;
+// Partial sums kept per output at most (chunks x T x O accumulators): with many tasks and wide
+// layers the chunk count drops instead of the scratch growing (T = 64, O = 16384: 4 chunks, 16 MB).
+constexpr int64_t kMaxPartialsPerOutput = int64_t(1) << 22;
+constexpr unsigned int kMaxRowBlocks = 1u << 20;  // film_backward_input: rows beyond loop in-kernel
 
 // h[m, o] = g[t, o] * h[m, o] + b[t, o] * rowsum[m] + c[t, o], one thread per element.
 template <typename T>
@@ -28,28 +32,31 @@ __global__ void film_forward_kernel(T* __restrict__ h, const T* __restrict__ row
   }
 }
 
-// One block per row: gdy = grad * g[t], rowdot = sum_o grad * b[t] (block reduction).
+// One block per row (rows beyond the grid loop): gdy = grad * g[t], rowdot = sum_o grad * b[t]
+// (block reduction). The row loop is uniform across a block, so the barriers inside it are safe.
 template <typename T>
 __global__ void film_backward_input_kernel(const T* __restrict__ grad, const T* __restrict__ gamma,
                                            const T* __restrict__ beta, const int64_t* __restrict__ task_ids,
-                                           T* __restrict__ gdy, T* __restrict__ rowdot, int64_t o) {
+                                           T* __restrict__ gdy, T* __restrict__ rowdot, int64_t m, int64_t o) {
   using A = typename Acc<T>::type;
   __shared__ A partial[kThreads];
-  const int64_t row = blockIdx.x;
-  const int64_t base = (task_ids ? task_ids[row] : 0) * o;
-  A acc = 0;
-  for (int64_t col = threadIdx.x; col < o; col += blockDim.x) {
-    const A d = to_acc(grad[row * o + col]);
-    gdy[row * o + col] = from_acc<T>(d * to_acc(gamma[base + col]));
-    acc += d * to_acc(beta[base + col]);
-  }
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int width = blockDim.x / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+  for (int64_t row = blockIdx.x; row < m; row += gridDim.x) {
+    const int64_t base = (task_ids ? task_ids[row] : 0) * o;
+    A acc = 0;
+    for (int64_t col = threadIdx.x; col < o; col += blockDim.x) {
+      const A d = to_acc(grad[row * o + col]);
+      gdy[row * o + col] = from_acc<T>(d * to_acc(gamma[base + col]));
+      acc += d * to_acc(beta[base + col]);
+    }
+    partial[threadIdx.x] = acc;
     __syncthreads();
+    for (int width = blockDim.x / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) rowdot[row] = from_acc<T>(partial[0]);
+    __syncthreads();  // partial[0] is read before the next row overwrites it
   }
-  if (threadIdx.x == 0) rowdot[row] = from_acc<T>(partial[0]);
 }
 
 // Stage 1 of the per-task reduction: block (column block, row chunk); each thread owns one column
@@ -94,9 +101,13 @@ __global__ void film_style_finish_kernel(const typename Acc<T>::type* __restrict
   }
 }
 
-int64_t style_chunks(int64_t m) {
-  const int64_t chunks = ceil_div(m, kRowsPerChunk);
-  return chunks < 1 ? 1 : (chunks > kMaxChunks ? kMaxChunks : chunks);
+// Row chunks of the two-stage reduction: a function of the shapes alone, so results are reproducible.
+int64_t style_chunks(int64_t m, int64_t tasks, int64_t o) {
+  int64_t chunks = ceil_div(m, kRowsPerChunk);
+  chunks = chunks > kMaxChunks ? kMaxChunks : chunks;
+  const int64_t by_scratch = kMaxPartialsPerOutput / (tasks * o > 0 ? tasks * o : 1);
+  chunks = chunks > by_scratch ? by_scratch : chunks;
+  return chunks < 1 ? 1 : chunks;
 }
 
 int64_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
@@ -121,23 +132,23 @@ cudaError_t film_backward_input(DType dtype, const void* grad, const void* gamma
   if (m == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    // rows go on grid.x (up to 2^31 - 1 blocks)
-    film_backward_input_kernel<T><<<static_cast<unsigned int>(m), kThreads, 0, stream>>>(
+    const unsigned int blocks = m < kMaxRowBlocks ? static_cast<unsigned int>(m) : kMaxRowBlocks;
+    film_backward_input_kernel<T><<<blocks, kThreads, 0, stream>>>(
         static_cast<const T*>(grad), static_cast<const T*>(gamma), static_cast<const T*>(beta), task_ids,
-        static_cast<T*>(gdy), static_cast<T*>(rowdot), o);
+        static_cast<T*>(gdy), static_cast<T*>(rowdot), m, o);
     return cudaGetLastError();
   });
 }
 
 int64_t film_backward_style_workspace_bytes(DType dtype, int64_t m, int64_t o, int64_t tasks) {
-  return 3 * style_chunks(m) * tasks * o * acc_size(dtype);
+  return 3 * style_chunks(m, tasks, o) * tasks * o * acc_size(dtype);
 }
 
 cudaError_t film_backward_style(DType dtype, const void* grad, const void* h, const void* rowsum,
                                 const int64_t* task_ids, void* dgamma, void* dbeta, void* dbias, int64_t m, int64_t o,
                                 int64_t tasks, void* workspace, cudaStream_t stream) {
   if (tasks * o == 0) return cudaSuccess;
-  const int64_t chunks = style_chunks(m);
+  const int64_t chunks = style_chunks(m, tasks, o);
   const int64_t rows_per_chunk = ceil_div(m, chunks);
   const int64_t part_elems = chunks * tasks * o;
   return dispatch(dtype, [&](auto tag) {
