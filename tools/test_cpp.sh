@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # C++ side of `make test`: builds the torch-free CPU kernels with CMake and runs their unit tests
 # and the CUDA kernels under a CPU emulation of the launch model (ctest), then compiles every CUDA
-# source under csrc/ with nvcc when a CUDA toolkit is found (no GPU needed; nothing runs). Build trees: build/cmake-cpu, build/cmake-cuda (gitignored; the
-# contract's own `cmake -B build` uses build/ itself and does not clash).
+# source under csrc/ with nvcc when a CUDA toolkit is found (no GPU needed; nothing runs).
+# Build trees: build/cmake-cpu, build/cmake-cuda (gitignored; the contract's own `cmake -B build`
+# uses build/ itself and does not clash).
 # Usage: tools/test_cpp.sh   (GMEM_SKIP_CUDA_COMPILE=1 skips the nvcc part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
