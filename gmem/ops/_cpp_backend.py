@@ -184,19 +184,15 @@ def _register_fakes() -> None:
     def _(x, weight_norm, gamma, beta, bias, task_ids):
         return x.new_empty((x.shape[0], weight_norm.shape[0]))
 
+    @torch.library.register_fake(lib + "modulated_linear_backward")
+    def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, x_wn=None):  # x_wn: newer builds
+        return _grads_fake(x, gamma, beta, bias, output_mask)
+
     if _has_op("modulated_linear_forward"):  # absent from a gmem._C built before it existed
         @torch.library.register_fake(lib + "modulated_linear_forward")
         def _(x, weight_norm, gamma, beta, bias, task_ids):
             shape = (x.shape[0], weight_norm.shape[0])
             return x.new_empty(shape), x.new_empty(shape)
-
-        @torch.library.register_fake(lib + "modulated_linear_backward")
-        def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, x_wn=None):
-            return _grads_fake(x, gamma, beta, bias, output_mask)
-    else:
-        @torch.library.register_fake(lib + "modulated_linear_backward")
-        def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask):
-            return _grads_fake(x, gamma, beta, bias, output_mask)
 
     if not _has_lowrank_ops():  # a gmem._C built before these ops existed: LowRank styles get densified
         return

@@ -67,10 +67,11 @@ def _direct(backend: str) -> bool:
     return get_backend(backend).traceable
 
 
-def _backward_of(ctx, custom_op, method: str, *args):
-    """First-order gradients from the backend: directly on the autograd.Function path, else its op."""
+def _backward_of(ctx, custom_op, method: str, *args, **direct_kwargs):
+    """First-order gradients from the backend: directly on the autograd.Function path (with
+    ``direct_kwargs``, what only that path has, e.g. the linear's ``x_wn``), else its op."""
     if getattr(ctx, "direct", False):
-        return getattr(get_backend(ctx.backend), method)(*args)
+        return getattr(get_backend(ctx.backend), method)(*args, **direct_kwargs)
     return custom_op(*args, ctx.backend)
 
 
@@ -157,10 +158,9 @@ _MadafmWeight = _eager_function(
 
 def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor, backend: str) -> Tensor:
     """gmem::madafm_weight on canonical arguments, by the path :func:`_direct` picks."""
-    if _direct(backend):
-        impl = get_backend(backend)
-        if "madafm_weight" in impl.native_autograd and not torch.compiler.is_compiling():
-            return impl.madafm_weight(weight_norm, gamma, beta)  # records its own (C++) autograd node
+    impl = get_backend(backend)
+    if "madafm_weight" in impl.native_autograd and not torch.compiler.is_compiling():
+        return impl.madafm_weight(weight_norm, gamma, beta)  # records its own (C++) autograd node
     return _call(_MadafmWeight, madafm_weight_op, weight_norm, gamma, beta, backend)
 
 
@@ -292,11 +292,10 @@ def _linear_backward(ctx, grad_out):
             grad_out, x, weight_norm, gamma, beta, bias, task_ids, mask
         )
     else:
-        args = (grad_out.contiguous(), x, weight_norm, gamma, beta, bias, task_ids, mask)
-        if getattr(ctx, "direct", False):
-            grads = get_backend(ctx.backend).modulated_linear_backward(*args, x_wn=x_wn)
-        else:
-            grads = modulated_linear_backward_op(*args, ctx.backend)
+        grads = _backward_of(
+            ctx, modulated_linear_backward_op, "modulated_linear_backward", grad_out.contiguous(), x, weight_norm,
+            gamma, beta, bias, task_ids, mask, x_wn=x_wn,
+        )
         dx, dgamma, dbeta, dbias = (_or_none(g, m) for g, m in zip(grads, mask))
     return dx, None, dgamma, dbeta, dbias, None, None
 
