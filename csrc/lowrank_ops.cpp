@@ -66,6 +66,14 @@ void build_lowrank_weight_into(const DeviceKernels& k, const at::Tensor& weight_
                     beta.v.t().contiguous(), out);
 }
 
+// Task t's weight from the factors (stacked: [T, ...] factors, task t's taken).
+BuildWeight lowrank_weights(const DeviceKernels& k, const at::Tensor& weight_norm, const Factors& gamma,
+                            const Factors& beta, bool stacked) {
+  return [&k, weight_norm, gamma, beta, stacked](int64_t t, at::Tensor& weight) {
+    build_lowrank_weight_into(k, weight_norm, stacked ? gamma.at(t) : gamma, stacked ? beta.at(t) : beta, weight);
+  };
+}
+
 // (du, ds, dv) of G = u diag(s) v^T from dG, batched over any leading dimension.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> factor_grads(const at::Tensor& dense_grad, const Factors& f) {
   const at::Tensor s_row = f.s.unsqueeze(-2);
@@ -107,10 +115,7 @@ at::Tensor modulated_conv2d_lowrank(const DeviceKernels& k, const at::Tensor& x,
   const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
   const at::Tensor bias_table = check_bias(op, bias, styles.num_tasks, styles.stacked, out_ch, x);
   const TaskGroups groups = task_groups(op, ids, styles.stacked, styles.num_tasks, x.size(0));
-  auto build = [&](int64_t t, at::Tensor& weight) {
-    build_lowrank_weight_into(k, weight_norm, styles.stacked ? gamma.at(t) : gamma,
-                              styles.stacked ? beta.at(t) : beta, weight);
-  };
+  const BuildWeight build = lowrank_weights(k, weight_norm, gamma, beta, styles.stacked);
   return conv_by_task(x, weight_norm, groups, bias_table, build, stride, padding, dilation);
 }
 
@@ -150,10 +155,7 @@ LowRankGrads modulated_conv2d_lowrank_backward(
     if (styles.stacked) present = at::tensor(groups.task, at::TensorOptions().dtype(at::kLong)).to(x.device());
   }
   if (need_bias) dbias = at::zeros({styles.num_tasks, out_ch}, x.options());
-  auto build = [&](int64_t t, at::Tensor& weight) {
-    build_lowrank_weight_into(k, weight_norm, styles.stacked ? gamma.at(t) : gamma,
-                              styles.stacked ? beta.at(t) : beta, weight);
-  };
+  const BuildWeight build = lowrank_weights(k, weight_norm, gamma, beta, styles.stacked);
   auto reduce = [&](size_t g, int64_t, const at::Tensor& grad_weight) {
     at::Tensor dg = styles.stacked ? dense_gamma[g] : dense_gamma, db = styles.stacked ? dense_beta[g] : dense_beta;
     reduce_weight_grad_into(k, grad_weight, weight_norm, dg, db);

@@ -242,6 +242,18 @@ at::Tensor conv_backward_by_task(const at::Tensor& grad_out, const at::Tensor& x
 
 using namespace internal;
 
+namespace {
+
+// Task t's weight from dense styles gamma/beta ([O, I], or [T, O, I] when stacked).
+BuildWeight dense_weights(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
+                          const at::Tensor& beta, bool stacked) {
+  return [&k, weight_norm, gamma, beta, stacked](int64_t t, at::Tensor& weight) {
+    build_weight_into(k, weight_norm, stacked ? gamma[t] : gamma, stacked ? beta[t] : beta, weight);
+  };
+}
+
+}  // namespace
+
 at::Tensor madafm_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
                          const at::Tensor& beta) {
   const char* op = "gmem_ext::madafm_weight";
@@ -272,13 +284,7 @@ at::Tensor modulated_conv2d(const DeviceKernels& k, const at::Tensor& x, const a
   const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
   const at::Tensor bias_table = check_bias(op, bias, styles.num_tasks, styles.stacked, weight_norm.size(0), x);
   const TaskGroups groups = task_groups(op, ids, styles.stacked, styles.num_tasks, x.size(0));
-  auto build = [&](int64_t t, at::Tensor& weight) {
-    if (styles.stacked) {
-      build_weight_into(k, weight_norm, gamma[t], beta[t], weight);
-    } else {
-      build_weight_into(k, weight_norm, gamma, beta, weight);
-    }
-  };
+  const BuildWeight build = dense_weights(k, weight_norm, gamma, beta, styles.stacked);
   return conv_by_task(x, weight_norm, groups, bias_table, build, stride, padding, dilation);
 }
 
@@ -308,13 +314,7 @@ Grads modulated_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_o
     dbeta = at::zeros_like(beta, at::MemoryFormat::Contiguous);
   }
   if (need_bias) dbias = at::zeros({styles.num_tasks, out_ch}, x.options());
-  auto build = [&](int64_t t, at::Tensor& weight) {
-    if (styles.stacked) {
-      build_weight_into(k, weight_norm, gamma[t], beta[t], weight);
-    } else {
-      build_weight_into(k, weight_norm, gamma, beta, weight);
-    }
-  };
+  const BuildWeight build = dense_weights(k, weight_norm, gamma, beta, styles.stacked);
   auto reduce = [&](size_t, int64_t t, const at::Tensor& grad_weight) {
     at::Tensor dg = styles.stacked ? dgamma[t] : dgamma, db = styles.stacked ? dbeta[t] : dbeta;
     reduce_weight_grad_into(k, grad_weight, weight_norm, dg, db);

@@ -81,7 +81,7 @@ void lowrank_forward_cuda(const at::Tensor& wn, const at::Tensor& gu, const at::
 }
 
 const DeviceKernels kCudaKernels{madafm_forward_cuda,      madafm_backward_cuda,      film_forward_cuda,
-                                 film_backward_input_cuda, film_backward_style_cuda,  lowrank_forward_cuda};
+                                 film_backward_input_cuda, film_backward_style_cuda, lowrank_forward_cuda};
 
 }  // namespace
 }  // namespace gmem_ext
