@@ -359,22 +359,27 @@ def test_torch_compile_cpu_still_works_with_the_interpreter_variable():
     torch.testing.assert_close(f(a, a), torch.relu(a @ a) + 1.0)
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
-    # The interpreter runs the kernels' Python, not Triton's compiler: compile each kernel (one
-    # configuration, bf16) for sm_90 with the bundled ptxas to catch what only the compiler rejects.
-    if HAS_GPU:
-        pytest.skip("on a GPU the other tests compile and run every kernel")
+def run_compiled_mode(module: str, *args: str, timeout: int):
+    """``python -m module args`` with TRITON_INTERPRET=0 (Triton's compiled mode, as on a GPU), from
+    the repository root; asserts it exits 0 and returns the finished process."""
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmem_kernels.compile_check", "--dtypes", "bf16"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    # The interpreter runs the kernels' Python, not Triton's compiler: compile each kernel (one
+    # configuration, bf16) for sm_90 with the bundled ptxas to catch what only the compiler rejects.
+    if HAS_GPU:
+        pytest.skip("on a GPU the other tests compile and run every kernel")
+    proc = run_compiled_mode("gmem_kernels.compile_check", "--dtypes", "bf16", timeout=600)
     assert proc.stdout.count("ok ") >= 10
 
 
@@ -713,13 +718,5 @@ def test_kernel_ops_trace_into_triton_launches_without_a_gpu():
     # kernel HOP nodes (stopping before anything would run).
     if HAS_GPU:
         pytest.skip("on a GPU the compile tests above run the traced kernels")
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "gmem_kernels.trace_check"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_compiled_mode("gmem_kernels.trace_check", timeout=300)
     assert "gmem_triton::conv2d_forward" in proc.stdout and "triton kernel launches 12," in proc.stdout
