@@ -1,11 +1,11 @@
-"""Compressing style sets with truncated SVDs (the paper's section 5, "keep X% of the energy").
+"""Post-hoc compression of naive (dense) tasks of a converted model with truncated SVDs.
 
-The energy of a matrix is the sum of its singular values (Nikiforov); :func:`truncate_energy` keeps
-the fewest leading singular triplets whose singular values sum to at least ``keep`` of the total.
-:func:`compress_style` applies it to one task's ``Gamma``/``B`` matrices of a :class:`gmem.GANMemory`
-(or any converted model) and returns :class:`gmem.ops.LowRank` factors with their errors;
-:func:`knowledge_base` builds a shared basis ``L, R`` from several tasks' matrices and expresses one
-task's matrix as ``L diag(lam) R^T + U diag(s) V^T`` (DESIGN.md "Low-rank").
+:func:`compress_style` truncates one task's ``Gamma``/``B`` matrices (keep a fraction of the energy,
+:func:`gmem.compress.truncate_energy`) and returns :class:`gmem.ops.LowRank` factors with their
+errors; :func:`knowledge_base` builds a shared basis ``L, R`` from several tasks' matrices at once and
+:func:`express_in_base` writes one matrix as ``L diag(lam) R^T + U diag(s) V^T``. These read the
+model through :mod:`gmem.nn` (imported when called, so the compression core stays below it). The
+training-time scheme of the paper's Algorithm 1 is :class:`gmem.compress.KnowledgeBase`.
 """
 from __future__ import annotations
 
@@ -14,40 +14,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import nn as gnn
-from .nn.layers import ModulatedConv2d
-from .ops import LowRank
+from ..ops import LowRank
+from .energy import truncate_energy
 
-__all__ = ["truncate_energy", "energy_rank", "compress_style", "compress_tasks", "knowledge_base", "express_in_base"]
-
-
-def energy_rank(s: Tensor, keep: float) -> int:
-    """The fewest leading singular values (``s`` sorted descending) whose sum reaches ``keep`` of the total."""
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"keep must lie in [0, 1], got {keep!r}")
-    total = float(s.sum())
-    if total == 0.0 or keep == 0.0:
-        return 0
-    cum = torch.cumsum(s.double(), 0)
-    # tolerance for rounding: "reaches keep" for the cumulative sum within a few ulps of the total
-    need = keep * total * (1.0 - 1e-12)
-    return min(int((cum < need).sum()) + 1, s.numel())
+__all__ = ["compress_style", "compress_tasks", "knowledge_base", "express_in_base"]
 
 
-def truncate_energy(matrix: Tensor, keep: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncated SVD keeping ``keep`` (0..1) of the matrix energy (the sum of singular values).
+def _conv_layers(model):
+    from .. import nn as gnn  # gmem.nn may use the compression core: import it only when called
+    from ..nn.layers import ModulatedConv2d
 
-    ``matrix [m, n]`` -> ``u [m, r]``, ``s [r]`` (descending), ``v [n, r]`` with
-    ``matrix ~= u @ diag(s) @ v.T`` and ``r`` the fewest leading singular values whose sum is at least
-    ``keep * sum(s_all)``. ``keep=1`` keeps every nonzero singular value (exact up to rounding);
-    a zero matrix gives rank 0.
-    """
-    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or not matrix.is_floating_point():
-        raise ValueError(f"truncate_energy: expected a float matrix [m, n], got "
-                         f"{getattr(matrix, 'dtype', type(matrix).__name__)} {tuple(getattr(matrix, 'shape', ()))}")
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    r = energy_rank(s, keep)
-    return u[:, :r], s[:r], vh[:r].transpose(0, 1)
+    return gnn, [(n, layer) for n, layer in gnn.modulated_layers(model) if isinstance(layer, ModulatedConv2d)]
 
 
 def compress_style(model, task, keep: float = 0.99, groups=("gamma", "beta")) -> dict:
@@ -57,13 +34,12 @@ def compress_style(model, task, keep: float = 0.99, groups=("gamma", "beta")) ->
     "rel_error": ||G - G_r||_F / ||G||_F}}}`` for every modulated conv of ``model`` (a converted
     network, e.g. ``mem.generator``). The factors plug into :func:`gmem.ops.modulated_conv2d`.
     """
+    gnn, layers = _conv_layers(model)
     index = gnn.task_index(model, task)
     if index == 0:
         raise ValueError("compress_style: the source task is the frozen base; pick a learned task")
     out = {}
-    for name, layer in gnn.modulated_layers(model):
-        if not isinstance(layer, ModulatedConv2d):
-            continue
+    for name, layer in layers:
         gamma, beta, _ = layer.style(index)
         entry = {}
         for group, value in (("gamma", gamma), ("beta", beta)):
@@ -139,14 +115,13 @@ def compress_tasks(model, tasks, keep_base: float = 0.9, keep_own: float = 0.99,
     tasks = list(tasks)
     if not tasks:
         raise ValueError("compress_tasks: need at least one task")
+    gnn, layers = _conv_layers(model)
     indices = [gnn.task_index(model, t) for t in tasks]
     if 0 in indices:
         raise ValueError("compress_tasks: the source task is the frozen base; list learned tasks only")
     pos = 0 if group == "gamma" else 1
     report, dense, compressed, worst = {}, 0, 0, 0.0
-    for name, layer in gnn.modulated_layers(model):
-        if not isinstance(layer, ModulatedConv2d):
-            continue
+    for name, layer in layers:
         mats = [layer.style(i)[pos].detach() for i in indices]
         L, R = knowledge_base(mats, keep_base)
         out, o, i = {}, mats[0].shape[0], mats[0].shape[1]

@@ -1,0 +1,46 @@
+"""Compression and knowledge sharing of style sets (the paper's Section 4.3 and Algorithm 1).
+
+The pieces, lowest first (none imports :mod:`gmem.nn` or anything above it at import time):
+
+- :mod:`.energy`: the energy rule. :func:`truncate_energy` ``(matrix [m, n], keep) -> (u, s, v)`` keeps
+  the fewest leading singular values whose sum reaches ``keep`` of the total (``keep=0`` -> rank 0);
+  :func:`residual_rank` counts the base's energy towards the target; :func:`width_fraction` is the
+  released code's kept fraction by layer width.
+- :mod:`.prior`: :class:`LowRankStyle`, one style matrix while a task trains
+  (``G = L diag(lam) R^T + E``), and :func:`nuclear_prior`, the weighted nuclear norm on ``E``.
+- :mod:`.base`: :class:`KnowledgeBase`, the growing basis of one style matrix and the tasks stored in it.
+- :mod:`.study`: singular-value plots and tables. :mod:`.posthoc`: truncating a naive task's dense
+  matrices directly (no training-time prior).
+
+API for the integration (phase B), per compressed conv (two matrices: ``Gamma`` and ``B``)::
+
+    kb = KnowledgeBase(O, I, dtype)                      # one per matrix, kept by the memory
+    style = LowRankStyle.from_base(kb, residual=init)    # training: lam from the last task, E init
+    gamma = style.dense()                                # [O, I] -> gmem.ops.modulated_conv2d
+    # trainer plug-in, every PRIOR_EVERY iterations (``it % PRIOR_EVERY == 0``), at full weight:
+    loss = loss + sum(s.prior(first_task=kb.rank == 0) for s in styles)
+    info = kb.add_task(name, style.lam, style.residual)  # after the task; keep=width_fraction(O)
+    lam, residual = fit_coefficients(kb, dense_gamma)    # converting a naive task, then add_task
+    kb.express(name) -> LowRank                          # sampling one task, never densified
+    kb.express_stack(names) -> LowRank [T, ...]          # mixed-task batch (task_ids index names)
+    kb.stored_values(name)                               # "generator_stored" (naive: O * I)
+    kb.tasks_using(columns), kb.remove_task(name)        # removal refused while later tasks use columns
+    kb.state_dict()                                      # flat tensors: "shape" + "tasks.<name>.*";
+    KnowledgeBase.from_state_dict(sd)                    #   one task's keys can go to its own file
+    storage_table({matrix_name: kb}) -> str              # ``gmem info`` in the paper's Table 1 layout
+"""
+from __future__ import annotations
+
+from .base import KnowledgeBase, fit_coefficients
+from .energy import WIDTH_FRACTIONS, energy_rank, residual_rank, truncate_energy, width_fraction
+from .posthoc import compress_style, compress_tasks, express_in_base, knowledge_base
+from .prior import PRIOR_EVERY, PRIOR_WEIGHT, LowRankStyle, nuclear_prior, prior_weights
+from .study import energy_table, plot_singular_values, singular_values, storage_table
+
+__all__ = [
+    "truncate_energy", "energy_rank", "residual_rank", "width_fraction", "WIDTH_FRACTIONS",
+    "nuclear_prior", "prior_weights", "LowRankStyle", "PRIOR_WEIGHT", "PRIOR_EVERY",
+    "KnowledgeBase", "fit_coefficients",
+    "singular_values", "plot_singular_values", "energy_table", "storage_table",
+    "compress_style", "compress_tasks", "knowledge_base", "express_in_base",
+]
