@@ -262,7 +262,10 @@ class KnowledgeBase:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor], device=None) -> "KnowledgeBase":
-        """Rebuild from :meth:`state_dict` output; bad or missing entries raise KeyError/ValueError naming the key."""
+        """Rebuild from :meth:`state_dict` output; bad or missing entries raise KeyError/ValueError naming the key.
+
+        The dtype is the factors'; a base without tasks (only ``"shape"``) comes back as float32.
+        """
         if not isinstance(state, Mapping):
             raise TypeError(f"KnowledgeBase.from_state_dict: expected a mapping, got {type(state).__name__}")
         shape = _entry(state, "shape")
