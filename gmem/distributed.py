@@ -1,57 +1,55 @@
 """Scale-out of one task over many processes: torchrun launch, gradient sync, sharded data, rank 0 I/O.
 
-Launch (one process per GPU, or per CPU socket with gloo)::
+Launch (one process per GPU; gloo on CPU)::
 
     torchrun --nproc_per_node N -m gmem.cli learn MEMORY NAME DATA ...
 
 Without torchrun every function here is a no-op for a single process (rank 0 of 1), so the same
-trainer code runs unchanged in both cases.
+trainer code runs in both cases.
 
-What scales. ``N`` ranks each take ``global_batch / N`` images of every global batch (the global
-batch must divide evenly), so one step of ``N`` ranks sees exactly the images, latents and noise of
-one step of a single process with the same seed; the gradients are averaged, so the update is that
-of the single process up to the floating-point order of the sum. Keep the learning rate when you
-keep the global batch (nothing to rescale); if you grow the global batch with ``N``, the usual
-linear or square-root lr scaling rules are yours to choose, nothing here applies one.
+What scales. Each of the ``N`` ranks takes ``global_batch / N`` images of every global batch (it must
+divide evenly): one step of ``N`` ranks sees exactly the images, latents and noise of one step of a
+single process with the same seed, and the averaged gradients give its update up to the order of the
+floating-point sum. Keep the learning rate when you keep the global batch; growing the global batch
+with ``N`` is a different run (rescale the lr as you would for a larger batch on one process).
 
-Why an explicit all-reduce and not ``DistributedDataParallel``. Only a task's trainable parameters
-(its style sets and per-task copies such as the discriminator head) may be synchronised; the frozen
-base is identical on every rank and must never enter a gradient bucket. One GP-GAN step runs a
-generator update that backpropagates through a discriminator whose parameters are switched off
-(``requires_grad_(False)``), then two discriminator forwards (real, fake) with two backward passes
-before a single optimiser step, and R1 needs ``torch.autograd.grad(..., create_graph=True)``, a
-double backward. DDP's reducer assumes one forward, one backward and a fixed set of parameters
-needing gradients per iteration: with two backward passes it all-reduces twice (or needs
-``no_sync``), toggling ``requires_grad`` on parameters it manages is unsupported, its hooks do not
-cover double backward, and keeping the frozen base out needs a private API. Averaging the
-gradients of the trainable list once, after the last backward and before ``optimizer.step()``, is
-exact, works for any number of forwards/backwards per step and needs no wrapper around the model.
-It does not overlap communication with the backward pass; style gradients are small, so the cost
-is one flat all-reduce per network per step.
+Why an explicit all-reduce, not ``DistributedDataParallel``. Only the task's trainable parameters
+(style sets, per-task copies such as the discriminator head) are synchronised; the frozen base is the
+same on every rank and never enters a bucket. One GP-GAN step backpropagates the generator loss
+through a discriminator whose parameters are switched off (``requires_grad_(False)``), then runs two
+discriminator forwards and backwards (real with R1, fake) before one optimiser step, and R1 is a
+double backward (``autograd.grad(..., create_graph=True)``). DDP's reducer expects one forward and one
+backward per step over a fixed set of parameters needing gradients: it would all-reduce twice (or
+need ``no_sync``), does not support toggling ``requires_grad`` on the parameters it manages nor
+double backward through its hooks, and excluding the base needs a private API. Averaging the
+trainable gradients once, after the last backward and before ``optimizer.step()``, is exact for any
+number of forwards and backwards. It does not overlap communication with the backward pass: the
+cost is one flat all-reduce of the (small) style gradients per network and step.
 
-Failures. Collectives time out (``timeout_s``, default ``GMEM_DIST_TIMEOUT`` or 600 s); when a peer
-dies or stops answering, the rank that notices raises :class:`PeerFailure` naming itself and what
-to do. Checkpoints hold no rank-specific state (see :class:`ShardedInfiniteSampler`), so the rerun
-resumes from the last checkpoint with any number of processes dividing the global batch.
+Failures. Collectives time out after ``timeout_s`` (default ``$GMEM_DIST_TIMEOUT`` or 600 s). A rank
+that sees a peer die or go silent raises :class:`PeerFailure` naming itself and what to do (under
+torchrun the launcher also stops the other ranks and names the first failure). With NCCL, a timed-out
+collective is ended by PyTorch's watchdog, which stops the process with its own message. Checkpoints
+hold no per-rank state, so a rerun resumes from the last one with any ``N`` dividing the global batch.
 
-API the trainer calls (phase B)::
+The API a trainer calls::
 
     from gmem import distributed as dist
-    with dist.distributed(resume_hint=str(ckpt_path)) as info:  # init from torchrun's env, cleanup
-        dev = info.device                          # cuda:LOCAL_RANK with NCCL, else cpu
+    with dist.distributed(resume_hint=str(ckpt_path)) as info:  # torchrun's env; cleanup on exit
+        model.to(info.device)                      # cuda:LOCAL_RANK with NCCL, else cpu
         dist.broadcast_parameters(trainable)       # every rank starts from rank 0's values
         sampler = dist.ShardedInfiniteSampler(len(data), dist.local_batch_size(bs), seed)
         bar = dist.progress(total=iterations)      # tqdm, disabled off rank 0
         for step ...:
             z = dist.shard(torch.randn(bs, z_dim, generator=rng))  # draw global, keep own rows
             loss.backward()
-            dist.all_reduce_gradients(trainable)   # before opt.step(); after the last backward
-            opt.step(); update_ema(...)            # on every rank: the states stay identical
+            dist.all_reduce_gradients(trainable)   # after the last backward, before opt.step()
+            opt.step(); update_ema(...)            # on every rank: states stay identical
             dist.save_on_main(state, ckpt_path)    # rank 0 writes, atomically
             if dist.is_main(): write_samples()
 
-Random draws made on every rank from the same seeded generator at the global batch size (then
-:func:`shard`) keep the generator state independent of the world size, as the sampler's is.
+Drawing random tensors at the global batch size on every rank from the same seeded generator, then
+keeping :func:`shard`, makes the generator's state independent of ``N``, like the sampler's.
 """
 from __future__ import annotations
 
@@ -59,7 +57,9 @@ import contextlib
 import datetime
 import functools
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -137,10 +137,9 @@ def init(*, backend: Optional[str] = None, timeout_s: Optional[float] = None,
     if tdist.is_available() and tdist.is_initialized():
         return _info()
     if not launched_by_torchrun():
-        partial = [k for k in _ENV_KEYS if k in os.environ and k not in ("MASTER_ADDR", "MASTER_PORT")]
-        if partial:
-            raise ValueError(f"incomplete torchrun environment: {', '.join(partial)} set but RANK and "
-                             "WORLD_SIZE are both needed (launch with torchrun, or unset them)")
+        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+            raise ValueError("incomplete torchrun environment: RANK and WORLD_SIZE must both be set "
+                             "(launch with torchrun, or unset them to run one process)")
         return _info()
     missing = [k for k in _ENV_KEYS if k not in os.environ and k != "LOCAL_RANK"]
     if missing:
@@ -180,15 +179,38 @@ def shutdown() -> None:
     _state["resume_hint"] = None
 
 
+def _rerun_advice() -> str:
+    hint = _state["resume_hint"]
+    return (f"rerun the same command: training resumes from the last checkpoint{f' ({hint})' if hint else ''}, "
+            "with any number of processes that divides the global batch.")
+
+
+def _on_sigterm(signum, frame):
+    raise PeerFailure(f"gmem.distributed: rank {rank()} of {world_size()} was stopped by SIGTERM (torchrun stops "
+                      "every rank when one fails and names the first failure in its summary; a scheduler may also "
+                      f"have ended the job). Once the cause is fixed, {_rerun_advice()}")
+
+
 @contextlib.contextmanager
 def distributed(*, backend: Optional[str] = None, timeout_s: Optional[float] = None,
                 resume_hint: Optional[str] = None) -> Iterator[DistInfo]:
-    """``with distributed() as info:`` :func:`init` on entry, :func:`shutdown` on exit (even on errors)."""
+    """``with distributed() as info:`` :func:`init` on entry, :func:`shutdown` on exit (even on errors).
+
+    With several ranks, SIGTERM (sent by torchrun to the other ranks when one fails) raises
+    :class:`PeerFailure` inside the block, so the rank unwinds and says how to resume; this handler
+    is installed only over the default one, from the main thread, and removed on exit.
+    """
     owned_before = _state["owned"] or (tdist.is_available() and tdist.is_initialized())
     info = init(backend=backend, timeout_s=timeout_s, resume_hint=resume_hint)
+    previous = None
+    if (info.world_size > 1 and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield info
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if not owned_before:
             shutdown()
 
@@ -231,14 +253,12 @@ def _collective(what: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RuntimeError as e:  # DistBackendError, DistNetworkError, gloo/NCCL errors, timeouts
-        hint = _state["resume_hint"]
-        where = f" from the last checkpoint ({hint})" if hint else " from the last checkpoint"
+        cause = (str(e).strip().splitlines() or [""])[0]
         raise PeerFailure(
             f"gmem.distributed: rank {rank()} of {world_size()}: {what} failed because another rank stopped, "
-            f"hung or cannot be reached ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). "
-            f"This rank stops too. Look for the first failing rank in the launcher's output (torchrun prints "
-            f"a summary), fix it, then rerun the same command: training resumes{where}, with any number of "
-            f"processes that divides the global batch.") from e
+            f"hung or cannot be reached ({type(e).__name__}: {cause}). This rank stops too. Look for the first "
+            f"failing rank in the launcher's output (torchrun prints a summary), fix it, then "
+            f"{_rerun_advice()}") from e
 
 
 def barrier() -> None:
@@ -250,13 +270,16 @@ def barrier() -> None:
 def _buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[list[int]]:
     """Indices of ``tensors`` grouped by (device, reduction dtype), each group cut at ``cap_bytes``."""
     groups: dict[tuple, list[list[int]]] = {}
+    used: dict[tuple, int] = {}
     for i, t in enumerate(tensors):
         dtype = torch.promote_types(t.dtype, torch.float32)  # half grads are summed in float32
-        chunks = groups.setdefault((t.device, dtype), [[]])
-        size = sum(tensors[j].numel() for j in chunks[-1]) * dtype.itemsize
-        if chunks[-1] and size + t.numel() * dtype.itemsize > cap_bytes:
+        key, size = (t.device, dtype), t.numel() * dtype.itemsize
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and used[key] + size > cap_bytes:
             chunks.append([])
+            used[key] = 0
         chunks[-1].append(i)
+        used[key] = used.get(key, 0) + size
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
@@ -267,6 +290,9 @@ def _check_params(params) -> list[torch.Tensor]:
             raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a tensor or nn.Parameter")
         if not p.is_floating_point():
             raise TypeError(f"params[{i}] has dtype {p.dtype}; only floating-point parameters are synchronised")
+        if world_size() > 1 and tdist.get_backend() == "nccl" and p.device.type != "cuda":
+            raise ValueError(f"params[{i}] is on {p.device} but NCCL needs CUDA tensors: move the model to "
+                             f"{_info().device} first")
     return params
 
 
@@ -303,11 +329,7 @@ def all_reduce_gradients(params: Iterable[torch.Tensor], *, bucket_mb: float = 3
                 raise RuntimeError(
                     f"all_reduce_gradients: parameter {i} (shape {tuple(p.shape)}) has a gradient on {count} of "
                     f"{world} ranks: every rank must run the same computation (no data-dependent branches)")
-            if count == 0:
-                continue
-            if p.grad is None:
-                p.grad = part.view_as(p).to(p.dtype).clone()
-            else:
+            if count:  # then this rank has a gradient too
                 p.grad.copy_(part.view_as(p.grad))
 
 
@@ -334,11 +356,8 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:
         flat = torch.cat([params[i].detach().reshape(-1).to(torch.promote_types(params[i].dtype, torch.float32))
                           for i in chunk])
         _collective("broadcast of the parameters", tdist.broadcast, flat, src=src)
-        offset = 0
-        for i in chunk:
-            n = params[i].numel()
-            params[i].copy_(flat[offset:offset + n].view_as(params[i]))
-            offset += n
+        for i, part in zip(chunk, flat.split([params[i].numel() for i in chunk])):
+            params[i].copy_(part.view_as(params[i]))
 
 
 def average_scalars(values: dict[str, float]) -> dict[str, float]:

@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def _launch(out: Path, *args: str, world: int = 2, wait_for=None) -> list[dict]:
     """Start ``world`` ranks of the worker; wait for the ranks ``wait_for`` (all by default), then
-    kill any still running (so also at the deadline).
+    stop any still running (so also at the deadline) with SIGTERM, and SIGKILL 30 s later.
 
     Returns per rank: ``rc``, ``output`` (stdout + stderr) and ``end`` (monotonic exit time).
     """
@@ -68,8 +68,13 @@ def _launch(out: Path, *args: str, world: int = 2, wait_for=None) -> list[dict]:
         time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
+            p.terminate()  # SIGTERM, as torchrun stops the other ranks
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             p.kill()
-        p.wait()
+            p.wait()
     for log in logs:
         log.close()
     return [{"rc": p.returncode, "end": e, "output": (out / f"log{r}.txt").read_text()}
@@ -156,7 +161,7 @@ def test_save_on_main_is_atomic(tmp_path):
 
 @pytest.mark.parametrize("env, needle", [
     ({"RANK": "0"}, "RANK and WORLD_SIZE"),
-    ({"LOCAL_RANK": "0"}, "LOCAL_RANK"),
+    ({"WORLD_SIZE": "2"}, "RANK and WORLD_SIZE"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2"),
     ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK='x'"),
@@ -301,6 +306,9 @@ def test_collectives_and_a_hung_rank_times_out(tmp_path):
         assert got["scalars"] == {"x": 0.5, "y": 1.0}
         assert got["shard"] == [[0, 1, 2], [3, 4, 5]][r]
     # rank 1 sleeps instead of reaching the last barrier: rank 0 gives up after the timeout
-    assert p1["rc"] == -signal.SIGKILL  # still sleeping when the launcher killed it
-    assert p0["end"] is not None and p0["rc"] != 0, p0["output"][-2000:]
+    assert p0["end"] is not None and p0["rc"] not in (0, -signal.SIGTERM, -signal.SIGKILL), p0["output"][-2000:]
     assert "PeerFailure" in p0["output"] and "rank 0 of 2: barrier failed" in p0["output"]
+    assert "rerun the same command" in p0["output"]
+    # then the launcher stops the silent rank with SIGTERM: it says so and how to resume
+    assert p1["end"] is None and p1["rc"] == 1, p1["output"][-2000:]
+    assert "rank 1 of 2 was stopped by SIGTERM" in p1["output"] and "rerun the same command" in p1["output"]
