@@ -439,7 +439,8 @@ def progress(*args, **kwargs):
     """A ``tqdm`` bar shown on rank 0 only (``disable=True`` elsewhere); arguments go to tqdm."""
     from tqdm import tqdm
 
-    kwargs["disable"] = bool(kwargs.get("disable", False)) or not is_main()
+    if not is_main():
+        kwargs["disable"] = True
     return tqdm(*args, **kwargs)
 
 

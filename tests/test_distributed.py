@@ -190,6 +190,7 @@ def test_bad_timeout_and_arguments_are_refused(monkeypatch):
         dist.broadcast_parameters([torch.zeros(1, dtype=torch.long)])
     with pytest.raises(ValueError, match="global batch"):
         dist.local_batch_size(0)
+    assert not dist.is_initialized()
 
 
 # ------------------------------------------------------------------------------------- sampler
