@@ -5,11 +5,14 @@ GAN-memory configuration of the paper's code: generator ``fc`` and every block `
 modulated (1x1 shortcuts, ``conv_img`` and the embedding frozen and shared); discriminator block
 convs modulated, its ``fc`` trained.
 
-* ``e2e_train``: one training iteration of a new task with the GP-GAN objective: a discriminator
-  step (non-saturating loss on real and generated images, R1 penalty on the real ones, gamma 10)
-  and a generator step, Adam (lr 1e-4, betas (0, 0.99)) on the task's style parameters. Reported as
-  ms per step and images/s (batch / step time). The R1 penalty differentiates through a gradient;
-  gmem computes that double backward with the differentiable reference formulas on every backend.
+* ``e2e_train``: one training iteration of a new task, run by the product's own step
+  (:class:`gmem.training.GANStep` with the settings :meth:`gmem.GANMemory.learn` uses: a generator
+  update, then a discriminator update on the same fakes with R1 ``10 * E||grad||^2`` on the reals,
+  Adam (lr 1e-4, betas (0, 0.99)) on the task's style parameters and discriminator head, EMA).
+  The real batch lives on the device and is not augmented (flips and dequantisation noise belong to
+  the data pipeline, not to the step being timed). Reported as ms per step and images/s (batch /
+  step time). The R1 penalty differentiates through a gradient; gmem computes that double backward
+  with the differentiable reference formulas on every backend.
 * ``e2e_replay``: generative replay, one generator forward of a batch whose samples come from
   different tasks (``use_tasks``), without gradients.
 
@@ -24,7 +27,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import timing
 from .providers import compiled_backends
@@ -33,7 +35,7 @@ from .providers import compiled_backends
 E2E_QUICK = timing.Budget(warmup=1, warmup_s=0.0, min_reps=3, max_reps=5, min_time_s=0.0)
 
 try:  # the configuration GANMemory uses, when it is there
-    from gmem.memory import D_MODULATED, G_MODULATED
+    from gmem.registry import D_MODULATED, G_MODULATED
 except Exception:  # noqa: BLE001 - the paper's configuration
     G_MODULATED = ("fc", "resnet_*.conv_0", "resnet_*.conv_1")
     D_MODULATED = ("resnet_*.conv_0", "resnet_*.conv_1")
@@ -83,47 +85,39 @@ def _networks(model: Model, device: str, modulated: bool, tasks: int):
 
 
 def train_step_fn(model: Model, device: str, backend: Optional[str]) -> Callable[[], object]:
-    """One D step (with R1) and one G step on a new task; ``backend=None`` means unconverted (plain)."""
+    """One :class:`gmem.training.GANStep` on a new task; ``backend=None`` means unconverted (plain)."""
     import gmem.nn as gnn
+    from gmem.data import TensorImages
+    from gmem.learning import LEARN_DEFAULTS
+    from gmem.models import Discriminator, Generator
+    from gmem.registry import TaskRegistry
+    from gmem.seeding import seeded
+    from gmem.training import GANParts, GANStep, RealBatches, StepConfig
 
-    G, D, g_params, d_params = _networks(model, device, backend is not None, tasks=1)
-    if backend is not None:
-        gnn.set_backend(G, backend)
-        gnn.set_backend(D, backend)
-    opt_g = torch.optim.Adam(g_params, lr=1e-4, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(d_params, lr=1e-4, betas=(0.0, 0.99))
+    with seeded(0):
+        G = Generator(model.size, model.nf, model.z_dim, model.embed_size)
+        D = Discriminator(model.size, model.nf)
+    if backend is None:  # every conv/linear weight trains
+        G, D = G.to(device), D.to(device)
+        parts = GANParts(generate=lambda z, y: G(z, y), discriminate=lambda x, y: D(x, y),
+                         g_params=list(G.parameters()), d_params=list(D.parameters()), z_dim=model.z_dim,
+                         modules=(G, D))
+    else:  # the task's style parameters and discriminator head, as GANMemory.learn trains them
+        reg = TaskRegistry(G, D, g_include=list(G_MODULATED), d_include=list(D_MODULATED))
+        reg.to(device)
+        gnn.set_backend(reg.G, backend)
+        gnn.set_backend(reg.D, backend)
+        reg.add("task", None, {"name": "task"})
+        g_params, d_params = reg.trainable("task")
+        parts = GANParts(generate=lambda z, y: reg.generate("task", z, y),
+                         discriminate=lambda x, y: reg.discriminate("task", x, y),
+                         g_params=g_params, d_params=d_params, z_dim=model.z_dim, modules=(reg.G, reg.D))
     b = model.batch
-    real = torch.rand(b, 3, model.size, model.size, device=device) * 2 - 1
-
-    def contexts():
-        if backend is None:
-            import contextlib
-
-            return contextlib.nullcontext(), contextlib.nullcontext()
-        return gnn.use_task(G, 1), gnn.use_task(D, 1)
-
-    def step():
-        cg, cd = contexts()
-        with cg, cd:
-            # discriminator: non-saturating loss + R1 on real data
-            x = real.detach().requires_grad_(True)
-            d_real = D(x)
-            (grad,) = torch.autograd.grad(d_real.sum(), x, create_graph=True)
-            r1 = grad.pow(2).reshape(b, -1).sum(1).mean()
-            with torch.no_grad():
-                fake = G(torch.randn(b, model.z_dim, device=device))
-            loss_d = F.softplus(-d_real).mean() + F.softplus(D(fake)).mean() + 5.0 * r1
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward(inputs=d_params)
-            opt_d.step()
-            # generator
-            loss_g = F.softplus(-D(G(torch.randn(b, model.z_dim, device=device)))).mean()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward(inputs=g_params)
-            opt_g.step()
-        return loss_d.detach(), loss_g.detach()
-
-    return step
+    with seeded(1):
+        real = TensorImages(torch.rand(b, 3, model.size, model.size).to(device) * 2 - 1, model.size)
+    config = StepConfig(**LEARN_DEFAULTS, flip=False, noise=0.0)
+    step = GANStep(parts, RealBatches(real, b, seed=0), config, seed=0, device=device)
+    return step.step
 
 
 def replay_step_fn(model: Model, device: str, backend: Optional[str]) -> Callable[[], object]:

@@ -24,7 +24,9 @@ def _train_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed-size", type=int, default=64, help="label embedding size (default 64)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, betas (0, 0.99) (default 1e-4)")
-    p.add_argument("--r1-gamma", type=float, default=10.0, help="R1 penalty weight on real data (default 10)")
+    p.add_argument("--r1-gamma", type=float, default=10.0,
+                   help="R1 penalty on real data, added as GAMMA * E||grad D(x)||^2 (the released code's "
+                        "convention; the paper's gamma/2 notation) (default 10)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampling generator (default 0.999)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--sample-every", type=int, default=500, help="iterations between sample grids (default 500)")
@@ -33,6 +35,9 @@ def _train_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint.pt exists")
+    p.add_argument("--restart", action="store_true",
+                   help="if OUT/checkpoint.pt belongs to another run (other data or settings), discard it "
+                        "and start over (without this, that is an error saying what differs)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="after training, write the EMA generator + discriminator as a base "
                         "(base.json + base.safetensors, fp16) to DIR; load with gmem.models.load_base(DIR)")
@@ -52,11 +57,15 @@ def _train_base_run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         args.data = str(SOURCE_DATA)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # a CLI entry point: the only place that sets global state
     trainer = train_base(args.data, args.out, iterations=args.iterations, size=args.size, nf=args.nf,
                          z_dim=args.z_dim, embed_size=args.embed_size, batch_size=args.batch_size, lr=args.lr,
                          r1_gamma=args.r1_gamma, ema_decay=args.ema, seed=args.seed,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-                         max_minutes=args.max_minutes, threads=args.threads, resume=not args.no_resume,
+                         max_minutes=args.max_minutes, resume=not args.no_resume, restart=args.restart,
                          device=args.device)
     print(f"trained to iteration {trainer.iteration}; checkpoint in {args.out}/checkpoint.pt")
     if args.export:

@@ -126,7 +126,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 def _sample_run(args) -> int:
     import torch
 
-    from .train_base import save_grid
+    from .images import save_grid
 
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
@@ -173,7 +173,7 @@ def _interp_args(p: argparse.ArgumentParser) -> None:
 def _interp_run(args) -> int:
     import torch
 
-    from .train_base import save_grid
+    from .images import save_grid
 
     if args.steps < 2 and args.lam is None:
         raise ValueError("--steps must be >= 2")

@@ -36,17 +36,28 @@ CONDITIONAL = {"fashion_mnist"}  # learned as a conditional task (one generator 
 def run_demo(out="runs/demo", *, tasks=None, iterations: int = 400, time_budget: float = 360.0,
              batch_size: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None, base=None, device="cpu", columns: int = 10,
              score_samples: int = 256, progress: bool = True) -> int:
-    """Run the demo; returns the process exit code (0 ok, 3 if anything was forgotten)."""
+    """Run the demo (the ``gmem demo`` entry point); returns the process exit code (0 ok, 3 if anything
+    was forgotten). Runs with ``threads`` torch threads (default 1: on a busy 2-core machine two
+    OpenMP threads were much slower than one) and restores the caller's thread count afterwards."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or 1)
+    try:
+        return _demo(out, tasks=tasks, iterations=iterations, time_budget=time_budget, batch_size=batch_size, lr=lr,
+                     seed=seed, base=base, device=device, columns=columns, score_samples=score_samples,
+                     progress=progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, lr: float, seed: int, base, device,
+          columns: int, score_samples: int, progress: bool) -> int:
     from .data import as_dataset, batch, demo_datasets
     from .eval import pixel_fid
+    from .images import save_grid
     from .memory import GANMemory
     from .models import load_base
-    from .train_base import save_grid
 
     t_start = time.time()
-    # One thread by default: on a busy 2-core machine two OpenMP threads ran 10-20x slower than one
-    # (measured: 0.35 s/it with 1 thread vs 4-8 s/it with 2 while other jobs ran); --threads overrides.
-    torch.set_num_threads(threads or 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     available = demo_datasets()

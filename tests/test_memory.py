@@ -48,7 +48,7 @@ def test_conversion_follows_the_paper(mem):
 def test_learning_changes_only_the_new_task(mem):
     mem.learn("a", images(), iterations=2, batch_size=4, seed=0, progress=False)
     g0, d0 = snapshot(mem.generator), snapshot(mem.discriminator)
-    fc_a = {k: v.clone() for k, v in mem._d_fc["a"].state_dict().items()}
+    fc_a = {k: v.clone() for k, v in mem.registry.heads["a"].state_dict().items()}
     mem.learn("b", images(seed=1), iterations=3, batch_size=4, seed=1, progress=False)
     g1, d1 = snapshot(mem.generator), snapshot(mem.discriminator)
     changed_g = {k for k in g0 if not torch.equal(g0[k], g1[k])}
@@ -56,7 +56,7 @@ def test_learning_changes_only_the_new_task(mem):
     assert changed_g == set() and changed_d == set()          # nothing that existed before moved
     new_g = set(g1) - set(g0)
     assert new_g and all(".styles.1." in k for k in new_g)    # task b is the second style set
-    assert all(torch.equal(v, mem._d_fc["a"].state_dict()[k]) for k, v in fc_a.items())
+    assert all(torch.equal(v, mem.registry.heads["a"].state_dict()[k]) for k, v in fc_a.items())
     # b's parameters did train
     b_state = gnn.style_state_dict(mem.generator, "b")
     src = gnn.style_state_dict(mem.generator, "source")
@@ -157,11 +157,33 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(v, snapshot(part.generator)[k]), k
     for k, v in snapshot(full.discriminator).items():
         assert torch.equal(v, snapshot(part.discriminator)[k]), k
-    assert torch.equal(full._d_fc["t"].weight, part._d_fc["t"].weight)
+    assert torch.equal(full.registry.heads["t"].weight, part.registry.heads["t"].weight)
     assert list((tmp_path / "samples").glob("it_*.png"))
     with pytest.raises(CheckpointError, match="another run"):
         GANMemory.from_base(*tiny_base()).learn("t", data, iterations=5, batch_size=4, seed=4,
                                                 out_dir=tmp_path, progress=False)
+
+
+def test_resume_refuses_other_data_and_restart_discards(tmp_path):
+    """Issue 12: an interrupted task relearned from other data must not resume the old checkpoint."""
+    from gmem.training import ResumeMismatch
+
+    def crash(it, losses):
+        if it == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GANMemory.from_base(*tiny_base()).learn("t", images(8), iterations=3, batch_size=4, seed=3, out_dir=tmp_path,
+                                                checkpoint_every=1, callback=crash, progress=False)
+    other = images(8, seed=9)
+    mem = GANMemory.from_base(*tiny_base())
+    with pytest.raises(ResumeMismatch, match="data=") as err:
+        mem.learn("t", other, iterations=3, batch_size=4, seed=3, out_dir=tmp_path, progress=False)
+    assert "settings" not in str(err.value) and "restart" in str(err.value) and mem.tasks == []
+    mem.learn("t", other, iterations=3, batch_size=4, seed=3, out_dir=tmp_path, progress=False, restart=True)
+    fresh = GANMemory.from_base(*tiny_base())
+    fresh.learn("t", other, iterations=3, batch_size=4, seed=3, progress=False)
+    assert torch.equal(mem.sample("t", 2, seed=0), fresh.sample("t", 2, seed=0))
 
 
 def test_save_load_round_trip_and_lazy_loading(mem, tmp_path):
@@ -179,7 +201,7 @@ def test_save_load_round_trip_and_lazy_loading(mem, tmp_path):
     assert torch.equal(loaded.sample("a", 4, seed=0), xa) and loaded.loaded_tasks == ["a"]
     assert torch.equal(loaded.sample("c", 4, seed=0), xc)
     assert torch.equal(loaded.discriminator.fc.weight, mem.discriminator.fc.weight)
-    assert torch.equal(loaded._d_fc["c"].weight, mem._d_fc["c"].weight)
+    assert torch.equal(loaded.registry.heads["c"].weight, mem.registry.heads["c"].weight)
     # the custom base was stored once and is checked
     assert (tmp_path / "base" / "base.safetensors").is_file()
 

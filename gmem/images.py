@@ -1,0 +1,45 @@
+"""Image grids: the one place that turns image tensors into PNG files (CLI, demo, training loop)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .atomic import atomic_write
+
+__all__ = ["image_grid", "save_grid"]
+
+
+def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> torch.Tensor:
+    """Tile images ``[N, C, H, W]`` into one image ``[C, rows*(H+pad)+pad, nrow*(W+pad)+pad]``.
+
+    ``nrow`` images per row (default: a square-ish grid); the padding is black (-1).
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("no images to put in a grid")
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    rows = int(math.ceil(n / nrow))
+    grid = images.new_full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1) -> None:
+    """Write images ``[N, C, H, W]`` in [-1, 1] as one PNG grid (atomically), upscaled by ``scale``."""
+    from PIL import Image
+
+    grid = image_grid(images.detach().float().cpu(), nrow)
+    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
