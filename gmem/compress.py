@@ -5,7 +5,7 @@ the fewest leading singular triplets whose singular values sum to at least ``kee
 :func:`compress_style` applies it to one task's ``Gamma``/``B`` matrices of a :class:`gmem.GANMemory`
 (or any converted model) and returns :class:`gmem.ops.LowRank` factors with their errors;
 :func:`knowledge_base` builds a shared basis ``L, R`` from several tasks' matrices and expresses one
-task's matrix as ``L diag(lam) R^T + U diag(s) V^T`` (DESIGN.md "Low-rank").
+task's matrix as ``L diag(lam) R^T + U diag(s) V^T`` (docs/design.md, section 4).
 """
 from __future__ import annotations
 

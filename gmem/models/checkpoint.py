@@ -115,8 +115,9 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"{path}: cannot read the checkpoint (damaged, truncated, or not a "
-                              f"torch.save file of tensors): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"torch.save file of tensors): {type(e).__name__}: {first_line}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict with 'generator', 'generator_test', 'discriminator', "
                               f"got {type(ckpt).__name__}")

@@ -64,8 +64,8 @@ def num_stages(size: int, s0: int = S0) -> int:
         raise ValueError(f"s0 (the start size) must be a positive int, got {s0!r}")
     if (isinstance(size, bool) or not isinstance(size, int) or size < 2 * s0 or size % s0
             or (size // s0) & (size // s0 - 1)):
-        raise ValueError(f"size must be s0 * 2**k with k >= 1 (s0={s0}: {', '.join(str(s0 * 2 ** k) for k in range(1, 5))}"
-                         f", ...), got {size!r}")
+        examples = ", ".join(str(s0 * 2 ** k) for k in range(1, 5))
+        raise ValueError(f"size must be s0 * 2**k with k >= 1 (s0={s0}: {examples}, ...), got {size!r}")
     return int(math.log2(size // s0))
 
 
