@@ -18,8 +18,9 @@ not 299x299 is resized bilinearly (``align_corners=False``, no anti-aliasing) to
 Agreement with pytorch-fid's own network: :func:`pytorch_fid_state_dict` converts the TorchScript's
 parameters into the state-dict layout of pytorch-fid's ``FIDInceptionV3`` and
 :func:`pytorch_fid_inception` builds pytorch-fid's ``InceptionV3`` from it, without a download. The
-two networks' pool features on identical inputs differ by float32 rounding only (the README gives the
-measured maximum difference and the FID between the two; ``python tools/fid_agreement.py`` measures).
+two networks' pool features on identical inputs differ by float32 rounding only: on 16 embedded 32x32
+images the largest difference was 9.5e-6 (features up to 6.6) and the FID between the two feature sets
+1.7e-9 (``python tools/fid_agreement.py --n 16 --threads 1``).
 """
 from __future__ import annotations
 
