@@ -22,7 +22,7 @@ venv=${1:-.venv}
 
 PYTHON=${PYTHON:-python3}
 cache_root=${GMEM_VENV_CACHE:-$HOME/.cache/gmem/venvs}
-key=$( { cat constraints.txt requirements-dev.txt; "$PYTHON" -c 'import sys; print(sys.version)'; } \
+key=$( { cat constraints.txt requirements-dev.txt requirements-nodeps.txt; "$PYTHON" -c 'import sys; print(sys.version)'; } \
        | sha256sum | cut -c1-16)
 shared="$cache_root/$key"
 mkdir -p "$cache_root"
@@ -35,6 +35,9 @@ mkdir -p "$cache_root"
         "$PYTHON" -m venv "$shared"
         "$shared/bin/pip" install --quiet --disable-pip-version-check \
             -r requirements-dev.txt -c constraints.txt
+        # packages whose declared dependencies gmem does not use (see requirements-nodeps.txt)
+        "$shared/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+            -r requirements-nodeps.txt -c constraints.txt
         touch "$shared/.complete"
     fi
 ) 9>"$cache_root/.lock-$key"
