@@ -1,0 +1,539 @@
+"""The on-disk store of a GAN memory: manifest, task files, locking, verification, confinement, GC.
+
+A memory directory holds::
+
+    manifest.json                        the list of tasks (name, file, sha256, settings, metrics)
+    tasks/<stem>-<sha16>.safetensors     one immutable file per task, named by the SHA-256 of its bytes
+    base/                                the base of a memory on a custom base (gmem.models.save_base)
+    .lock                                locked (flock) by writers while they update the manifest
+    runs/<stem>-<hash8>/                 progress files of ``gmem learn`` (samples, checkpoint)
+
+The rules, after git's object store:
+
+- Task files are content addressed: the bytes of a task are deterministic (safetensors with sorted
+  keys, see :func:`task_bytes`), the file name carries their hash, and a file already present is
+  never rewritten. Every write goes to a unique temporary name and is renamed into place.
+- Writers hold an exclusive ``fcntl.flock`` on ``.lock`` only while they read, merge and replace the
+  manifest (:func:`commit`); training runs unlocked. The merge keeps what other processes added
+  meanwhile: a save adds or updates its own tasks and removes only the tasks it removed itself.
+  Two processes writing different contents under one task name: the second is refused
+  (:class:`TaskConflictError`) and the first one's task stays.
+- Readers take no lock: the manifest is replaced atomically, and a task file leaves the directory
+  only after it has been unreferenced for :data:`GC_GRACE_SECONDS` (:func:`collect_garbage`), so a
+  reader finds every file of the manifest it listed (unless it waits longer than that to read it).
+- Names never become paths: a task name is validated (:func:`validate_task_name`) and only a
+  sanitised stem of it appears in file names; every path read from a manifest must resolve inside
+  the memory directory, symlinks included (:func:`inside`); a task entry without a SHA-256 cannot
+  be read.
+
+``flock`` needs a local file system (or NFSv4 with working locks).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import struct
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .models import CheckpointError
+
+MANIFEST = "manifest.json"
+FORMAT = "gmem-memory-v1"
+TASK_FORMAT = "gmem-task-v1"
+TASKS_DIR = "tasks"
+LOCK_NAME = ".lock"
+LOCK_TIMEOUT = 60.0          # seconds a writer waits for another one to finish its manifest update
+GC_GRACE_SECONDS = 600.0     # unreferenced files younger than this are kept (a reader may still need them)
+MAX_NAME_LENGTH = 128
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TaskFileError(CheckpointError):
+    """A task file that is missing or damaged; the message names the file and the task."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest that cannot be used; the message names the file and the field."""
+
+
+class LockTimeoutError(CheckpointError):
+    """Another process held the memory's lock for longer than the timeout."""
+
+
+class TaskConflictError(CheckpointError):
+    """Another process wrote a different task under the same name; nothing was saved."""
+
+
+# ------------------------------------------------------------------------------------- names, paths
+def validate_task_name(name) -> str:
+    """``name`` if it is a valid task name, else ValueError/TypeError saying why.
+
+    Valid: a non-empty str of at most :data:`MAX_NAME_LENGTH` characters, not ``"source"`` (the
+    base), without ``/`` or ``\\``, control characters (NUL included) or a leading dot.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str, got {type(name).__name__}")
+    if not name or not name.strip():
+        raise ValueError("task name must not be empty")
+    if name == "source":
+        raise ValueError("task name 'source' is reserved for the base")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"task name is {len(name)} characters long, at most {MAX_NAME_LENGTH} are allowed")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"task name {name!r} contains a path separator ('/' or '\\')")
+    bad = [c for c in name if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"]
+    if bad:
+        raise ValueError(f"task name {name!r} contains control characters ({', '.join(repr(c) for c in bad[:3])})")
+    if name.startswith("."):
+        raise ValueError(f"task name {name!r} starts with a dot")
+    return name
+
+
+def _stem(name: str) -> str:
+    """A file-name-safe stem of a task name (letters, digits, ``_-``; at most 40 characters)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "task"
+
+
+def task_file_name(name: str, digest: str) -> str:
+    """Manifest-relative path of a task file: ``tasks/<stem>-<sha256[:16]>.safetensors``."""
+    return f"{TASKS_DIR}/{_stem(name)}-{digest[:16]}.safetensors"
+
+
+def run_dir_name(name: str) -> str:
+    """Directory name (under ``runs/``) for a task's progress files: stem + hash of the full name."""
+    return f"{_stem(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def inside(directory, rel, field: str = "path") -> Path:
+    """``directory / rel`` resolved, if it stays inside ``directory`` (symlinks followed); else ManifestError."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ManifestError(f"{field} must be a non-empty relative path, got {rel!r}")
+    if os.path.isabs(rel) or rel.startswith("\\"):
+        raise ManifestError(f"{field} {rel!r} is an absolute path; paths in a memory are relative to it")
+    root = Path(directory).resolve()
+    path = (root / rel).resolve()
+    if path != root and root not in path.parents:
+        raise ManifestError(f"{field} {rel!r} resolves to {path}, outside the memory directory {root}")
+    return path
+
+
+def entry_path(directory, entry: dict) -> Path:
+    """The (unchecked) path a manifest entry names, for messages and bookkeeping."""
+    return Path(directory) / str(entry.get("file", ""))
+
+
+# ------------------------------------------------------------------------------------- bytes, files
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def task_bytes(tensors: dict[str, Tensor], task: str) -> bytes:
+    """Deterministic safetensors bytes of a task's tensors: equal tensors give equal bytes in any process.
+
+    The header is JSON with sorted keys (safetensors itself writes metadata in a per-process random
+    order), tensors are laid out in name order; :func:`safetensors.torch.load` reads the result.
+    """
+    header: dict = {"__metadata__": {"format": TASK_FORMAT, "task": task}}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{key}: cannot store dtype {t.dtype}")
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temporary name next to ``path``, unique per process and call (pid + random)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a unique temporary file, fsync and ``os.replace`` (never half a file)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename durable (not every file system allows this)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prepare_directory(directory) -> Path:
+    """Create ``directory`` and its ``tasks/`` (refusing a ``tasks`` that leads outside); returns the directory."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a memory must be a directory, this is a file", str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    tasks = inside(directory, TASKS_DIR, "tasks directory")
+    if tasks.exists() and not tasks.is_dir():
+        raise ManifestError(f"{directory / TASKS_DIR} is not a directory")
+    tasks.mkdir(exist_ok=True)
+    return directory
+
+
+def write_task_file(directory, name: str, data: bytes) -> tuple[str, str]:
+    """Store a task's bytes; returns ``(manifest-relative file, sha256)``. Present files are not rewritten.
+
+    A present file gets its modification time refreshed, so garbage collection (which spares young
+    files) cannot remove it before the manifest that references it again is written.
+    """
+    digest = sha256_bytes(data)
+    rel = task_file_name(name, digest)
+    path = inside(directory, rel, "task file")
+    if path.is_file() and sha256_file(path) == digest:
+        os.utime(path)
+    else:
+        atomic_write_bytes(path, data)
+    return rel, digest
+
+
+def read_task_bytes(directory, name: str, entry: dict) -> bytes:
+    """The checked bytes of a task file (inside the memory, SHA-256 as the manifest says); TaskFileError if not."""
+    shown = entry_path(directory, entry)
+    try:
+        path = inside(directory, entry.get("file"), "file")
+    except ManifestError as e:
+        raise TaskFileError(f"task {name!r}: unusable manifest entry: {e}") from None
+    expected = entry.get("sha256")
+    if not isinstance(expected, str) or not _HEX64.fullmatch(expected):
+        raise TaskFileError(f"task {name!r}: manifest field 'sha256' is missing or not a SHA-256 "
+                            f"({expected!r}), so {shown} cannot be checked")
+    if not path.is_file():
+        raise TaskFileError(f"task {name!r}: file missing: {shown}")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != expected:
+        raise TaskFileError(f"task {name!r}: damaged file {shown} (sha256 {digest[:12]}... does not match "
+                            f"{expected[:12]}... in {MANIFEST})")
+    return data
+
+
+def read_task(directory, name: str, entry: dict) -> dict[str, Tensor]:
+    """A task's tensors from its checked file; TaskFileError naming the file if anything is wrong."""
+    data = read_task_bytes(directory, name, entry)
+    try:
+        from safetensors.torch import load as st_load
+
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types for damaged data
+        raise TaskFileError(f"task {name!r}: cannot read {entry_path(directory, entry)}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------- manifest
+def validate_manifest(manifest, path) -> dict:
+    """Check a parsed manifest's structure; ManifestError naming the file and the field otherwise.
+
+    Per-task file problems (missing/absolute ``file``, missing ``sha256``) are not checked here: they
+    make that task unreadable (:func:`read_task`), not the memory.
+    """
+    def fail(field, problem):
+        raise ManifestError(f"{path}: damaged manifest: field {field!r} {problem}")
+
+    if not isinstance(manifest, dict):
+        fail("(top level)", f"must be an object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        fail("format", f"is {manifest.get('format')!r}, expected {FORMAT!r}")
+    base = manifest.get("base")
+    if not isinstance(base, dict):
+        fail("base", "is missing or not an object")
+    if not isinstance(base.get("sha256"), str) or not _HEX64.fullmatch(base["sha256"]):
+        fail("base.sha256", f"must be a SHA-256 hex string, got {base.get('sha256')!r}")
+    if base.get("kind", "custom") not in ("default", "custom"):
+        fail("base.kind", f"must be 'default' or 'custom', got {base.get('kind')!r}")
+    if base.get("kind") != "default":
+        try:
+            inside(Path(path).parent, base.get("path", "base"), "base.path")
+        except ManifestError as e:
+            fail("base.path", f"is unusable: {e}")
+    conv = manifest.get("conversion", {})
+    if not isinstance(conv, dict):
+        fail("conversion", "must be an object")
+    for key in ("generator", "discriminator"):
+        if key in conv and (not isinstance(conv[key], list) or not all(isinstance(g, str) for g in conv[key])):
+            fail(f"conversion.{key}", "must be a list of strings")
+    if "discriminator_fc_per_task" in conv and not isinstance(conv["discriminator_fc_per_task"], bool):
+        fail("conversion.discriminator_fc_per_task", "must be true or false")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, list):
+        fail("tasks", "is missing or not a list")
+    seen = set()
+    for i, entry in enumerate(tasks):
+        if not isinstance(entry, dict):
+            fail(f"tasks[{i}]", "must be an object")
+        try:
+            validate_task_name(entry.get("name"))
+        except (TypeError, ValueError) as e:
+            fail(f"tasks[{i}].name", f"is invalid: {e}")
+        if entry["name"] in seen:
+            fail(f"tasks[{i}].name", f"repeats the task name {entry['name']!r}")
+        seen.add(entry["name"])
+        classes = entry.get("num_classes")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                    or not 1 <= classes <= 100_000):
+            fail(f"tasks[{i}].num_classes", f"must be null or an int in 1..100000, got {classes!r}")
+        for key in ("metrics", "training"):
+            if not isinstance(entry.get(key, {}), dict):
+                fail(f"tasks[{i}].{key}", "must be an object")
+    return manifest
+
+
+def read_manifest(directory) -> dict:
+    """The validated manifest of a memory directory (FileNotFoundError if there is none)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a memory must be a directory, this is a file", str(directory))
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no GAN memory at {directory}: {MANIFEST} not found")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: damaged manifest (not JSON: {e})") from None
+    return validate_manifest(manifest, path)
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    atomic_write_bytes(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------- locking
+@contextlib.contextmanager
+def lock(directory, timeout: Optional[float] = None):
+    """Hold the memory's writer lock (exclusive ``flock`` on ``<directory>/.lock``) inside the block.
+
+    Waits up to ``timeout`` seconds (default :data:`LOCK_TIMEOUT`), then raises LockTimeoutError
+    naming the process that holds it. The lock dies with its process: no stale lock files.
+    """
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    path = Path(directory) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    raise LockTimeoutError(f"{path}: another gmem process (pid {holder}) has been writing this "
+                                           f"memory for more than {timeout:g} s; try again later") from None
+                time.sleep(0.02)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def claim(directory, name: str):
+    """Mark task ``name`` as being learned into ``directory`` by this process (non-blocking flock).
+
+    A second process claiming the same name while the first holds it gets TaskConflictError at once,
+    before it trains anything. The claim file lives in the task's run directory.
+    """
+    run = Path(directory) / "runs" / run_dir_name(validate_task_name(name))
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise TaskConflictError(f"task {name!r} is being learned into {directory} by another process "
+                                    f"(pid {holder}) right now; wait for it or pick another name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield run
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- commit, GC
+def commit(directory, base: dict, conversion: dict, put: Iterable[dict], *, refresh: Iterable[dict] = (),
+           removed: Iterable[str] = (), known: Optional[dict] = None, before_write: Optional[Callable[[], None]] = None,
+           version: str = "", timeout: Optional[float] = None) -> dict:
+    """Merge this process's changes into the memory's manifest under the lock; returns the new manifest.
+
+    ``put``: manifest entries (with ``file``/``sha256`` already stored) to add or update; ``removed``:
+    names this process removed; ``known``: ``{name: sha256}`` of the tasks as this process last read
+    them from this directory. ``refresh``: entries of tasks this process did not change (settings,
+    metrics) applied only where the task still has the same ``sha256``; not re-added if another
+    process removed them. Entries of other tasks are kept as they are. An entry whose name exists
+    with other contents that this process did not know raises TaskConflictError (nothing written).
+    ``before_write`` runs under the lock before the manifest is replaced (e.g. to store the base).
+    """
+    directory = Path(directory)
+    known = dict(known or {})
+    put = list(put)
+    with lock(directory, timeout):
+        try:
+            current = read_manifest(directory)
+        except FileNotFoundError:
+            current = None
+        tasks = {e["name"]: e for e in current["tasks"]} if current else {}
+        if current is not None:
+            if current["base"]["sha256"] != base["sha256"]:
+                raise ManifestError(f"{directory / MANIFEST}: this directory holds a memory on another base "
+                                    f"(sha256 {current['base']['sha256'][:12]}..., this memory's is "
+                                    f"{base['sha256'][:12]}...); save to another directory")
+            if current.get("conversion", conversion) != conversion:
+                raise ManifestError(f"{directory / MANIFEST}: this directory holds a memory with another "
+                                    f"conversion ({current.get('conversion')}); save to another directory")
+        for entry in put:
+            name, old = entry["name"], tasks.get(entry["name"])
+            if old is not None and old.get("sha256") != entry["sha256"] and known.get(name) != old.get("sha256"):
+                raise TaskConflictError(f"task {name!r} in {directory} was written by another process with other "
+                                        "contents; nothing was saved (load the memory again, or use another name)")
+        dropped = [tasks.pop(n)["file"] for n in set(removed) if n in tasks and isinstance(tasks[n].get("file"), str)]
+        order = list(tasks)
+        for entry in put:
+            old = tasks.get(entry["name"])
+            if old is not None and old.get("file") != entry["file"] and isinstance(old.get("file"), str):
+                dropped.append(old["file"])
+            tasks[entry["name"]] = entry
+            if entry["name"] not in order:
+                order.append(entry["name"])
+        for entry in refresh:
+            old = tasks.get(entry["name"])
+            if old is not None and old.get("sha256") == entry.get("sha256") and old.get("file") == entry.get("file"):
+                tasks[entry["name"]] = entry
+        if before_write is not None:
+            before_write()
+        manifest = {"format": FORMAT, "gmem_version": version, "base": base, "conversion": conversion,
+                    "tasks": [tasks[n] for n in order]}
+        _write_manifest(directory, manifest)
+        _touch_unreferenced(directory, dropped, manifest)
+        collect_garbage(directory, manifest=manifest)
+    return manifest
+
+
+def _touch_unreferenced(directory: Path, files: list[str], manifest: dict) -> None:
+    """Start the grace period of files that just left the manifest (a reader may still be about to read them)."""
+    referenced = {e.get("file") for e in manifest["tasks"]}
+    for rel in files:
+        if rel in referenced:
+            continue
+        with contextlib.suppress(ManifestError, OSError):
+            os.utime(inside(directory, rel))
+
+
+def collect_garbage(directory, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS) -> list[Path]:
+    """Delete task files and temporary files that the manifest does not reference and that are older than ``grace``.
+
+    Call it under :func:`lock` (``commit`` does). Young files are spared: another writer may be about
+    to reference them, or a reader may still read a file that left the manifest a moment ago.
+    Returns the deleted paths.
+    """
+    directory = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    try:
+        tasks_dir = inside(directory, TASKS_DIR, "tasks directory")
+    except ManifestError:
+        return []
+    referenced = set()
+    for e in manifest["tasks"]:
+        with contextlib.suppress(ManifestError):
+            referenced.add(inside(directory, e.get("file"), "file"))
+    now, deleted = time.time(), []
+    candidates = list(tasks_dir.glob("*.safetensors")) + list(tasks_dir.glob(".*.tmp")) + list(directory.glob(".*.tmp"))
+    for path in candidates:
+        try:
+            if path.resolve() in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
+                continue
+            path.unlink()
+            deleted.append(path)
+        except OSError:
+            continue
+    return deleted
+
+
+# ------------------------------------------------------------------------------------- maintenance
+def verify_files(directory) -> dict[str, Optional[str]]:
+    """``{task: None or what is wrong}`` for every task of the manifest: confinement, hash, safetensors header."""
+    directory = Path(directory)
+    out = {}
+    for entry in read_manifest(directory)["tasks"]:
+        try:
+            read_task(directory, entry["name"], entry)
+            out[entry["name"]] = None
+        except TaskFileError as e:
+            out[entry["name"]] = str(e)
+    return out
+
+
+def remove_tasks(directory, names: Iterable[str], *, timeout: Optional[float] = None) -> list[str]:
+    """Drop tasks from the manifest under the lock (files are left to garbage collection); returns those dropped."""
+    directory = Path(directory)
+    names = list(names)
+    with lock(directory, timeout):
+        manifest = read_manifest(directory)
+        have = {e["name"] for e in manifest["tasks"]}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise KeyError(f"no task {missing[0]!r} in {directory}; its tasks are {sorted(have)}")
+        dropped = [e.get("file") for e in manifest["tasks"] if e["name"] in names]
+        manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in names]
+        _write_manifest(directory, manifest)
+        _touch_unreferenced(directory, [f for f in dropped if isinstance(f, str)], manifest)
+    return names
+
+
+def repair(directory, *, timeout: Optional[float] = None) -> dict[str, str]:
+    """Drop every task whose file cannot be read (checked again under the lock); ``{task: problem}`` dropped."""
+    directory = Path(directory)
+    with lock(directory, timeout):
+        manifest = read_manifest(directory)
+        bad = {}
+        for entry in manifest["tasks"]:
+            try:
+                read_task(directory, entry["name"], entry)
+            except TaskFileError as e:
+                bad[entry["name"]] = str(e)
+        if bad:
+            manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in bad]
+            _write_manifest(directory, manifest)
+    return bad
+
