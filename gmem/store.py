@@ -518,18 +518,26 @@ def remove_tasks(directory, names: Iterable[str], *, timeout: Optional[float] = 
         manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in names]
         _write_manifest(directory, manifest)
         _touch_unreferenced(directory, [f for f in dropped if isinstance(f, str)], manifest)
+        collect_garbage(directory, manifest=manifest)
     return names
 
 
-def repair(directory, *, timeout: Optional[float] = None) -> dict[str, str]:
-    """Drop every task whose file cannot be read (checked again under the lock); ``{task: problem}`` dropped."""
+def repair(directory, *, also: Optional[dict] = None, timeout: Optional[float] = None) -> dict[str, str]:
+    """Drop every task whose file cannot be read (checked again under the lock); ``{task: problem}`` dropped.
+
+    ``also``: ``{task: sha256}`` of tasks found unusable otherwise (e.g. a file that does not fit the
+    base); each is dropped too if its entry still has that hash.
+    """
     directory = Path(directory)
+    also = dict(also or {})
     with lock(directory, timeout):
         manifest = read_manifest(directory)
         bad = {}
         for entry in manifest["tasks"]:
             try:
                 read_task(directory, entry["name"], entry)
+                if entry["name"] in also and also[entry["name"]] == entry.get("sha256"):
+                    bad[entry["name"]] = "contents do not fit the memory"
             except TaskFileError as e:
                 bad[entry["name"]] = str(e)
         if bad:
