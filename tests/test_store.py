@@ -357,8 +357,9 @@ def test_memory_written_by_the_previous_release_loads():
     expected = load_file(str(FIXTURE / "expected_samples.safetensors"))
     mem = GANMemory.load(FIXTURE / "memory")
     assert mem.tasks == ["a", "b c"]
-    for task in mem.tasks:
-        assert torch.equal(mem.sample(task, 2, seed=0), expected[task])
+    for task in mem.tasks:  # equal up to float rounding (the thread count may differ from the writer's)
+        torch.testing.assert_close(mem.sample(task, 2, seed=0), expected[task], atol=1e-5, rtol=1e-4)
+    assert mem.loaded_tasks == ["a", "b c"]
     assert all(v is None for v in store.verify_files(FIXTURE / "memory").values())
 
 
