@@ -1,5 +1,11 @@
 """Public functional ops: validate, bring arguments to canonical form, pick a backend, call the op.
 
+Under ``torch.autocast`` (cpu, cuda) the ops behave as ``nn.Conv2d``/``nn.Linear`` do: every
+floating-point argument that is not float64 is cast to the autocast dtype at the op (float32 style
+parameters and frozen statistics stay float32 where they are stored and get float32 gradients), and
+the backends accumulate in float32. The custom ops carry the same rule as their Autocast kernels
+(:mod:`gmem.ops.library`), so torch.compile and direct ``torch.ops.gmem`` calls see it too.
+
 Bad input raises before anything runs, with a message naming the argument and what was expected:
 TypeError (wrong type or dtype), ValueError (shapes, devices, unknown backend), IndexError (task ids
 out of range).
@@ -39,6 +45,26 @@ def _check_tensor(op: str, name: str, t: Tensor, like: Tensor) -> None:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {like.dtype} (the dtype of x)")
     if t.device != like.device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {like.device} (the device of x)")
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` wants the op computed in, or None (autocast off, or float64)."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    if x.dtype == torch.float64:  # autocast leaves float64 alone, as it does for F.conv2d
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(value, dtype: torch.dtype):
+    """``value`` (Tensor, LowRank or None) in ``dtype``: autocast's cast at the op, differentiable,
+    so float32 parameters stay float32 and receive float32 gradients."""
+    if value is None or not isinstance(value, (Tensor, LowRank)) or value.dtype == dtype:
+        return value
+    if isinstance(value, LowRank):
+        return LowRank(value.u.to(dtype), value.s.to(dtype), value.v.to(dtype))
+    return value.to(dtype) if value.is_floating_point() else value
 
 
 def _pair(op: str, name: str, value: IntPair, minimum: int) -> list[int]:
@@ -141,6 +167,9 @@ def madafm_weight(weight_norm: Tensor, gamma: Style, beta: Style, *, backend: st
     """
     op = "madafm_weight"
     _check_input(op, weight_norm, "[C_out, C_in, kh, kw] (conv) or [d_out, d_in] (linear)", (2, 4), "weight_norm")
+    dtype = _autocast_dtype(weight_norm)
+    if dtype is not None:
+        weight_norm, gamma, beta = _cast(weight_norm, dtype), _cast(gamma, dtype), _cast(beta, dtype)
     if weight_norm.ndim == 4:
         style_shape = tuple(weight_norm.shape[:2])
     else:
@@ -178,6 +207,9 @@ def modulated_conv2d(
     """
     op = "modulated_conv2d"
     _check_input(op, x, "[N, C_in, H, W]", (4,))
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight_norm, gamma, beta, bias = (_cast(v, dtype) for v in (x, weight_norm, gamma, beta, bias))
     _check_tensor(op, "weight_norm", weight_norm, x)
     if weight_norm.ndim != 4:
         raise ValueError(f"{op}: weight_norm must be [C_out, C_in, kh, kw], got {tuple(weight_norm.shape)}")
@@ -246,6 +278,9 @@ def modulated_linear(
     """
     op = "modulated_linear"
     _check_input(op, x, "[N, *, d_in]", tuple(range(1, 9)))
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight_norm, gamma, beta, bias = (_cast(v, dtype) for v in (x, weight_norm, gamma, beta, bias))
     _check_tensor(op, "weight_norm", weight_norm, x)
     if weight_norm.ndim != 2:
         raise ValueError(f"{op}: weight_norm must be [d_out, d_in], got {tuple(weight_norm.shape)}")
