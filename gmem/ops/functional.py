@@ -95,8 +95,17 @@ def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.dev
     if task_ids.device != device:
         raise ValueError(f"{op}: task_ids is on {task_ids.device}, expected {device} (the device of x)")
     task_ids = task_ids.long()
-    # The range check reads the ids (a sync on GPU); under torch.compile the op itself indexes safely.
-    if n and not torch.compiler.is_compiling():
+    # Eagerly the range check reads the ids (a sync on GPU) and raises IndexError. Under
+    # torch.compile a graph cannot read them: an asynchronous assert fails the call instead (a
+    # RuntimeError naming the range), and the ids are clamped so that no kernel ever reads out of
+    # bounds, even where the assert is reported only later (CUDA).
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            ((task_ids >= 0) & (task_ids < num_tasks)).all(),
+            f"{op}: task_ids must lie in [0, {num_tasks}) for {num_tasks} stacked style sets",
+        )
+        return task_ids.clamp(0, num_tasks - 1)
+    if n:
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= num_tasks:
             raise IndexError(
