@@ -68,6 +68,12 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--background", default=None,
                    help="colour that transparent pixels of image files are composited over: black (the default, "
                         "as the embedded sets), white, a grey level 0..255 or R,G,B")
+    p.add_argument("--compress", action="store_true",
+                   help="learn with the paper's low-rank prior and shared knowledge base (generator blocks B0-B3); "
+                        "the task is stored as coefficients plus new basis columns")
+    p.add_argument("--keep", type=float, default=None,
+                   help="with --compress: energy fraction kept after the task (default: by layer width, "
+                        "1.0 below 256 channels, as the released code)")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -88,6 +94,10 @@ def _learn_preflight(args):
         cli_checks.check_number(args.max_minutes, "--max-minutes", 0, 1e9, low_open=True)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.keep is not None:
+        if not args.compress:
+            raise ValueError("--keep applies with --compress only")
+        cli_checks.check_number(args.keep, "--keep", 0, 1)
     if args.background is not None:
         from .data import _background
 
@@ -142,7 +152,8 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
                   ema_decay=args.ema, out_dir=run_dir, sample_every=args.sample_every,
                   checkpoint_every=args.checkpoint_every,
                   max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress,
+                  compress={"keep": args.keep} if args.compress else False)
     except KeyboardInterrupt:
         import sys
 
@@ -277,7 +288,8 @@ def _info_run(args) -> int:
         c = mem.parameter_counts(t)
         r = mem.records[t]
         info["tasks"].append({"name": t, "classes": mem.num_classes(t), "class_names": r.get("classes"),
-                              "generator_style": c["generator_style"],
+                              "generator_style": c["generator_style"], "generator_stored": c["generator_stored"],
+                              "compressed": "compression" in r,
                               "generator_style_ratio": round(c["generator_style_ratio"], 4),
                               "discriminator_style": c["discriminator_style"] + c["discriminator_fc"],
                               "file": r.get("file"), "training": r.get("training", {}), "metrics": r.get("metrics", {})})
@@ -307,6 +319,10 @@ def _info_run(args) -> int:
             print(f"{i:>3} {t['name']:<18}{str(t['classes'] or '-'):>8}{t['generator_style']:>11,}"
                   f"{100 * t['generator_style_ratio']:>7.1f}%{t['discriminator_style']:>10,}"
                   f"{m.get('iterations_done', '-')!s:>7}{m.get('train_seconds', '-')!s:>9}  {extra}")
+    if mem.tasks:
+        from .cli_compress import storage_lines
+
+        print("\n".join(storage_lines(info["tasks"])))
     if args.layers:
         print("modulated generator layers:", ", ".join(info["layers"]))
     if args.verify:
@@ -387,7 +403,8 @@ def _demo_run(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     return run_demo(args.out, tasks=tasks, iterations=iterations, time_budget=budget, lr=args.lr, seed=args.seed,
                     threads=args.threads, base=args.base, device=args.device,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress,
+                  compress={"keep": args.keep} if args.compress else False)
 
 
 MEMORY_COMMANDS = {

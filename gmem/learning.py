@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .compress import knowledge, memory_ops
 from .data import DataError, as_dataset
 from .registry import TaskRegistry
 from .seeding import generator, random_seed
@@ -116,7 +117,7 @@ def train_task(registry: TaskRegistry, name: str, dataset, class_labels: Optiona
 def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, seed: Optional[int], labels,
                num_classes: Optional[int], lr: float, betas, r1_gamma: float, ema_decay: float, ema_warmup: bool,
                out_dir, sample_every, checkpoint_every, max_seconds, progress: bool, callback, restart: bool,
-               plugins, **step_options) -> int:
+               plugins, compress=None, **step_options) -> int:
     """:meth:`gmem.GANMemory.learn` (see there): validate, add the task, train it, remove it on failure."""
     if not isinstance(name, str) or not name or name == "source":
         raise ValueError(f"task name must be a non-empty string other than 'source', got {name!r}")
@@ -133,6 +134,8 @@ def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, see
         seed = random_seed()
     settings = learn_settings(data, dataset, iterations=iterations, batch_size=batch_size, seed=seed,
                               num_classes=num_classes, step=step_config)
+    if compress is not None:  # a resumed run must compress the same way
+        settings["compression"] = compress.to_dict()
     record = {"name": name, "num_classes": num_classes, "training": settings, "metrics": {}}
     class_names = getattr(dataset, "classes", None)
     if num_classes is not None and labels is True and class_names and len(class_names) == num_classes:
@@ -140,11 +143,20 @@ def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, see
     registry = memory.registry
     registry.add(name, num_classes, record)
     try:
+        plugins = list(plugins)
+        if compress is not None:  # the paper's low-rank prior and knowledge base (gmem.compress.knowledge)
+            styles = knowledge.begin_task(registry.G, name, registry.knowledge, compress)
+            plugins.append(knowledge.make_prior(styles, compress))
         metrics = train_task(registry, name, dataset, class_labels, settings, step_config=step_config,
                              base_hash=memory.base_hash, run_g=memory.sampler.run_g, out_dir=out_dir,
                              sample_every=sample_every, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
                              progress=progress, callbacks=[] if callback is None else [callback], plugins=plugins,
                              restart=restart)
+        if compress is not None:
+            info = knowledge.finish_task(registry.G, name, registry.knowledge, compress)
+            record["compression"] = memory_ops.compression_record(
+                memory, name, {"mode": "training", **compress.to_dict()}, info)
+            memory._knowledge_dirty = True
     except BaseException:
         registry.remove(name)
         raise

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import store
+from .compress import memory_ops
 from .models import CheckpointError, Discriminator, Generator, load_base, load_default_base, save_base
 from .registry import D_MODULATED, G_MODULATED, TaskRegistry
 from .registry import base_state as _base_state
@@ -85,6 +86,8 @@ class GANMemory:
         self.registry = TaskRegistry(G, D, g_include=g_include, d_include=d_include, d_fc_per_task=d_fc_per_task)
         self.sampler = TaskSampler(self.registry, self._ensure_loaded)
         self._directory: Optional[Path] = None    # where the memory was loaded from / saved to
+        self._knowledge_entry: Optional[dict] = None  # the directory's knowledge-base file (compressed tasks)
+        self._knowledge_dirty = False                 # the knowledge bases changed since loaded / saved
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -149,9 +152,15 @@ class GANMemory:
         """Read a task's file on first use (lazy loading), checked by :func:`gmem.store.read_task`."""
         if task == "source" or task not in self._pending:
             return
+        memory_ops.load_dependencies(self, task)  # compressed: the tasks whose basis columns it uses
         tensors = store.read_task(self._directory, task, self.records[task])
         try:
             self._install_task(task, tensors, self.records[task].get("num_classes"))
+            try:
+                memory_ops.check_installed(self, task)
+            except BaseException:
+                self.registry.remove(task, keep_record=True)
+                raise
         except (KeyError, ValueError) as e:
             raise TaskFileError(f"task {task!r}: {self._pending[task]} does not fit this base: {e}") from None
         del self._pending[task]
@@ -172,8 +181,28 @@ class GANMemory:
             yield D
 
     def remove(self, task: str) -> None:
-        """Forget a task (its style sets and head); the other tasks are untouched."""
+        """Forget a task (its style sets and head); the other tasks are untouched.
+
+        A compressed task whose basis columns later compressed tasks use cannot be removed
+        (ValueError naming them); remove those first.
+        """
+        if memory_ops.is_compressed(self, task):
+            memory_ops.load_all_compressed(self)  # the bases must be complete to see who uses the columns
+            self._knowledge_dirty = True
         self.registry.remove(task)
+
+    def compress(self, task: TaskRef, keep: Optional[float] = None, layers=None) -> dict:
+        """Store the naive ``task`` compressed in the knowledge bases (post-hoc, no training-time prior).
+
+        Each selected conv's ``Gamma``/``B`` (``layers``: globs, default the generator blocks B0-B3) is
+        written on the current bases by least squares (``lam``) and the rest truncated by the energy
+        rule (``keep``, default the width fraction of each layer; the base's energy counts towards it).
+        Returns the task's ``compression`` record (``stored_values``, ``new_ranks``, ``max_rel_error``);
+        :meth:`parameter_counts` then reports ``generator_stored``. Save to keep it.
+        """
+        from .compress.knowledge import DEFAULT_LAYERS
+
+        return memory_ops.compress_task(self, task, keep=keep, layers=DEFAULT_LAYERS if layers is None else layers)
 
     # ------------------------------------------------------------------ sampling (gmem.sampling)
     def latents(self, n: int, seed: Optional[int] = None) -> Tensor:
@@ -223,8 +252,13 @@ class GANMemory:
 
         Returns ``generator_base``, ``discriminator_base`` (frozen weights), and for ``task`` (or an
         unconditional task if None) ``generator_style``, ``generator_style_ratio`` (the paper reports
-        ~20% at 256px), ``discriminator_style``, ``discriminator_fc`` and ``total``.
+        ~20% at 256px), ``discriminator_style``, ``discriminator_fc`` and ``total``, and
+        ``generator_stored``: the generator values the task actually stores (its coefficients and new
+        basis columns in compressed convs, everything else dense; equal to ``generator_style`` for a
+        naive task).
         """
+        if task is not None and memory_ops.is_compressed(self, self._name(task)):
+            self._ensure_loaded(self._name(task))
         return self.registry.parameter_counts(task)
 
     # ------------------------------------------------------------------ learning (gmem.learning)
@@ -233,7 +267,7 @@ class GANMemory:
               r1_gamma: float = 10.0, ema_decay: float = 0.999, ema_warmup: bool = True,
               out_dir=None, sample_every: Optional[int] = None, checkpoint_every: Optional[int] = None,
               max_seconds: Optional[float] = None, progress: bool = True, callback=None, restart: bool = False,
-              plugins=(), **step_options) -> int:
+              plugins=(), compress=False, **step_options) -> int:
         """Learn task ``name`` from ``data``; returns its index (1 = first learned task, 0 = source).
 
         The index is the task's position in :attr:`tasks` plus one, which :meth:`sample` accepts; with
@@ -266,16 +300,28 @@ class GANMemory:
         and ``restart=True`` discards it and starts over. ``max_seconds`` stops early (the task keeps
         what it learned). ``callback(iteration, losses)`` is called after each step. If learning
         fails or is interrupted, the task is removed from the memory again.
+
+        ``compress``: learn with the paper's low-rank prior and knowledge base (``True`` for the
+        defaults, or a dict / :class:`gmem.compress.knowledge.CompressionSettings`: ``layers`` (globs,
+        default the generator blocks B0-B3), ``keep`` (kept energy, default by layer width),
+        ``prior_weight`` 0.01, ``prior_every`` 10, ``weighted``). The selected convs train as
+        ``L diag(lam) R^T + E`` with the nuclear-norm prior on ``E`` and are stored as coefficients plus
+        new basis columns (see :mod:`gmem.compress.knowledge`).
         """
         from .learning import learn_task
 
         store.validate_task_name(name)
+        from .compress.knowledge import CompressionSettings
+
+        compress = CompressionSettings.coerce(compress)
+        if compress is not None:
+            memory_ops.load_all_compressed(self)
 
         return learn_task(self, name, data, iterations=iterations, batch_size=batch_size, seed=seed, labels=labels,
                           num_classes=num_classes, lr=lr, betas=betas, r1_gamma=r1_gamma, ema_decay=ema_decay,
                           ema_warmup=ema_warmup, out_dir=out_dir, sample_every=sample_every,
                           checkpoint_every=checkpoint_every, max_seconds=max_seconds, progress=progress,
-                          callback=callback, restart=restart, plugins=plugins, **step_options)
+                          callback=callback, restart=restart, plugins=plugins, compress=compress, **step_options)
 
     # ------------------------------------------------------------------ persistence
     def set_metric(self, task: str, key: str, value) -> None:
@@ -320,9 +366,13 @@ class GANMemory:
             entry.update({"file": rel, "sha256": digest, **counts})
             put.append(entry)
         write_base = None if base_entry["kind"] == "default" else (lambda: self._save_base(directory / "base"))
+        knowledge = memory_ops.knowledge_entry_for_save(self, same)
+        if callable(knowledge):
+            knowledge = knowledge(directory)
+        known_kb = getattr(self, "_knowledge_entry", None) if same else None
         manifest = store.commit(directory, base_entry, self.conversion, put, refresh=refresh,
                                 removed=set(known) - set(self._order), known=known, before_write=write_base,
-                                version=_version())
+                                version=_version(), knowledge=knowledge, known_knowledge=known_kb)
         for entry in put:
             self.records[entry["name"]].update({"file": entry["file"], "sha256": entry["sha256"]})
         for task in self._pending:
@@ -330,6 +380,7 @@ class GANMemory:
         stored = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
         self._on_disk = {t: stored[t] for t in self._order if t in stored}
         self._directory = directory
+        self._knowledge_entry, self._knowledge_dirty = manifest.get("knowledge"), False
         return directory
 
     def _save_base(self, base_dir: Path) -> None:
@@ -387,6 +438,7 @@ class GANMemory:
             mem._pending[name] = store.entry_path(directory, entry)
         mem._directory = directory
         mem._on_disk = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
+        mem._knowledge_entry = manifest.get("knowledge")
         if not lazy:
             for name in mem.tasks:
                 try:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import nn as gnn
+from .compress.knowledge import Knowledge, install_task
 from .models import Discriminator, Generator
 
 __all__ = ["TaskRegistry", "DiscriminatorHeads", "G_MODULATED", "D_MODULATED"]
@@ -130,6 +131,7 @@ class TaskRegistry:
         self.order: list[str] = []               # task names in learning order
         self.records: dict[str, dict] = {}       # manifest entries per task
         self.pending: dict[str, Path] = {}       # tasks on disk not read yet -> file
+        self.knowledge = Knowledge()             # knowledge bases of the generator's compressed convs
         self.device = torch.device("cpu")
 
     def to(self, device) -> None:
@@ -137,6 +139,7 @@ class TaskRegistry:
         self.G.to(self.device)
         self.D.to(self.device)
         self.heads.to(self.device)
+        self.knowledge.to(self.device)
 
     # ------------------------------------------------------------------ names
     def record(self, task: str) -> dict:
@@ -178,6 +181,7 @@ class TaskRegistry:
         gnn.add_task(self.G, task, num_classes=num_classes)
         gnn.add_task(self.D, task)
         try:
+            g_state = install_task(self.G, task, g_state, self.knowledge)  # compressed convs, if any
             gnn.load_style_state_dict(self.G, task, g_state)
             gnn.load_style_state_dict(self.D, task, d_state)
             if self.conversion["discriminator_fc_per_task"]:
@@ -190,6 +194,8 @@ class TaskRegistry:
                     if b is not None:
                         fc.bias.copy_(b)
         except BaseException:
+            if task in self.knowledge:
+                self.knowledge.remove_task(task)
             gnn.remove_task(self.G, task)
             gnn.remove_task(self.D, task)
             self.heads.remove(task)
@@ -206,9 +212,21 @@ class TaskRegistry:
                 out["Dfc.bias"] = fc.bias.detach().cpu().clone()
         return out
 
-    def remove(self, task: str) -> None:
-        """Forget a task (its style sets, head and record); the other tasks are untouched."""
+    def remove(self, task: str, keep_record: bool = False) -> None:
+        """Forget a task (its style sets, head and record); the other tasks are untouched.
+
+        ``keep_record``: only take a loaded task out of the networks again (a task file that did not fit).
+        """
         self.record(task)
+        if keep_record:
+            if task in self.knowledge:
+                self.knowledge.remove_task(task)
+            gnn.remove_task(self.G, task)
+            gnn.remove_task(self.D, task)
+            self.heads.remove(task)
+            return
+        if task in self.knowledge:  # refused (ValueError naming them) while later tasks use its columns
+            self.knowledge.remove_task(task)
         if task not in self.pending:
             gnn.remove_task(self.G, task)
             gnn.remove_task(self.D, task)
@@ -259,8 +277,12 @@ class TaskRegistry:
             fc = self.heads.base
             rows = classes or fc.out_features
             d_fc = rows * fc.in_features + (rows if fc.bias is not None else 0)
+        g_stored = g_style
+        if task is not None and self.name(task) in self.knowledge:  # compressed: what its bases store
+            name = self.name(task)
+            g_stored += self.knowledge.stored_values(name) - self.knowledge.dense_values(name)
         return {"generator_base": g_base, "discriminator_base": d_base, "generator_style": g_style,
-                "generator_style_ratio": g_style / g_base, "discriminator_style": d_style,
+                "generator_stored": g_stored, "generator_style_ratio": g_style / g_base, "discriminator_style": d_style,
                 "discriminator_fc": d_fc, "total": g_style + d_style + d_fc}
 
     def layer_names(self) -> list[str]:

@@ -7,6 +7,10 @@ A memory directory holds::
     base/                                the base of a memory on a custom base (gmem.models.save_base)
     .lock                                locked (flock) by writers while they update the manifest
     runs/<stem>-<hash8>/                 progress files of ``gmem learn`` (samples, checkpoint)
+    knowledge/knowledge-<sha16>.json     with compressed tasks: the knowledge bases' layout (which task
+                                         added which basis columns of which matrix, in order), named
+                                         by the manifest's ``knowledge`` entry (file + sha256); the
+                                         columns and coefficients are in the tasks' own files
 
 The rules, after git's object store:
 
@@ -44,6 +48,8 @@ from .store_files import (MANIFEST, MAX_NAME_LENGTH, TASK_FORMAT, TASKS_DIR, _HE
                           TaskConflictError, TaskFileError, LockTimeoutError, atomic_write_bytes, entry_path, inside,
                           prepare_directory, read_task, read_task_bytes, run_dir_name, sha256_bytes, sha256_file,
                           task_bytes, task_file_name, validate_task_name, write_task_file)
+from .store_files import (KNOWLEDGE_DIR, KNOWLEDGE_FORMAT, KnowledgeFileError, index_without,  # noqa: F401
+                          knowledge_bytes, read_knowledge, write_knowledge_file)
 
 FORMAT = "gmem-memory-v1"
 LOCK_NAME = ".lock"
@@ -85,6 +91,9 @@ def validate_manifest(manifest, path) -> dict:
             fail(f"conversion.{key}", "must be a list of strings")
     if "discriminator_fc_per_task" in conv and not isinstance(conv["discriminator_fc_per_task"], bool):
         fail("conversion.discriminator_fc_per_task", "must be true or false")
+    knowledge = manifest.get("knowledge")
+    if knowledge is not None and (not isinstance(knowledge, dict) or not isinstance(knowledge.get("file"), str)):
+        fail("knowledge", "must be an object with 'file' and 'sha256'")
     tasks = manifest.get("tasks")
     if not isinstance(tasks, list):
         fail("tasks", "is missing or not a list")
@@ -185,7 +194,7 @@ def claim(directory, name: str):
 # ------------------------------------------------------------------------------------- commit, GC
 def commit(directory, base: dict, conversion: dict, put: Iterable[dict], *, refresh: Iterable[dict] = (),
            removed: Iterable[str] = (), known: Optional[dict] = None, before_write: Optional[Callable[[], None]] = None,
-           version: str = "", timeout: Optional[float] = None) -> dict:
+           version: str = "", timeout: Optional[float] = None, knowledge=(), known_knowledge=None) -> dict:
     """Merge this process's changes into the memory's manifest under the lock; returns the new manifest.
 
     ``put``: manifest entries (with ``file``/``sha256`` already stored) to add or update; ``removed``:
@@ -195,6 +204,10 @@ def commit(directory, base: dict, conversion: dict, put: Iterable[dict], *, refr
     process removed them. Entries of other tasks are kept as they are. An entry whose name exists
     with other contents that this process did not know raises TaskConflictError (nothing written).
     ``before_write`` runs under the lock before the manifest is replaced (e.g. to store the base).
+    ``knowledge``: the new ``{"file", "sha256"}`` of the knowledge-base file (None: no compressed tasks;
+    omitted: keep the directory's). It is refused (TaskConflictError) when another process changed the
+    directory's knowledge base since this one read ``known_knowledge`` (the knowledge bases are shared
+    by all compressed tasks, so two writers cannot both grow them).
     """
     directory = Path(directory)
     known = dict(known or {})
@@ -218,6 +231,11 @@ def commit(directory, base: dict, conversion: dict, put: Iterable[dict], *, refr
             if old is not None and old.get("sha256") != entry["sha256"] and known.get(name) != old.get("sha256"):
                 raise TaskConflictError(f"task {name!r} in {directory} was written by another process with other "
                                         "contents; nothing was saved (load the memory again, or use another name)")
+        current_kb = current.get("knowledge") if current else None
+        new_kb = current_kb if knowledge == () else knowledge
+        if new_kb != current_kb and (current_kb or {}).get("sha256") != (known_knowledge or {}).get("sha256"):
+            raise TaskConflictError(f"the knowledge base of {directory} (compressed tasks) was changed by another "
+                                    "process; nothing was saved (load the memory again and redo the change)")
         dropped = [tasks.pop(n)["file"] for n in set(removed) if n in tasks and isinstance(tasks[n].get("file"), str)]
         order = list(tasks)
         for entry in put:
@@ -235,6 +253,8 @@ def commit(directory, base: dict, conversion: dict, put: Iterable[dict], *, refr
             before_write()
         manifest = {"format": FORMAT, "gmem_version": version, "base": base, "conversion": conversion,
                     "tasks": [tasks[n] for n in order]}
+        if new_kb:
+            manifest["knowledge"] = new_kb
         _write_manifest(directory, manifest)
         _touch_unreferenced(directory, dropped, manifest)
         collect_garbage(directory, manifest=manifest)
@@ -265,11 +285,14 @@ def collect_garbage(directory, *, manifest: Optional[dict] = None, grace: float 
     except ManifestError:
         return []
     referenced = set()
-    for e in manifest["tasks"]:
+    for e in manifest["tasks"] + ([manifest["knowledge"]] if manifest.get("knowledge") else []):
         with contextlib.suppress(ManifestError):
             referenced.add(inside(directory, e.get("file"), "file"))
     now, deleted = time.time(), []
     candidates = list(tasks_dir.glob("*.safetensors")) + list(tasks_dir.glob(".*.tmp")) + list(directory.glob(".*.tmp"))
+    with contextlib.suppress(ManifestError):
+        kb_dir = inside(directory, KNOWLEDGE_DIR, "knowledge directory")
+        candidates += list(kb_dir.glob("knowledge-*.json")) + list(kb_dir.glob(".*.tmp"))
     for path in candidates:
         try:
             if path.resolve() in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
@@ -296,7 +319,11 @@ def verify_files(directory) -> dict[str, Optional[str]]:
 
 
 def remove_tasks(directory, names: Iterable[str], *, timeout: Optional[float] = None) -> list[str]:
-    """Drop tasks from the manifest under the lock (files are left to garbage collection); returns those dropped."""
+    """Drop tasks from the manifest under the lock (files are left to garbage collection); returns those dropped.
+
+    Compressed tasks leave the knowledge-base layout too; removing one whose basis columns later
+    compressed tasks use is refused (ValueError naming them) and nothing changes.
+    """
     directory = Path(directory)
     names = list(names)
     with lock(directory, timeout):
@@ -306,6 +333,12 @@ def remove_tasks(directory, names: Iterable[str], *, timeout: Optional[float] = 
         if missing:
             raise KeyError(f"no task {missing[0]!r} in {directory}; its tasks are {sorted(have)}")
         dropped = [e.get("file") for e in manifest["tasks"] if e["name"] in names]
+        if manifest.get("knowledge"):  # compressed tasks: refused while later tasks use their columns
+            index = index_without(read_knowledge(directory, manifest["knowledge"]), names)
+            dropped.append(manifest.pop("knowledge")["file"])
+            if index["matrices"]:
+                rel, digest = write_knowledge_file(directory, knowledge_bytes(index))
+                manifest["knowledge"] = {"file": rel, "sha256": digest}
         manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in names]
         _write_manifest(directory, manifest)
         _touch_unreferenced(directory, [f for f in dropped if isinstance(f, str)], manifest)

@@ -225,3 +225,102 @@ def read_task(directory, name: str, entry: dict) -> dict[str, Tensor]:
         return st_load(data)
     except Exception as e:  # safetensors raises its own error types for damaged data
         raise TaskFileError(f"task {name!r}: cannot read {entry_path(directory, entry)}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------- knowledge base
+KNOWLEDGE_DIR = "knowledge"
+KNOWLEDGE_FORMAT = "gmem-knowledge-v1"
+
+
+class KnowledgeFileError(TaskFileError):
+    """The knowledge-base file of a memory with compressed tasks is missing or damaged (the message names it)."""
+
+
+def knowledge_bytes(index: dict) -> bytes:
+    """Deterministic bytes of a knowledge-base index (JSON, sorted keys)."""
+    return (json.dumps(index, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def write_knowledge_file(directory, data: bytes) -> tuple[str, str]:
+    """Store a knowledge-base index; returns ``(manifest-relative file, sha256)`` (content addressed,
+    ``knowledge/knowledge-<sha16>.json``, atomic; a present file is not rewritten, only touched)."""
+    digest = sha256_bytes(data)
+    rel = f"{KNOWLEDGE_DIR}/knowledge-{digest[:16]}.json"
+    path = inside(directory, rel, "knowledge file")
+    path.parent.mkdir(exist_ok=True)
+    if path.is_file() and sha256_file(path) == digest:
+        os.utime(path)
+    else:
+        atomic_write_bytes(path, data)
+    return rel, digest
+
+
+def _check_index(index, shown) -> dict:
+    def fail(problem):
+        raise KnowledgeFileError(f"knowledge base: damaged file {shown}: {problem}")
+
+    if not isinstance(index, dict) or index.get("format") != KNOWLEDGE_FORMAT:
+        fail(f"format is not {KNOWLEDGE_FORMAT!r}")
+    mats = index.get("matrices")
+    if not isinstance(mats, dict):
+        fail("'matrices' is missing or not an object")
+    for key, mat in mats.items():
+        if not isinstance(mat, dict) or not isinstance(mat.get("tasks"), list):
+            fail(f"matrix {key!r} has no task list")
+        shape = mat.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+            fail(f"matrix {key!r} has a bad shape {shape!r}")
+        expected = 0
+        for row in mat["tasks"]:
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in row[1:])):
+                fail(f"matrix {key!r} has a bad task row {row!r}")
+            if row[1] != expected:
+                fail(f"matrix {key!r}: task {row[0]!r} starts at column {row[1]}, expected {expected}")
+            expected += row[2]
+    return index
+
+
+def read_knowledge(directory, entry: dict) -> dict:
+    """The checked knowledge-base index named by the manifest's ``knowledge`` entry; KnowledgeFileError if not."""
+    shown = entry_path(directory, entry if isinstance(entry, dict) else {})
+    if not isinstance(entry, dict):
+        raise KnowledgeFileError(f"knowledge base: manifest field 'knowledge' must be an object, got {entry!r}")
+    try:
+        path = inside(directory, entry.get("file"), "knowledge.file")
+    except ManifestError as e:
+        raise KnowledgeFileError(f"knowledge base: unusable manifest entry: {e}") from None
+    expected = entry.get("sha256")
+    if not isinstance(expected, str) or not _HEX64.fullmatch(expected):
+        raise KnowledgeFileError(f"knowledge base: manifest field 'knowledge.sha256' is missing or not a SHA-256, "
+                                 f"so {shown} cannot be checked")
+    if not path.is_file():
+        raise KnowledgeFileError(f"knowledge base: file missing: {shown}")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != expected:
+        raise KnowledgeFileError(f"knowledge base: damaged file {shown} (sha256 {digest[:12]}... does not match "
+                                 f"{expected[:12]}... in {MANIFEST})")
+    try:
+        index = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise KnowledgeFileError(f"knowledge base: damaged file {shown} (not JSON: {e})") from None
+    return _check_index(index, shown)
+
+
+def index_without(index: dict, names) -> dict:
+    """``index`` without the tasks ``names``; ValueError naming the tasks that use their columns."""
+    names = set(names)
+    out = {"format": index["format"], "matrices": {}}
+    for key, mat in index["matrices"].items():
+        rows = mat["tasks"]
+        for i, (name, start, rank) in enumerate(rows):
+            if name in names and rank > 0:
+                users = [r[0] for r in rows[i + 1:] if r[0] not in names]
+                if users:
+                    raise ValueError(f"cannot remove task {name!r}: later compressed tasks {users} use the basis "
+                                     f"columns it added to the knowledge base ({key}); remove them first")
+        kept = [r for r in rows if r[0] not in names]
+        if kept:
+            out["matrices"][key] = dict(mat, tasks=kept)
+    return out

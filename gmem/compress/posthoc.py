@@ -40,7 +40,7 @@ def compress_style(model, task, keep: float = 0.99, groups=("gamma", "beta")) ->
         raise ValueError("compress_style: the source task is the frozen base; pick a learned task")
     out = {}
     for name, layer in layers:
-        gamma, beta, _ = layer.style(index)
+        gamma, beta, _ = layer.dense_style(index)
         entry = {}
         for group, value in (("gamma", gamma), ("beta", beta)):
             if group not in groups:
@@ -122,7 +122,7 @@ def compress_tasks(model, tasks, keep_base: float = 0.9, keep_own: float = 0.99,
     pos = 0 if group == "gamma" else 1
     report, dense, compressed, worst = {}, 0, 0, 0.0
     for name, layer in layers:
-        mats = [layer.style(i)[pos].detach() for i in indices]
+        mats = [layer.dense_style(i)[pos].detach() for i in indices]
         L, R = knowledge_base(mats, keep_base)
         out, o, i = {}, mats[0].shape[0], mats[0].shape[1]
         compressed += (o + i) * L.shape[1]

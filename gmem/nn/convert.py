@@ -190,7 +190,7 @@ def _plain(model: nn.Module, index: int) -> nn.Module:
                 weight = bank.weight.detach().clone()
                 bias = None if bank.bias is None else bank.bias.detach().clone()
             else:
-                gamma, beta, delta = bank.style(index)
+                gamma, beta, delta = bank.dense_style(index)
                 if delta.ndim != 1:
                     raise ValueError(
                         f"export: task {bank.task_names[index]!r} is conditional (one bias per class in "

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .bank import TaskBank
+from .bank import TaskBank, encode_task
+from .lowrank import entry_kind, stack_styles
 
 __all__ = ["ModulatedConv2d", "ModulatedLinear", "ConvStyle", "LinearStyle", "ModulatedLayer"]
 
@@ -65,16 +66,50 @@ class ModulatedLayer(TaskBank):
         """The source task as a style set: ``(std, mean, zeros)`` (derived, never trained)."""
         raise NotImplementedError
 
-    def style(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(gamma, beta, bias_delta)`` of task ``index`` (0 = source)."""
+    def style(self, index: int) -> tuple:
+        """``(gamma, beta, bias_delta)`` of task ``index`` (0 = source).
+
+        ``gamma``/``beta`` are :class:`gmem.ops.LowRank` for a compressed conv task (see
+        :mod:`gmem.nn.lowrank`), tensors otherwise.
+        """
         if index == 0:
             return self.source_style()
         s = self.entry(index)
         return s.gamma, s.beta, s.bias
 
+    def dense_style(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`style` with LowRank values densified (interpolation, export, studies)."""
+        return tuple(v.dense() if isinstance(v, ops.LowRank) else v for v in self.style(index))
+
+    def entry_kind(self, index: int) -> str:
+        """``"dense"``, ``"lowrank-training"`` or ``"lowrank"`` (the source is ``"dense"``)."""
+        return "dense" if index == 0 else entry_kind(self.entry(index))
+
+    def entry_state(self, index: int) -> dict[str, Tensor]:
+        """What task ``index`` stores in this layer (copies): ``gamma, beta, bias`` of a dense entry,
+        ``bias`` and ``lowrank.<gamma|beta>.<lam|u|s|v>`` of a compressed one."""
+        s = self.entry(index)
+        if hasattr(s, "state"):
+            return s.state()
+        return {g: getattr(s, g).detach().clone() for g in STYLE_GROUPS}
+
+    def entry_targets(self, index: int) -> dict[str, Tensor]:
+        """The tensors of task ``index`` that a stored state is copied into (all of a dense entry,
+        the bias of a compressed one, whose factors live in the knowledge bases)."""
+        s = self.entry(index)
+        if hasattr(s, "targets"):
+            return s.targets()
+        return {g: getattr(s, g) for g in STYLE_GROUPS}
+
+    def set_entry(self, index: int, entry: nn.Module) -> None:
+        """Replace the bank entry of task ``index >= 1`` (e.g. a dense style set by a low-rank one)."""
+        if index == 0:
+            raise ValueError("the source task is the frozen base; its style set cannot be replaced")
+        self.bank[encode_task(self.task_names[index])] = entry
+
     def _make_entry(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> nn.Module:
         """A style set for a new task, copied from task ``init``; ``num_classes`` gives a per-class bias."""
-        gamma, beta, bias = (t.detach().clone() for t in self.style(init))
+        gamma, beta, bias = (t.detach().clone() for t in self.dense_style(init))
         if num_classes is not None:
             if not isinstance(self, ModulatedLinear):
                 raise ValueError("num_classes: per-class biases exist only for linear layers")
@@ -120,8 +155,8 @@ class ModulatedLayer(TaskBank):
                     f"got values from {tasks[0]} to {tasks[-1]}"
                 )
         styles = [self.style(t) for t in tasks]
-        gamma = torch.stack([s[0] for s in styles])
-        beta = torch.stack([s[1] for s in styles])
+        gamma = stack_styles([s[0] for s in styles])  # LowRank when every task present is compressed
+        beta = stack_styles([s[1] for s in styles])
         bias = torch.stack([s[2] for s in styles]) if with_bias else None
         return gamma, beta, bias, local, tasks
 

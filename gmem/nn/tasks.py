@@ -265,26 +265,31 @@ def _per_task_state(model: nn.Module, index: int) -> dict[str, tuple[nn.Module, 
 
 def style_state_dict(model: nn.Module, task: Task) -> dict[str, Tensor]:
     """One task's state (copies): ``"<layer>.gamma|beta|bias"`` of every modulated layer, plus
-    ``"<module>.<name>"`` of every per-task module (e.g. ``"bn1.running_mean"``)."""
+    ``"<module>.<name>"`` of every per-task module (e.g. ``"bn1.running_mean"``). A compressed conv
+    (:mod:`gmem.nn.lowrank`) gives ``"<layer>.bias"`` and ``"<layer>.lowrank.<gamma|beta>.<lam|u|s|v>"``."""
     index = task_index(model, task)
     state = {}
     for name, layer in _layers(model):
-        for group, value in zip(STYLE_GROUPS, layer.style(index)):
-            state[f"{name}.{group}"] = value.detach().clone()
+        for key, value in layer.entry_state(index).items():
+            state[f"{name}.{key}"] = value
     for key, (module, sub) in _per_task_state(model, index).items():
         state[key] = module.state_dict()[sub].detach().clone()
     return state
 
 
 def load_style_state_dict(model: nn.Module, task: Task, state: dict[str, Tensor]) -> None:
-    """Copy a :func:`style_state_dict` into ``task``; checks every key and shape before writing."""
+    """Copy a :func:`style_state_dict` into ``task``; checks every key and shape before writing.
+
+    A compressed conv's factors (``.lowrank.`` keys) are not loaded here: they belong to the layer's
+    knowledge bases (:mod:`gmem.compress.knowledge` installs them first); only its bias is.
+    """
     index = task_index(model, task)
     if index == 0:
         raise ValueError("load_style_state_dict: the source task is the frozen base and cannot be loaded into")
     targets = {}
     for name, layer in _layers(model):
-        for g in STYLE_GROUPS:
-            targets[f"{name}.{g}"] = getattr(layer.entry(index), g)
+        for g, target in layer.entry_targets(index).items():
+            targets[f"{name}.{g}"] = target
     for key, (module, sub) in _per_task_state(model, index).items():
         targets[key] = module.state_dict(keep_vars=True)[sub]
     if not isinstance(state, dict):
@@ -345,7 +350,7 @@ def interpolate(
             else:
                 changes[bank] = dict(task=a, task_ids=None, override=None)
             continue
-        sa, sb = bank.style(a), bank.style(b)
+        sa, sb = bank.dense_style(a), bank.dense_style(b)  # compressed tasks mix densified
         mixed = []
         for group, va, vb in zip(STYLE_GROUPS, sa, sb):
             if group in chosen and match(name):

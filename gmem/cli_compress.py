@@ -1,0 +1,61 @@
+"""``gmem compress`` and the storage table of ``gmem info`` (naive vs stored values per task)."""
+from __future__ import annotations
+
+import argparse
+
+
+def storage_lines(tasks: list[dict]) -> list[str]:
+    """The paper's Table 1 layout: per task the naive generator style values, what is stored, the ratio."""
+    lines = ["storage (generator style values, as in the paper's Table 1):",
+             f"{'#':>3} {'task':<18}{'naive':>11}{'stored':>11}{'stored/naive':>14}  mode"]
+    naive_total = stored_total = 0
+    for i, t in enumerate(tasks, start=1):
+        naive, stored = t["generator_style"], t["generator_stored"]
+        naive_total, stored_total = naive_total + naive, stored_total + stored
+        lines.append(f"{i:>3} {t['name']:<18}{naive:>11,}{stored:>11,}{100 * stored / naive:>13.1f}%  "
+                     f"{'compressed' if t.get('compressed') else 'naive'}")
+    lines.append(f"{'':>3} {'all tasks':<18}{naive_total:>11,}{stored_total:>11,}"
+                 f"{100 * stored_total / max(naive_total, 1):>13.1f}%")
+    return lines
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("memory", help="memory directory")
+    p.add_argument("tasks", nargs="*", help="naive task(s) to compress (default: every naive task, in order)")
+    p.add_argument("--keep", type=float, default=None,
+                   help="energy fraction kept (default: by layer width, as the released code)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
+                   help="generator conv layers to compress (default: blocks B0-B3, resnet_0_0 .. resnet_3_0)")
+
+
+def _compress_run(args) -> int:
+    from . import cli_checks
+    from .cli_memory import _open
+    from .compress.memory_ops import is_compressed
+
+    if args.keep is not None:
+        cli_checks.check_number(args.keep, "--keep", 0, 1)
+    mem = _open(args.memory)
+    names = args.tasks or [t for t in mem.tasks if not is_compressed(mem, t)]
+    for name in names:
+        mem._name(name)  # unknown names fail before anything changes
+        if is_compressed(mem, name):
+            raise ValueError(f"task {name!r} is compressed already")
+    if not names:
+        print(f"{args.memory}: no naive task to compress")
+        return 0
+    for name in names:
+        rec = mem.compress(name, keep=args.keep, layers=args.layers)
+        c = mem.parameter_counts(name)
+        print(f"compressed {name!r}: generator stores {c['generator_stored']:,} of {c['generator_style']:,} values "
+              f"({100 * c['generator_stored'] / c['generator_style']:.1f}%), max relative error "
+              f"{rec['max_rel_error']:.3g}")
+    mem.save(args.memory)
+    print(f"memory saved to {args.memory}")
+    return 0
+
+
+COMPRESS_COMMANDS = {
+    "compress": ("compress naive tasks of a memory into its shared knowledge base (post-hoc, paper Sec. 4.3)",
+                 _compress_args, _compress_run),
+}

@@ -1,0 +1,115 @@
+"""Compressed tasks of a :class:`gmem.GANMemory`: loading order, persistence of the knowledge base, post-hoc compression.
+
+A memory's knowledge bases (:class:`gmem.compress.knowledge.Knowledge`, on its registry) are complete
+only when every compressed task is loaded: a compressed task's expression uses the columns of every
+task stored before it in a base. So loading a compressed task first loads those (in the order of the
+knowledge-base file), and every change of the bases (learning or compressing a task, removing one)
+first loads all compressed tasks. The knowledge-base file (``knowledge/knowledge-<sha16>.json``, see
+:mod:`gmem.store`) records the bases' order and column ranges; each task's coefficients and new
+columns are in its own task file (``G.<layer>.lowrank.<gamma|beta>.<lam|u|s|v>``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .knowledge import DEFAULT_LAYERS, compress_dense_task, index_order
+
+__all__ = ["is_compressed", "knowledge_index", "load_dependencies", "load_all_compressed", "check_installed",
+           "knowledge_entry_for_save", "compress_task", "compression_record"]
+
+
+def is_compressed(mem, task: str) -> bool:
+    """Whether ``task`` is stored compressed (from its record; works before the task is read)."""
+    return task != "source" and "compression" in mem.records.get(task, {})
+
+
+def knowledge_index(mem) -> Optional[dict]:
+    """The knowledge-base file's index of the directory ``mem`` was loaded from (checked, cached), or None."""
+    from .. import store
+
+    entry = getattr(mem, "_knowledge_entry", None)
+    if entry is None or mem._directory is None:
+        return None
+    cached = getattr(mem, "_knowledge_cache", None)
+    if cached is None or cached[0] != entry.get("sha256"):
+        cached = (entry.get("sha256"), store.read_knowledge(mem._directory, entry))
+        mem._knowledge_cache = cached
+    return cached[1]
+
+
+def load_dependencies(mem, task: str) -> None:
+    """Load the tasks stored before ``task`` in any knowledge base (their columns are ``task``'s too)."""
+    if not is_compressed(mem, task):
+        return
+    for dep in index_order(knowledge_index(mem), task):
+        if dep in mem._pending:
+            mem._ensure_loaded(dep)
+
+
+def check_installed(mem, task: str) -> None:
+    """ValueError if an installed compressed task's columns disagree with the knowledge-base file."""
+    index = knowledge_index(mem) if task in mem.registry.knowledge else None
+    if index is None:
+        return
+    bases = mem.registry.knowledge.bases
+    for key, mat in index["matrices"].items():
+        for name, start, rank in mat["tasks"]:
+            if name != task:
+                continue
+            kb = bases.get(key)
+            if kb is None or task not in kb:
+                raise ValueError(f"the knowledge-base file lists it in {key}, its file has no such entry")
+            t = kb._get(task)
+            if (t.start, t.end - t.start) != (start, rank):
+                raise ValueError(f"{key}: its columns {t.start}+{t.end - t.start} disagree with the knowledge-base "
+                                 f"file ({start}+{rank})")
+
+
+def load_all_compressed(mem) -> None:
+    """Read every compressed task not read yet (before the knowledge bases change)."""
+    for task in list(mem._order):
+        if task in mem._pending and is_compressed(mem, task):
+            mem._ensure_loaded(task)
+
+
+def knowledge_entry_for_save(mem, same_directory: bool):
+    """What :meth:`GANMemory.save` passes as ``knowledge`` to :func:`gmem.store.commit`: ``()`` to keep the
+    directory's file, else a callable writing the current index (None if nothing is compressed)."""
+    from .. import store
+
+    compressed = any(is_compressed(mem, t) for t in mem._order)
+    if same_directory and not getattr(mem, "_knowledge_dirty", False):
+        return ()
+    if not compressed:
+        return lambda directory: None
+    load_all_compressed(mem)
+
+    def write(directory):
+        rel, digest = store.write_knowledge_file(directory, store.knowledge_bytes(mem.registry.knowledge.index()))
+        return {"file": rel, "sha256": digest}
+
+    return write
+
+
+def compression_record(mem, task: str, settings: dict, info: dict) -> dict:
+    """The ``compression`` entry of a task's record (manifest): settings, stored values and ranks."""
+    k = mem.registry.knowledge
+    return {**settings, "stored_values": k.stored_values(task), "dense_values": k.dense_values(task),
+            "new_ranks": {key: i["new_rank"] for key, i in info.items()},
+            "max_rel_error": max((round(i["rel_error"], 6) for i in info.values()), default=0.0)}
+
+
+def compress_task(mem, task: str, keep: Optional[float] = None, layers=DEFAULT_LAYERS) -> dict:
+    """:meth:`GANMemory.compress`: store the naive ``task`` compressed; returns its ``compression`` record."""
+    name = mem._name(task)
+    if name == "source":
+        raise ValueError("compress: the source is the frozen base; name a learned task")
+    if is_compressed(mem, name):
+        raise ValueError(f"compress: task {name!r} is compressed already")
+    load_all_compressed(mem)
+    mem._ensure_loaded(name)
+    info = compress_dense_task(mem.generator, name, mem.registry.knowledge, layers=layers, keep=keep)
+    record = compression_record(mem, name, {"mode": "post-hoc", "layers": list(layers), "keep": keep}, info)
+    mem.records[name]["compression"] = record
+    mem._knowledge_dirty = True
+    return record
