@@ -80,9 +80,8 @@ COMMANDS = {
 }
 
 # the GAN-memory commands (learn, sample, interpolate, info, demo) live in gmem/cli_memory.py
-from .cli_memory import MEMORY_COMMANDS  # noqa: E402
-
 from .cli_compress import COMPRESS_COMMANDS  # noqa: E402
+from .cli_memory import MEMORY_COMMANDS  # noqa: E402
 
 COMMANDS.update(MEMORY_COMMANDS)
 COMMANDS.update(COMPRESS_COMMANDS)

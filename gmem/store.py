@@ -44,12 +44,37 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .store_files import (MANIFEST, MAX_NAME_LENGTH, TASK_FORMAT, TASKS_DIR, _HEX64, ManifestError,  # noqa: F401
-                          TaskConflictError, TaskFileError, LockTimeoutError, atomic_write_bytes, entry_path, inside,
-                          prepare_directory, read_task, read_task_bytes, run_dir_name, sha256_bytes, sha256_file,
-                          task_bytes, task_file_name, validate_task_name, write_task_file)
-from .store_files import (KNOWLEDGE_DIR, KNOWLEDGE_FORMAT, KnowledgeFileError, index_without,  # noqa: F401
-                          knowledge_bytes, read_knowledge, write_knowledge_file)
+from .store_files import (  # noqa: F401  # noqa: F401
+    _HEX64,
+    KNOWLEDGE_DIR,
+    KNOWLEDGE_FORMAT,
+    MANIFEST,
+    MAX_NAME_LENGTH,
+    TASK_FORMAT,
+    TASKS_DIR,
+    KnowledgeFileError,
+    LockTimeoutError,
+    ManifestError,
+    TaskConflictError,
+    TaskFileError,
+    atomic_write_bytes,
+    entry_path,
+    index_without,
+    inside,
+    knowledge_bytes,
+    prepare_directory,
+    read_knowledge,
+    read_task,
+    read_task_bytes,
+    run_dir_name,
+    sha256_bytes,
+    sha256_file,
+    task_bytes,
+    task_file_name,
+    validate_task_name,
+    write_knowledge_file,
+    write_task_file,
+)
 
 FORMAT = "gmem-memory-v1"
 LOCK_NAME = ".lock"

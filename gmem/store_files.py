@@ -314,7 +314,7 @@ def index_without(index: dict, names) -> dict:
     out = {"format": index["format"], "matrices": {}}
     for key, mat in index["matrices"].items():
         rows = mat["tasks"]
-        for i, (name, start, rank) in enumerate(rows):
+        for i, (name, _, rank) in enumerate(rows):
             if name in names and rank > 0:
                 users = [r[0] for r in rows[i + 1:] if r[0] not in names]
                 if users:

@@ -258,7 +258,8 @@ def finish_task(G, task: str, knowledge: Knowledge, settings: CompressionSetting
     return _store(G, task, knowledge, settings.layers, matrices)
 
 
-def compress_dense_task(G, task: str, knowledge: Knowledge, layers=DEFAULT_LAYERS, keep: Optional[float] = None) -> dict:
+def compress_dense_task(G, task: str, knowledge: Knowledge, layers=DEFAULT_LAYERS,
+                        keep: Optional[float] = None) -> dict:
     """Compress a naive (dense) task into the bases: least-squares coefficients on the current base
     (:func:`fit_coefficients`) and the energy rule on the rest. Returns the per-matrix infos."""
     if keep is not None:

@@ -1,4 +1,4 @@
-"""Compressed tasks of a :class:`gmem.GANMemory`: loading order, persistence of the knowledge base, post-hoc compression.
+"""Compressed tasks of a :class:`gmem.GANMemory`: loading order, the knowledge-base file, post-hoc compression.
 
 A memory's knowledge bases (:class:`gmem.compress.knowledge.Knowledge`, on its registry) are complete
 only when every compressed task is loaded: a compressed task's expression uses the columns of every
