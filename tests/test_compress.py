@@ -449,13 +449,13 @@ def test_compress_tasks_shares_a_basis():
     for k, name in enumerate(("a", "b", "c")):
         gnn.add_task(model, name)
         with torch.no_grad():  # gamma = a common rank-2 part with task-specific weights
-            layer.styles[k].gamma.copy_((shared_u * torch.tensor([1.0 + k, 2.0])) @ shared_v.T)
+            layer.styles[name].gamma.copy_((shared_u * torch.tensor([1.0 + k, 2.0])) @ shared_v.T)
     rep = compress_tasks(model, ["a", "b", "c"], keep_base=0.999, keep_own=0.99)
     entry = rep["layers"]["0"]
     assert entry["shared_rank"] == 2 and rep["max_rel_error"] < 1e-5
     assert all(t["own_rank"] == 0 for t in entry["tasks"].values())
     assert rep["compressed_values"] < rep["dense_values"]
-    torch.testing.assert_close(entry["tasks"]["b"]["factors"].dense(), layer.styles[1].gamma.detach(),
+    torch.testing.assert_close(entry["tasks"]["b"]["factors"].dense(), layer.styles["b"].gamma.detach(),
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="source"):
         compress_tasks(model, ["source"])
