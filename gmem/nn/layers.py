@@ -88,6 +88,8 @@ class ModulatedLayer(TaskBank):
     def entry_state(self, index: int) -> dict[str, Tensor]:
         """What task ``index`` stores in this layer (copies): ``gamma, beta, bias`` of a dense entry,
         ``bias`` and ``lowrank.<gamma|beta>.<lam|u|s|v>`` of a compressed one."""
+        if index == 0:  # the source: derived from the frozen weight
+            return {g: v.detach().clone() for g, v in zip(STYLE_GROUPS, self.source_style())}
         s = self.entry(index)
         if hasattr(s, "state"):
             return s.state()
