@@ -74,9 +74,10 @@ def table(result: dict, command: str) -> str:
              "| pixFID8 naive | pixFID8 compressed |",
              "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(result["rows"], start=1):
-        lines.append(f"| {i} | {r['task']} | {r['naive']['stored']:,} | {r['compressed']['stored']:,} | "
-                     f"{100 * r['ratio']:.1f}% | {r['compressed']['convs_stored']:,} / {r['compressed']['convs_dense']:,} "
-                     f"({100 * r['compressed']['convs_stored'] / r['compressed']['convs_dense']:.1f}%) | "
+        c = r["compressed"]
+        lines.append(f"| {i} | {r['task']} | {r['naive']['stored']:,} | {c['stored']:,} | "
+                     f"{100 * r['ratio']:.1f}% | {c['convs_stored']:,} / {c['convs_dense']:,} "
+                     f"({100 * c['convs_stored'] / c['convs_dense']:.1f}%) | "
                      f"{r['naive']['pixfid8']} | {r['compressed']['pixfid8']} |")
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,14 @@ The pieces, lowest first (none imports :mod:`gmem.nn` or anything above it at im
 - :mod:`.study`: singular-value plots and tables. :mod:`.posthoc`: truncating a naive task's dense
   matrices directly (no training-time prior).
 
-API for the integration (phase B), per compressed conv (two matrices: ``Gamma`` and ``B``)::
+In a memory (phase B): :mod:`.knowledge` (the bases of a generator's compressed convs, the task life
+cycle: training-time entries, the prior plug-in, storing, post-hoc compression, installing from a file;
+``CompressionSettings`` with the released code's defaults: blocks B0-B3, width fractions, weight 0.01
+every 10 iterations) and :mod:`.memory_ops` (loading order, the knowledge-base file, ``mem.compress``);
+the bank entries are :mod:`gmem.nn.lowrank`. ``GANMemory.learn(..., compress=True)``,
+``GANMemory.compress(task)``, ``parameter_counts(task)["generator_stored"]``.
+
+The core API, per compressed conv (two matrices: ``Gamma`` and ``B``)::
 
     kb = KnowledgeBase(O, I, dtype)                      # one per matrix, kept by the memory
     style = LowRankStyle.from_base(kb, residual=init)    # training: lam from the last task, E init
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 from .base import KnowledgeBase, fit_coefficients
 from .energy import WIDTH_FRACTIONS, energy_rank, residual_rank, truncate_energy, width_fraction
+from .knowledge import DEFAULT_LAYERS, CompressionSettings, Knowledge
 from .posthoc import compress_style, compress_tasks, express_in_base, knowledge_base
 from .prior import PRIOR_EVERY, PRIOR_WEIGHT, LowRankStyle, nuclear_prior, prior_weights
 from .study import energy_table, plot_singular_values, singular_values, storage_table
@@ -43,4 +51,5 @@ __all__ = [
     "KnowledgeBase", "fit_coefficients",
     "singular_values", "plot_singular_values", "energy_table", "storage_table",
     "compress_style", "compress_tasks", "knowledge_base", "express_in_base",
+    "CompressionSettings", "Knowledge", "DEFAULT_LAYERS",
 ]
