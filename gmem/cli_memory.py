@@ -94,8 +94,8 @@ def _learn_preflight(args):
         cli_checks.check_number(args.max_minutes, "--max-minutes", 0, 1e9, low_open=True)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.keep is not None:
-        if not args.compress:
+    if getattr(args, "keep", None) is not None:
+        if not getattr(args, "compress", False):
             raise ValueError("--keep applies with --compress only")
         cli_checks.check_number(args.keep, "--keep", 0, 1)
     if args.background is not None:
@@ -153,7 +153,7 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
                   checkpoint_every=args.checkpoint_every,
                   max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
                   progress=not args.no_progress,
-                  compress={"keep": args.keep} if args.compress else False)
+                  compress={"keep": getattr(args, "keep", None)} if getattr(args, "compress", False) else False)
     except KeyboardInterrupt:
         import sys
 
@@ -403,8 +403,7 @@ def _demo_run(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     return run_demo(args.out, tasks=tasks, iterations=iterations, time_budget=budget, lr=args.lr, seed=args.seed,
                     threads=args.threads, base=args.base, device=args.device,
-                    progress=not args.no_progress,
-                  compress={"keep": args.keep} if args.compress else False)
+                    progress=not args.no_progress)
 
 
 MEMORY_COMMANDS = {
