@@ -20,3 +20,15 @@ def _cuda_gpu_present() -> bool:
 if not _cuda_gpu_present():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 # --- end of the triton block --------------------------------------------------------------------
+
+
+# --- self-check verdicts (issue 17): tests never read or write the user's cache ------------------
+# gmem.ops.selfcheck caches its verdicts under GMEM_CACHE_DIR; a fresh directory per session (set
+# before gmem is imported, inherited by subprocesses) makes every session check its backends once.
+import atexit as _atexit
+import shutil as _shutil
+import tempfile as _tempfile
+
+_os.environ["GMEM_CACHE_DIR"] = _tempfile.mkdtemp(prefix="gmem-test-cache-")
+_atexit.register(_shutil.rmtree, _os.environ["GMEM_CACHE_DIR"], True)
+# --- end of the self-check block -----------------------------------------------------------------

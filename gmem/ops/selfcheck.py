@@ -1,0 +1,477 @@
+"""Trust on first use: a compiled backend is checked against the reference before ``"auto"`` picks it.
+
+The first time ``backend="auto"`` would choose a backend other than ``"reference"`` for a
+``(device, dtype)``, :func:`trusted` runs :func:`run_cases` (a few tiny ops, forward and backward,
+milliseconds) against the reference computed in float64, and caches the verdict on disk. A backend
+that fails is never picked by ``"auto"``: one warning names the failing case and ``"auto"`` falls back
+to the next backend. ``gmem doctor`` runs the same cases for every backend and prints them.
+
+The verdict file lives in ``$GMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/gmem``, else ``~/.cache/gmem``,
+under ``selfcheck/``; its name is a hash of what the verdict depends on: the backend's build (the
+sha256 of the compiled library, or of the Triton kernel sources), the gmem Python ops, the device
+name and driver, the dtype and the torch version. A rebuilt extension, another GPU or a new driver
+gets a fresh check. Files are written atomically (temporary file + rename), so processes racing on
+the first check both write a complete file; an unreadable file is ignored with a warning and rewritten.
+
+``GMEM_SELFCHECK=0`` skips the check (every backend is trusted, as before). An explicit
+``backend="name"`` (or ``GMEM_BACKEND=name``) is the user's choice and is never checked.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["CaseResult", "Verdict", "cache_dir", "check", "run_cases", "trusted", "tolerance", "reset"]
+
+FORMAT = 1
+#: largest error allowed, relative to the largest magnitude of the float64 reference output
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+#: float32 on a GPU where torch allows TF32 (10-bit mantissa): cuDNN convolutions, Triton's tl.dot
+TF32_TOLERANCE = 5e-3
+
+_OPS_DIR = Path(__file__).resolve().parent
+_KERNELS_DIR = _OPS_DIR.parents[1] / "gmem_kernels"
+
+
+def _tf32_allowed() -> bool:
+    """Whether torch lets float32 convolutions or matmuls on a GPU use TF32 (cuDNN does by default)."""
+    for backend in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        precision = getattr(backend, "fp32_precision", "none")
+        if precision in ("tf32", "ieee"):
+            if precision == "tf32":
+                return True
+            continue
+        try:  # the legacy flag; reading it raises in recent torch once the new API was used
+            if backend.allow_tf32:
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """The error bound of :func:`run_cases` for ``dtype`` on ``device`` (see :data:`TOLERANCES`)."""
+    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
+        return TF32_TOLERANCE
+    return TOLERANCES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases: tiny ops in float64 on the CPU's generator, cast to the dtype under test
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CaseResult:
+    """One case of one backend: the error of each output and gradient, or the exception raised."""
+
+    case: str
+    errors: dict = field(default_factory=dict)  # output name -> max |got - want| / max |want|
+    tol: float = 0.0
+    error: Optional[str] = None  # an exception or a shape mismatch
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(e <= self.tol for e in self.errors.values())
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=float("nan"))
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"{self.case}: {self.error}"
+        name, worst = max(self.errors.items(), key=lambda kv: kv[1])
+        return f"{self.case}: {name} error {worst:.2e} (tolerance {self.tol:.0e})"
+
+
+def _inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def _case_conv(mixed: bool, lowrank: bool):
+    def build(seed):
+        r = _inputs(seed)
+        x = r(5 if mixed else 2, 3, 5, 6)
+        from .reference import normalize_weight
+
+        wn = normalize_weight(r(4, 3, 3, 3))[0]
+        lead = (4,) if mixed else ()  # 4 tasks, task 2 absent from the batch: its gradients must be 0
+        if lowrank:
+            styles = [r(*lead, 4, 2), r(*lead, 2).abs() + 0.5, r(*lead, 3, 2), r(*lead, 4, 2), r(*lead, 2), r(*lead, 3, 2)]
+        else:
+            styles = [r(*lead, 4, 3) + 1.0, r(*lead, 4, 3)]
+        bias = r(*lead, 4)
+        ids = torch.tensor([3, 0, 3, 1, 0]) if mixed else None
+        return dict(leaves=[x, *styles, bias], fixed=[wn], ids=ids)
+
+    def call(ops, backend, x, *rest, wn, ids):
+        *styles, bias = rest
+        if lowrank:
+            from .lowrank import LowRank
+
+            gamma, beta = LowRank(*styles[:3]), LowRank(*styles[3:])
+        else:
+            gamma, beta = styles
+        conv = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2)) if mixed else dict(padding=1)
+        return ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, backend=backend, **conv)
+
+    names = ["x", *(["gamma.u", "gamma.s", "gamma.v", "beta.u", "beta.s", "beta.v"] if lowrank else ["gamma", "beta"]),
+             "bias"]
+    return build, call, names
+
+
+def _case_linear(mixed: bool):
+    def build(seed):
+        r = _inputs(seed)
+        from .reference import normalize_weight
+
+        x, wn = r(4, 6), normalize_weight(r(5, 6))[0]
+        lead = (4,) if mixed else ()
+        ids = torch.tensor([1, 3, 0, 1]) if mixed else None
+        return dict(leaves=[x, r(*lead, 5) + 1.0, r(*lead, 5), r(*lead, 5)], fixed=[wn], ids=ids)
+
+    def call(ops, backend, x, gamma, beta, bias, wn, ids):
+        return ops.modulated_linear(x, wn, gamma, beta, bias, task_ids=ids, backend=backend)
+
+    return build, call, ["x", "gamma", "beta", "bias"]
+
+
+def _case_weight():
+    def build(seed):
+        r = _inputs(seed)
+        from .reference import normalize_weight
+
+        wn = normalize_weight(r(4, 3, 3, 3))[0]
+        return dict(leaves=[r(2, 4, 3) + 1.0, r(2, 4, 3)], fixed=[wn], ids=None)
+
+    def call(ops, backend, gamma, beta, wn, ids):
+        return ops.madafm_weight(wn, gamma, beta, backend=backend)
+
+    return build, call, ["gamma", "beta"]
+
+
+#: name -> (build(seed), call(ops, backend, *leaves, wn=..., ids=...), leaf names)
+CASES: dict[str, tuple] = {
+    "conv single task": _case_conv(mixed=False, lowrank=False),
+    "conv mixed tasks": _case_conv(mixed=True, lowrank=False),
+    "conv low rank mixed tasks": _case_conv(mixed=True, lowrank=True),
+    "linear single task": _case_linear(mixed=False),
+    "linear mixed tasks": _case_linear(mixed=True),
+    "weight mixed tasks": _case_weight(),
+}
+
+
+def _relative_error(got: Tensor, want: Tensor) -> float:
+    if got is None or tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"shape {None if got is None else tuple(got.shape)}, expected {tuple(want.shape)}")
+    got = got.detach().double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    scale = want.abs().max().item() if want.numel() else 1.0
+    return (got - want).abs().max().item() / max(scale, 1e-12) if want.numel() else 0.0
+
+
+def _run(ops, backend: str, case, device, dtype, seed: int):
+    """``{"out": y, "d<leaf>": grad, ...}`` of one case on one backend, in ``dtype`` on ``device``."""
+    build, call, names = case
+    data = build(seed)
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in data["leaves"]]
+    wn = data["fixed"][0].to(device=device, dtype=dtype)
+    ids = None if data["ids"] is None else data["ids"].to(device)
+    out = call(ops, backend, *leaves, wn=wn, ids=ids)
+    grad_out = _inputs(seed + 1)(*out.shape).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return {"out": out, **{f"d {n}": g for n, g in zip(names, grads)}}
+
+
+def run_cases(backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+              cases: Optional[dict] = None) -> list[CaseResult]:
+    """Each case of :data:`CASES` on ``backend`` vs the reference in float64 on ``device``.
+
+    Runs eagerly, with gradients on and autocast off whatever the caller's context, and draws its
+    inputs from its own generator (the global RNG is untouched).
+    """
+    from .. import ops
+
+    device = torch.device(device)
+    tol = tolerance(dtype, device)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for name, case in (cases or CASES).items():
+            result = CaseResult(name, tol=tol)
+            try:
+                want = _run(ops, "reference", case, device, torch.float64, seed)
+                got = _run(ops, backend, case, device, dtype, seed)
+                for key, ref in want.items():
+                    result.errors[key] = _relative_error(got[key], ref.detach())
+            except Exception as err:  # a backend that raises on a valid tiny case fails the case
+                result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            results.append(result)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# What a verdict depends on
+# ---------------------------------------------------------------------------------------------
+_file_hashes: dict = {}
+
+
+def _sha256_file(path: Path) -> str:
+    stat = path.stat()
+    memo_key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if memo_key not in _file_hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _file_hashes[memo_key] = digest.hexdigest()
+    return _file_hashes[memo_key]
+
+
+def extension_path() -> Optional[Path]:
+    """The compiled gmem_ext library loaded in this process (``gmem._C`` or a JIT build), or None."""
+    module = sys.modules.get("gmem._C")
+    if module is not None and getattr(module, "__file__", None):
+        return Path(module.__file__)
+    for lib in sorted(getattr(torch.ops, "loaded_libraries", ())):
+        if "gmem_ext" in os.path.basename(lib):
+            return Path(lib)
+    return None
+
+
+def build_id(name: str) -> str:
+    """A hash of the code behind backend ``name``: its compiled library or kernel sources, plus the
+    gmem Python ops that route calls to it (a change to either invalidates the verdict)."""
+    from .backends import get_backend
+
+    get_backend(name).is_available()  # loads what the backend runs (the extension), so it can be hashed
+    digest = hashlib.sha256(f"{name} torch={torch.__version__}".encode())
+    for path in sorted(_OPS_DIR.glob("*.py")):
+        digest.update(path.name.encode() + _sha256_file(path).encode())
+    if name in ("cpu", "cuda"):
+        lib = extension_path()
+        digest.update(_sha256_file(lib).encode() if lib else b"no extension")
+    elif name == "triton":
+        import importlib.metadata as md
+
+        try:
+            digest.update(md.version("triton").encode())
+        except md.PackageNotFoundError:
+            pass
+        for path in sorted(_KERNELS_DIR.glob("*.py")):
+            digest.update(path.name.encode() + _sha256_file(path).encode())
+    else:  # a backend registered by user code: the file that defines it
+        import inspect
+
+        cls = type(get_backend(name))
+        digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        try:
+            digest.update(_sha256_file(Path(inspect.getsourcefile(cls))).encode())
+        except (TypeError, OSError):
+            pass
+    return digest.hexdigest()[:24]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cuda_driver_version() -> Optional[str]:
+    """The CUDA driver version (e.g. ``"13.0"``) from libcuda, or None without one."""
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if handle.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    return None
+
+
+def device_description(device: torch.device) -> dict:
+    """What the device is, as far as a verdict depends on it: name, capability, driver."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return {"name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}",
+                "driver": cuda_driver_version(), "cuda": torch.version.cuda}
+    return {"name": _cpu_name(), "machine": platform.machine()}
+
+
+def cache_dir() -> Path:
+    """``$GMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/gmem``, else ``~/.cache/gmem``."""
+    if os.environ.get("GMEM_CACHE_DIR"):
+        return Path(os.environ["GMEM_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "gmem"
+    return Path.home() / ".cache" / "gmem"
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts: computed once per build, device and dtype, cached on disk
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Verdict:
+    backend: str
+    device: str
+    dtype: str
+    ok: bool
+    failed: Optional[str]  # the first failing case, described
+    key: dict
+    results: list = field(default_factory=list)  # CaseResult as dicts
+    seconds: float = 0.0
+    created: float = 0.0
+    source: str = "checked"  # "checked" (run now) or "cache" (read from the file)
+
+
+def _key(name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    return {"format": FORMAT, "backend": name, "build": build_id(name), "device": device_description(device),
+            "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
+
+
+def verdict_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "selfcheck" / f"{key['backend']}-{key['dtype']}-{digest}.json"
+
+
+def _read(path: Path, key: dict) -> Optional[Verdict]:
+    """The cached verdict for ``key``, or None (absent; or unreadable, with a warning)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        warnings.warn(f"gmem: cannot read the self-check cache {path} ({err}); checking again", RuntimeWarning, 3)
+        return None
+    try:
+        data = json.loads(text)
+        if data["key"] != key:
+            raise ValueError("its key does not match its name")
+        verdict = Verdict(**{**data, "source": "cache"})
+        if not isinstance(verdict.ok, bool):
+            raise ValueError("no verdict in it")
+        return verdict
+    except (ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"gmem: ignoring the corrupted self-check cache file {path} ({err}); checking again",
+                      RuntimeWarning, 3)
+        return None
+
+
+def _write(path: Path, verdict: Verdict) -> None:
+    """Atomically: a reader sees the old file, the new one or none, never a part."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump({k: v for k, v in asdict(verdict).items() if k != "source"}, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:  # a read-only cache: the verdict still holds for this process
+        pass
+
+
+def check(name: str, device, dtype: torch.dtype, *, use_cache: bool = True) -> Verdict:
+    """The verdict on backend ``name`` for ``device``/``dtype``: from the cache, else by running the cases
+    (and caching the result; ``use_cache=False`` always runs them and rewrites the cache)."""
+    device = torch.device(device)
+    key = _key(name, device, dtype)
+    path = verdict_path(key)
+    if use_cache:
+        cached = _read(path, key)
+        if cached is not None:
+            return cached
+    start = time.perf_counter()
+    results = run_cases(name, device, dtype)
+    failed = next((r.describe() for r in results if not r.ok), None)
+    verdict = Verdict(name, str(device), key["dtype"], failed is None, failed, key,
+                      [asdict(r) for r in results], round(time.perf_counter() - start, 4), time.time())
+    _write(path, verdict)
+    return verdict
+
+
+_trust: dict = {}
+_trust_lock = threading.RLock()
+
+
+def reset() -> None:
+    """Forget this process's verdicts (the disk cache stays): the next "auto" checks or reads again."""
+    with _trust_lock:
+        _trust.clear()
+
+
+def _fake_tensors_active() -> bool:
+    """Whether a fake-tensor mode is active (tracing that is not dynamo's own eager constant folding):
+    the cases cannot run on real tensors there."""
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    except AttributeError:  # an older torch
+        return False
+
+
+_skipped_warned: set = set()
+
+
+def trusted(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``"auto"`` may pick backend ``name`` on ``device``/``dtype`` (see the module docstring)."""
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    memo = (name, device.type, index, dtype)
+    verdict = _trust.get(memo)
+    if verdict is not None:
+        return verdict
+    with _trust_lock:
+        if memo in _trust:
+            return _trust[memo]
+        if name == "reference" or os.environ.get("GMEM_SELFCHECK", "1") == "0":
+            _trust[memo] = True
+            return True
+        if device.type == "cuda":
+            device = torch.device("cuda", index)
+        if _fake_tensors_active():
+            # "auto" resolved while tracing with fake tensors: use a cached verdict if there is one,
+            # else trust the backend for this trace only (not remembered: the next eager call checks)
+            key = _key(name, device, dtype)
+            cached = _read(verdict_path(key), key)
+            if cached is not None:
+                _trust[memo] = cached.ok
+                return cached.ok
+            if memo not in _skipped_warned:
+                _skipped_warned.add(memo)
+                warnings.warn(f"gmem: the self-check of backend {name!r} on {device} with {dtype} was skipped while "
+                              "tracing with fake tensors; it runs on the next eager call (or run `gmem doctor`)",
+                              RuntimeWarning, 4)
+            return True
+        verdict = check(name, device, dtype)
+        if not verdict.ok:
+            warnings.warn(
+                f"gmem: backend {name!r} failed its self-check on {device} with {dtype} ({verdict.failed}); "
+                f"backend='auto' will not use it and falls back to the next backend. Run `gmem doctor` "
+                f"for the full report; GMEM_SELFCHECK=0 skips the check.", RuntimeWarning, 4)
+        _trust[memo] = verdict.ok
+        return verdict.ok
