@@ -7,7 +7,15 @@ from PIL import Image
 from gmem.data import (ArrayImages, DataError, ImageFolder, InfiniteSampler, TensorImages, as_dataset,
                        demo_datasets, load_demo_dataset, uint8_to_float)
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module's tests (small ops), restored afterwards for the others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _check(ds, n, size=16, channels=3):

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from gmem.models import (CheckpointError, Discriminator, Generator, load_base, load_gan_stability, save_base)
 from gmem.models.base import DEFAULT_BASE_DIR, WEIGHTS_NAME
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module's tests (small ops), restored afterwards for the others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _public_block_shapes(blocks, nf):

@@ -8,7 +8,15 @@ from gmem.cli import build_parser, main
 from gmem.models import load_base, load_gan_stability
 from gmem.train_base import BaseTrainer, augment, r1_penalty, train_base
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module's tests (small ops), restored afterwards for the others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 TINY = dict(size=32, nf=2, z_dim=8, embed_size=4, batch_size=4, sample_every=2, checkpoint_every=2,
             progress=False)
