@@ -34,7 +34,8 @@ _SLOW = "not test_gradcheck_single_and_mixed and not test_lowrank_matches_dense_
 OPS_TESTS = ["tests/test_ops.py", "tests/test_op_paths.py", "-k", _SLOW]
 LOWRANK_TESTS = ["tests/test_op_paths.py", "tests/test_ops.py", "-k", _SLOW]
 STORE_FILES = ["gmem/store.py", "gmem/memory.py"]  # the store may live in either (first match wins)
-STORE_TESTS = ["tests/test_memory.py", "-k", "save or load or damaged or crash or rewrites or other_base"]
+STORE_TESTS = ["tests/test_mutations.py", "tests/test_memory.py", "-k",
+               "save or load or damaged or crash or rewrites or other_base or replaces"]
 
 
 @dataclass
