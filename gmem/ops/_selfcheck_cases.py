@@ -16,7 +16,6 @@ TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, tor
 TF32_TOLERANCE = 5e-3
 
 
-
 def _tf32_allowed() -> bool:
     """Whether torch lets float32 convolutions or matmuls on a GPU use TF32 (cuDNN does by default)."""
     for backend in (torch.backends.cudnn, torch.backends.cuda.matmul):
