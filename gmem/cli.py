@@ -84,6 +84,10 @@ from .cli_memory import MEMORY_COMMANDS  # noqa: E402
 
 COMMANDS.update(MEMORY_COMMANDS)
 
+from . import doctor as _doctor  # noqa: E402
+
+COMMANDS["doctor"] = (_doctor.DESCRIPTION, _doctor.add_arguments, _doctor.run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmem", description="GAN memory with no forgetting")

@@ -25,6 +25,14 @@ REQUIRED = ("op", "case", "backend", "ms", "device", "machine", "torch", "triton
             "ratio_plain")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    """The suite sets torch's thread count (it records it): give the other modules theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def suite():
     return run.run_suite(cases.tiny_cases(), "cpu", timing.TINY, threads=1, log=lambda s: None)

@@ -8,7 +8,15 @@ import torch
 from gmem.cli import COMMANDS, main
 from gmem.models import Discriminator, Generator, save_base
 
-MEMORY_COMMANDS = ("learn", "sample", "interpolate", "info", "demo")
+# options each command's --help must list (a help text without them is wrong, whatever else it says)
+HELP_OPTIONS = {
+    "learn": ("--iterations", "--batch-size", "--base", "--no-progress", "--no-score"),
+    "sample": ("--seed", "--labels", "--out", "--tensor"),
+    "interpolate": ("--steps", "--lam", "--groups", "--layers"),
+    "info": ("--json", "--layers", "--verify"),
+    "demo": ("--out", "--iterations", "--tasks", "--base"),
+    "doctor": ("--json", "--no-timing", "--backend", "--save"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +46,16 @@ def memory(tiny_base_dir, data_files, tmp_path_factory):
     return m
 
 
-@pytest.mark.parametrize("command", MEMORY_COMMANDS)
+@pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
 def test_help(command, capsys):
     assert command in COMMANDS
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: gmem {command}") and "--" in out
+    assert out.startswith(f"usage: gmem {command}")
+    missing = [opt for opt in HELP_OPTIONS[command] if opt not in out.split()]
+    assert not missing, (missing, out)
 
 
 def test_learn_sample_interpolate_info(memory, tmp_path, capsys):
@@ -65,7 +75,9 @@ def test_learn_sample_interpolate_info(memory, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(memory)]) == 0
     out = capsys.readouterr().out
-    assert "a" in out and "% of G" in out and "pixfid8" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert [row[1] for row in rows if row[:1] in (["1"], ["2"])] == ["a", "c"], out  # the task table: index, name
+    assert "% of G" in out and "pixfid8" in out
     assert main(["info", str(memory), "--json", "--layers"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in info["tasks"]] == ["a", "c"] and info["tasks"][1]["classes"] == 3
