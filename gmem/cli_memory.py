@@ -64,6 +64,7 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
 def _learn_run(args) -> int:
     import torch
 
+    from . import distributed as dist
     from .data import as_dataset, batch
     from .eval import pixel_fid
     from .memory import MANIFEST, GANMemory
@@ -97,11 +98,13 @@ def _learn_run(args) -> int:
               f"the last checkpoint in {run_dir}/", file=sys.stderr)
         return 130
     mem.records[args.name]["training"]["data"] = str(args.data)
-    if not args.no_score:
+    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
         n = min(256, len(dataset))
         real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
         mem.set_metric(args.name, "pixfid8", round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3))
-    mem.save(memory)
+    if dist.is_main():
+        mem.save(memory)
+    dist.barrier()
     m = mem.records[args.name]["metrics"]
     print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
           + (f", pixFID8 {m['pixfid8']}" if "pixfid8" in m else "") + f"); memory saved to {memory}")

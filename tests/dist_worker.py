@@ -8,6 +8,9 @@ every global batch, gradient averaging of the trainable parameters only, rank 0 
 Run one rank per process, e.g. ``torchrun --nproc_per_node 2 tests/dist_worker.py --out DIR``
 (without torchrun it is a single process). Files written in ``--out``: ``ckpt_XXXX.pt`` after every
 step and ``final.pt`` (rank 0), ``rank{r}.json`` (what each rank saw, for the tests).
+
+``dist_worker.py learn MEMORY DATA ...`` instead runs the real trainer, :meth:`gmem.GANMemory.learn`,
+as a user's script would under torchrun (tests/test_ddp_learn.py), and can kill one rank mid-run.
 """
 from __future__ import annotations
 
@@ -169,7 +172,51 @@ def check_collectives(out: Path, hang: bool) -> None:
     dist.barrier()
 
 
+def learn_main(argv) -> int:
+    """``GANMemory.learn`` of task ``t`` on the default base inside ``gmem.distributed.distributed()``;
+    rank 0 saves the memory. ``--kill-rank R --kill-at K``: rank R kills itself (SIGKILL) after iteration K.
+    ``--train-base DIR``: first a tiny ``train_base`` on the same data into DIR."""
+    import signal
+
+    from gmem import GANMemory
+    from gmem.data import as_dataset
+
+    ap = argparse.ArgumentParser(prog="dist_worker.py learn")
+    ap.add_argument("memory")
+    ap.add_argument("data")
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--kill-rank", type=int, default=1)
+    ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--train-base", default=None, metavar="DIR")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.memory) / "runs" / "t"  # where `gmem learn MEMORY t DATA` keeps its checkpoint
+
+    def kill(iteration: int, losses: dict) -> None:
+        if iteration == args.kill_at and dist.rank() == args.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with dist.distributed(resume_hint=str(run_dir)):
+        if args.train_base:
+            from gmem.train_base import train_base
+
+            train_base(args.data, args.train_base, iterations=2, size=16, nf=8, z_dim=16, batch_size=4, lr=1e-3,
+                       progress=False)
+        mem = GANMemory.default()
+        mem.learn("t", as_dataset(args.data, mem.size, mem.channels), iterations=args.iterations,
+                  batch_size=args.batch_size, seed=0, lr=args.lr, out_dir=run_dir, checkpoint_every=1,
+                  progress=False, callback=kill)
+        if dist.is_main():
+            mem.save(args.memory)
+        dist.barrier()
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["learn"]:
+        return learn_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=4)
