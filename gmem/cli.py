@@ -111,8 +111,8 @@ def _distributed(args: argparse.Namespace):
         raise ValueError(f"only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun with several processes; "
                          f"run `gmem {args.command}` as one process")
     cuda = str(getattr(args, "device", "cpu")).startswith("cuda")
-    run_dir = args.out if args.command == "train-base" else os.path.join(args.memory, "runs", args.name)
-    with dist.distributed(backend="nccl" if cuda else "gloo", resume_hint=run_dir) as info, \
+    runs = args.out if args.command == "train-base" else os.path.join(args.memory, "runs")  # checkpoints
+    with dist.distributed(backend="nccl" if cuda else "gloo", resume_hint=runs) as info, \
             open(os.devnull, "w") as devnull:
         if cuda:
             args.device = str(info.device)

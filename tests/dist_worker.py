@@ -172,10 +172,20 @@ def check_collectives(out: Path, hang: bool) -> None:
     dist.barrier()
 
 
+def learn_run_dir(memory, name: str) -> Path:
+    """Where ``gmem learn MEMORY NAME DATA`` keeps its checkpoint (so a script and the CLI share it)."""
+    try:
+        from gmem.store import run_dir_name  # the store's layout: runs/<stem>-<hash8>
+    except ImportError:
+        return Path(memory) / "runs" / name
+    return Path(memory) / "runs" / run_dir_name(name)
+
+
 def learn_main(argv) -> int:
     """``GANMemory.learn`` of task ``t`` on the default base inside ``gmem.distributed.distributed()``;
     rank 0 saves the memory. ``--kill-rank R --kill-at K``: rank R kills itself (SIGKILL) after iteration K.
-    ``--train-base DIR``: first a tiny ``train_base`` on the same data into DIR."""
+    ``--train-base DIR``: first a tiny ``train_base`` on the same data into DIR. ``--times FILE``: rank 0
+    writes the wall time of every iteration there (JSON list, seconds; tools/ddp_bench.py)."""
     import signal
 
     from gmem import GANMemory
@@ -190,10 +200,15 @@ def learn_main(argv) -> int:
     ap.add_argument("--kill-rank", type=int, default=1)
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--train-base", default=None, metavar="DIR")
+    ap.add_argument("--checkpoint-every", type=int, default=1)
+    ap.add_argument("--times", default=None, metavar="FILE")
     args = ap.parse_args(argv)
-    run_dir = Path(args.memory) / "runs" / "t"  # where `gmem learn MEMORY t DATA` keeps its checkpoint
+    run_dir = learn_run_dir(args.memory, "t")
+
+    ticks = [time.perf_counter()]
 
     def kill(iteration: int, losses: dict) -> None:
+        ticks.append(time.perf_counter())
         if iteration == args.kill_at and dist.rank() == args.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -204,11 +219,14 @@ def learn_main(argv) -> int:
             train_base(args.data, args.train_base, iterations=2, size=16, nf=8, z_dim=16, batch_size=4, lr=1e-3,
                        progress=False)
         mem = GANMemory.default()
+        ticks[:] = [time.perf_counter()]  # the first iteration's time also holds learn's setup
         mem.learn("t", as_dataset(args.data, mem.size, mem.channels), iterations=args.iterations,
-                  batch_size=args.batch_size, seed=0, lr=args.lr, out_dir=run_dir, checkpoint_every=1,
-                  progress=False, callback=kill)
+                  batch_size=args.batch_size, seed=0, lr=args.lr, out_dir=run_dir,
+                  checkpoint_every=args.checkpoint_every, progress=False, callback=kill)
         if dist.is_main():
             mem.save(args.memory)
+            if args.times:
+                Path(args.times).write_text(json.dumps([b - a for a, b in zip(ticks, ticks[1:])]))
         dist.barrier()
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dist_worker import learn_run_dir
 
 from gmem import GANMemory
 from gmem import distributed as dist
@@ -118,7 +119,7 @@ def runs(data, tmp_path_factory):
     memory, base = tmp / "memory", tmp / "base"
     killed = _torchrun(WORKER, "learn", memory, data, "--iterations", ITERATIONS, "--batch-size", BATCH, "--lr", LR,
                        "--kill-at", KILL_AT, "--train-base", base)
-    run_dir = memory / "runs" / "t"
+    run_dir = learn_run_dir(memory, "t")
     killed["saved_memory"] = (memory / "manifest.json").exists()
     if not (run_dir / "checkpoint.pt").is_file():
         pytest.fail(f"the killed run left no checkpoint (rc {killed['rc']}):\n{killed['output'][-3000:]}")
