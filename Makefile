@@ -1,7 +1,8 @@
 # gmem: `make test` and `make demo` set up what they need, then run.
 #
-#   make test               builds .venv (cached, see tools/venv.sh), installs gmem, runs every test
+#   make test               makes .venv (see tools/venv.sh), builds the extension in place, runs every test
 #   make demo               same environment, then the GAN memory demo (outputs in runs/demo/)
+#   make lint               ruff check (configuration in pyproject.toml)
 #   make test VENV=system   no environment, no installs, no network: uses the python on PATH as it is
 #                           (torch etc. preinstalled); the C++ extension is JIT-built if possible.
 VENV ?= .venv
@@ -17,24 +18,32 @@ endif
 
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo venv install test-cpp bench-quick clean
+.PHONY: test demo venv install lint test-cpp bench-quick clean FORCE
 
-venv:
-	@bash tools/venv.sh
+# .venv is this clone's own small environment over the shared cached one; tools/venv.sh leaves it
+# (and this file's time stamp) alone when it is up to date, and remakes it when the pins change.
+$(VENV)/.gmem-shared: FORCE
+	@bash tools/venv.sh $(VENV)
 
-# Installing builds the C++ (and, with a CUDA toolkit, CUDA) extension in place; the stamp lives in
-# the clone, so each clone installs once and later runs start at once. The cached environment is
-# shared by clones, so its editable install points at the clone that installed last; every clone
-# installs itself on its first make, and imports from a clone's root find that clone's gmem first.
-build/.installed: setup.py gmem/ops/_ext_build.py $(shell find csrc -type f) | venv
+venv: $(VENV)/.gmem-shared
+
+# The extension is built in place (gmem/_C*.so, in this clone), once per clone and again when its
+# sources or the environment change. The compiler's output goes to build/ext.log, shown on failure.
+build/.installed: setup.py pyproject.toml gmem/ops/_ext_build.py $(shell find csrc -type f) $(VENV)/.gmem-shared
 	@mkdir -p build
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	@echo "gmem: building the C++ extension in place (log: build/ext.log)"
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) setup.py --quiet build_ext --inplace >build/ext.log 2>&1 \
+		|| { tail -n 40 build/ext.log; echo "gmem: extension build failed, see build/ext.log"; exit 1; }
 	@touch $@
 
 install: $(ENV_STAMP)
 
 test: install test-cpp
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Not part of `make test` yet: the code base is made ruff-clean first.
+lint: $(if $(ENV_STAMP),venv)
+	$(PY) -m ruff check .
 
 # C++ unit tests of the CPU kernels (ctest) and an nvcc compile of every CUDA source (nothing runs)
 test-cpp:

@@ -6,7 +6,7 @@
 // convolution per group, as in modulated_ops.cpp.
 // Backward: per group one convolution_backward; its weight gradient is reduced to the dense style
 // gradients dGamma, dB of that task ([P, O, I] for the P tasks present, never for all T stored),
-// then the factor gradients come from a few small batched GEMMs (DESIGN.md):
+// then the factor gradients come from a few small batched GEMMs (docs/design.md, section 4):
 //   du = (dG v) * s,   dv = (dG^T u) * s,   ds = sum_o (dG v) * u.
 #include "modulated_internal.h"
 #include "modulated_ops.h"

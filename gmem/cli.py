@@ -133,15 +133,44 @@ def main(argv=None) -> int:
     try:
         with _distributed(args):  # torchrun --nproc_per_node N -m gmem.cli learn|train-base ...
             return COMMANDS[args.command][2](args) or 0
-    except PeerFailure as e:
-        print(f"gmem {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except PeerFailure as e:  # another rank stopped: say so in one line, with how to resume
+        return _user_error(args.command, str(e))
     except (DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"gmem {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except (KeyError, IndexError, ValueError) as e:  # unknown task, class out of range, bad values
-        print(f"gmem {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
+        return _user_error(args.command, _os_message(e) if getattr(e, "errno", None) is not None else str(e))
+    except (KeyError, IndexError, ValueError, TypeError) as e:  # unknown task, class out of range, bad values
+        if isinstance(e, TypeError) and not _raised_by_gmem(e):
+            raise  # a TypeError from deeper down is a bug: keep its traceback
+        return _user_error(args.command, str(e.args[0] if e.args else e))
+    except OSError as e:  # the machine said no: read-only or full disk, a file where a directory belongs...
+        if e.errno is None:
+            raise
+        return _user_error(args.command, _os_message(e))
+
+
+def _user_error(command: str, message: str) -> int:
+    """Print the one line ``gmem <command>: error: <message>`` on stderr; returns the exit code 1."""
+    print(f"gmem {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _os_message(e: OSError) -> str:
+    import errno
+
+    hint = {errno.ENOSPC: " (the disk is full; free some space and run the command again)",
+            errno.EDQUOT: " (disk quota exceeded)", errno.EROFS: " (the file system is read-only)",
+            errno.EACCES: " (no permission)"}.get(e.errno, "")
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where}{hint}"
+
+
+def _raised_by_gmem(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is gmem's own code (a check, not a crash)."""
+    import os
+
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(tb.tb_frame.f_code.co_filename)
 
 
 if __name__ == "__main__":

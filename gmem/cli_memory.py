@@ -1,13 +1,15 @@
-"""The GAN-memory commands of the ``gmem`` CLI: ``learn``, ``sample``, ``interpolate``, ``info``, ``demo``.
+"""The GAN-memory commands of the ``gmem`` CLI: ``learn``, ``sample``, ``interpolate``, ``info``, ``verify``,
+``remove``, ``demo``.
 
 Registered into :data:`gmem.cli.COMMANDS`. A memory lives in a directory (see
 :meth:`gmem.GANMemory.save`); ``learn`` creates it on the embedded base (or ``--base DIR``) when it
-does not exist yet. Exit codes: 0 success, 1 an error (message on stderr), 2 bad usage, 3 the demo
+does not exist yet, after checking everything it can before training (:mod:`gmem.cli_checks`). Exit codes: 0 success, 1 an error (message on stderr), 2 bad usage, 3 the demo
 found forgetting.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,15 +22,22 @@ def _ints(text: str) -> list[int]:
 
 
 def _floats(text: str) -> list[float]:
+    import math
+
     try:
-        return [float(t) for t in text.replace(",", " ").split()]
+        values = [float(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
 
 def _open(memory: str):
     from .memory import MANIFEST, GANMemory
 
+    if Path(memory).exists() and not Path(memory).is_dir():
+        raise ValueError(f"{memory} is a file, not a memory directory")
     if not (Path(memory) / MANIFEST).is_file():
         raise FileNotFoundError(f"no GAN memory at {memory!r} ({MANIFEST} not found); create one with "
                                 f"`gmem learn {memory} NAME DATA`")
@@ -57,33 +66,82 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--background", default=None,
+                   help="colour that transparent pixels of image files are composited over: black (the default, "
+                        "as the embedded sets), white, a grey level 0..255 or R,G,B")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _learn_preflight(args):
+    """Everything ``learn`` can check before training; returns ``(memory dir, GANMemory, device)``."""
+    from . import cli_checks, store
+    from .memory import MANIFEST, GANMemory
+    from .models import load_base
+
+    store.validate_task_name(args.name)
+    if isinstance(args.iterations, bool) or args.iterations < 0:
+        raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+    cli_checks.check_number(args.lr, "--lr", 0, 1e3, low_open=True)
+    cli_checks.check_number(args.r1_gamma, "--r1-gamma", 0, 1e9)
+    cli_checks.check_number(args.ema, "--ema", 0, 1)
+    if args.max_minutes is not None:
+        cli_checks.check_number(args.max_minutes, "--max-minutes", 0, 1e9, low_open=True)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.background is not None:
+        from .data import _background
+
+        _background(args.background)
+    device = cli_checks.check_device(args.device)
+    memory = cli_checks.check_writable_directory(args.memory)
+    if (memory / MANIFEST).is_file():
+        if args.base:
+            raise ValueError(f"--base applies to a new memory only; {memory} exists already")
+        mem = GANMemory.load(memory)
+        if args.name in mem.tasks:
+            raise ValueError(f"task {args.name!r} exists already in {memory} (tasks: {mem.tasks})")
+        for task, problem in store.verify_files(memory).items():
+            if problem:
+                raise ValueError(f"{problem}; drop it with `gmem remove {memory} {task}` or repair the memory "
+                                 f"with `gmem verify {memory} --repair`, then learn again")
+    else:
+        mem = GANMemory.from_base(*load_base(args.base)) if args.base else GANMemory.default()
+    cli_checks.check_batch_size(mem, args.batch_size, device)
+    return memory, mem, device
 
 
 def _learn_run(args) -> int:
     import torch
 
     from . import distributed as dist
-    from .data import as_dataset, batch
-    from .eval import pixel_fid
-    from .memory import MANIFEST, GANMemory
-    from .models import load_base
+    from . import store
+    from .data import as_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    memory = Path(args.memory)
-    if (memory / MANIFEST).is_file():
-        if args.base:
-            raise ValueError(f"--base applies to a new memory only; {memory} exists already")
-        mem = GANMemory.load(memory)
-    else:
-        mem = GANMemory.from_base(*load_base(args.base)) if args.base else GANMemory.default()
-    if args.name in mem.tasks:
-        raise ValueError(f"task {args.name!r} exists already in {memory} (tasks: {mem.tasks})")
-    mem.to(args.device)
-    dataset = as_dataset(args.data, mem.size, mem.channels)
-    run_dir = memory / "runs" / args.name
+    memory, mem, device = _learn_preflight(args)
+    dataset = as_dataset(args.data, mem.size, mem.channels, background=args.background)
+    mem.to(device)
+    # under torchrun rank 0 claims the name for every rank (the claim is one process's exclusive lock)
+    claim = (store.claim(memory, args.name) if dist.is_main()
+             else contextlib.nullcontext(memory / "runs" / store.run_dir_name(args.name)))
+    with claim as run_dir:
+        try:  # another process may have finished learning this name since the preflight read the memory
+            if args.name in {e["name"] for e in store.read_manifest(memory)["tasks"]}:
+                raise ValueError(f"task {args.name!r} was just added to {memory} by another process")
+        except FileNotFoundError:
+            pass
+        return _learn_train(args, memory, mem, dataset, run_dir)
+
+
+def _learn_train(args, memory, mem, dataset, run_dir) -> int:
+    import torch
+
+    from . import distributed as dist
+    from .data import batch
+    from .eval import pixel_fid
+
     try:
         mem.learn(args.name, dataset, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                   labels=True if args.conditional else None, lr=args.lr, r1_gamma=args.r1_gamma,
@@ -120,7 +178,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same images (default 0)")
     p.add_argument("--labels", type=_ints, default=None,
                    help="classes for a conditional task, comma-separated, one per sample (default 0,1,2,...)")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--out", default="samples.png",
+                   help="image grid to write; the suffix names the format (.png, .jpg, .webp, ...; default samples.png)")
     p.add_argument("--tensor", default=None, metavar="FILE",
                    help="also write the images as a safetensors file (key 'images', [N, C, H, W] in [-1, 1])")
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the PNG (default 2)")
@@ -129,10 +188,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 def _sample_run(args) -> int:
     import torch
 
-    from .images import save_grid
+    from .cli_checks import image_format, write_grid
 
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
+    image_format(args.out)
+    if args.tensor and Path(args.tensor).is_dir():
+        raise ValueError(f"--tensor {args.tensor} is a directory; give a file name such as {args.tensor}/samples.safetensors")
     mem = _open(args.memory)
     z = mem.latents(args.n, seed=args.seed)
     if args.labels is not None and len(args.labels) not in (1, args.n):
@@ -146,7 +208,7 @@ def _sample_run(args) -> int:
         if labels is not None:
             lab = torch.cat([labels if mem.num_classes(t) else torch.zeros_like(labels) for t in args.tasks])
         images = mem.sample(per_task, z=z.repeat(len(args.tasks), 1), labels=lab)
-    save_grid(images, args.out, nrow=args.n, scale=args.scale)
+    write_grid(images, args.out, nrow=args.n, scale=args.scale)
     if args.tensor:
         from safetensors.torch import save_file
 
@@ -169,17 +231,19 @@ def _interp_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None,
                    help="comma-separated globs of generator layers that mix, e.g. 'fc,resnet_0_0.*' "
                         "(per-block swap; default all; see `gmem info --layers`)")
-    p.add_argument("--out", default="interpolation.png", help="PNG grid to write (default interpolation.png)")
+    p.add_argument("--out", default="interpolation.png",
+                   help="image grid to write; the suffix names the format (default interpolation.png)")
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the PNG (default 2)")
 
 
 def _interp_run(args) -> int:
     import torch
 
-    from .images import save_grid
+    from .cli_checks import image_format, write_grid
 
     if args.steps < 2 and args.lam is None:
         raise ValueError("--steps must be >= 2")
+    image_format(args.out)
     mem = _open(args.memory)
     lams = args.lam or torch.linspace(0, 1, args.steps).tolist()
     groups = [g for g in args.groups.split(",") if g]
@@ -193,7 +257,7 @@ def _interp_run(args) -> int:
         if unmatched:
             raise ValueError(f"--layers {unmatched} match no modulated generator layer; layers: {names}")
     strip = mem.interpolate(args.task_a, args.task_b, lams, args.n, seed=args.seed, groups=groups, layers=layers)
-    save_grid(strip.transpose(0, 1).reshape(-1, *strip.shape[2:]), args.out, nrow=len(lams), scale=args.scale)
+    write_grid(strip.transpose(0, 1).reshape(-1, *strip.shape[2:]), args.out, nrow=len(lams), scale=args.scale)
     print(f"wrote {args.task_a} -> {args.task_b} at lambda {[round(v, 3) for v in lams]} to {args.out}")
     return 0
 
@@ -259,6 +323,48 @@ def _info_run(args) -> int:
     return 1 if problems else 0
 
 
+# ---------------------------------------------------------------- verify, remove
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("memory", help="memory directory")
+    p.add_argument("--repair", action="store_true",
+                   help="drop the tasks that cannot be read from the manifest (under the memory's lock); "
+                        "their files are left to garbage collection")
+
+
+def _verify_run(args) -> int:
+    from . import store
+
+    mem = _open(args.memory)
+    problems = {t: e for t, e in mem.verify().items() if e}
+    for t in mem.tasks:
+        print(f"  {t}: {'DAMAGED: ' + problems[t] if t in problems else 'ok (file, hash and contents checked)'}")
+    if not problems:
+        print(f"{args.memory}: {len(mem.tasks)} task(s), all readable")
+        return 0
+    if not args.repair:
+        print(f"{args.memory}: {len(problems)} damaged task(s); drop them with `gmem verify {args.memory} --repair` "
+              f"or `gmem remove {args.memory} TASK`")
+        return 1
+    dropped = store.repair(args.memory, also={t: mem.records[t].get("sha256") for t in problems})
+    print(f"{args.memory}: removed {len(dropped)} damaged task(s) from the manifest: {sorted(dropped)}")
+    return 0
+
+
+def _remove_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("memory", help="memory directory")
+    p.add_argument("tasks", nargs="+", help="task name(s) to forget")
+
+
+def _remove_run(args) -> int:
+    from . import store
+
+    if Path(args.memory).exists() and not Path(args.memory).is_dir():
+        raise ValueError(f"{args.memory} is a file, not a memory directory")
+    removed = store.remove_tasks(args.memory, args.tasks)
+    print(f"removed {', '.join(repr(t) for t in removed)} from {args.memory}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
@@ -299,6 +405,8 @@ MEMORY_COMMANDS = {
     "interpolate": ("interpolate between two tasks' styles (all or some groups/layers) for fixed latents",
                     _interp_args, _interp_run),
     "info": ("show a memory's base, tasks, classes, parameter counts and metrics", _info_args, _info_run),
+    "verify": ("read and check every task of a memory; --repair drops the unreadable ones", _verify_args, _verify_run),
+    "remove": ("forget task(s) of a memory (the other tasks are untouched)", _remove_args, _remove_run),
     "demo": ("learn the embedded demo tasks in sequence, show samples, interpolations and no forgetting "
              "(`make demo`; outputs in runs/demo)", _demo_args, _demo_run),
 }

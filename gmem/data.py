@@ -8,6 +8,7 @@ file, a uint8 array, a float tensor, or a Dataset) into one, with clear errors f
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEMO_DATA_DIR = ASSETS_DIR / "data"
 SOURCE_DATA = ASSETS_DIR / "source" / "crawl_tiles.npz"  # what the embedded base was trained on
+# Transparent pixels are composited over this colour (uint8 RGB) unless a background is given: black,
+# as the embedded demo sets were made. Icon sets drawn for light backgrounds want (255, 255, 255).
+DEFAULT_BACKGROUND = (0, 0, 0)
+# Images with more pixels than this are refused before they are decoded (decompression bombs).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
 
 class DataError(ValueError):
@@ -120,7 +126,7 @@ class ArrayImages(TensorImages):
                                         "(name it 'images' or pass key=...)")
                     arr = f[key]
                     if "labels" in keys:
-                        self.labels = torch.as_tensor(f["labels"]).long()
+                        self.labels = _integer_labels(f["labels"], path)
         except DataError:
             raise
         except (ValueError, OSError, EOFError, KeyError) as e:
@@ -132,6 +138,36 @@ class ArrayImages(TensorImages):
         if arr.shape[0] == 0:
             raise DataError(f"{path}: no images (array has 0 rows)")
         super().__init__(uint8_to_float(arr), size, channels, name=str(path))
+
+
+def _integer_labels(labels: np.ndarray, path) -> torch.Tensor:
+    """Class labels as a LongTensor ``[N]``; floats are accepted only when they hold whole numbers."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+            raise DataError(f"{path}: 'labels' are floats that are not whole numbers (class ids must be integers)")
+    elif labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'labels' must be integers, got dtype {labels.dtype}")
+    return torch.as_tensor(labels.astype(np.int64))
+
+
+def _background(background) -> tuple[int, int, int]:
+    """``None`` (the default), a grey level 0..255, an ``(r, g, b)`` triple, or ``"black"``/``"white"``."""
+    named = {"black": (0, 0, 0), "white": (255, 255, 255)}
+    if background is None:
+        return DEFAULT_BACKGROUND
+    if isinstance(background, str):
+        if background.lower() in named:
+            return named[background.lower()]
+        parts = background.replace(",", " ").split()
+        try:
+            background = [int(p) for p in parts] if len(parts) == 3 else int(background)
+        except ValueError:
+            raise ValueError(f"background must be 'black', 'white', a grey level or 'R,G,B', got {background!r}") from None
+    values = [background] * 3 if isinstance(background, int) else list(background)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"background must be a grey level or an (r, g, b) triple of ints in 0..255, got {background!r}")
+    return tuple(values)
 
 
 def find_images(directory) -> list[Path]:
@@ -147,22 +183,41 @@ def find_images(directory) -> list[Path]:
     return files
 
 
-def _load_image(path: Path, channels: int) -> torch.Tensor:
-    """One image file -> float ``[channels, H, W]`` in [-1, 1]; transparency composited over black."""
+def _load_image(path: Path, channels: int, background=None) -> tuple[torch.Tensor, bool]:
+    """One image file -> (float ``[channels, H, W]`` in [-1, 1], whether it had transparency).
+
+    16-bit (and 32-bit integer) greyscale is scaled from 0..65535, float images from 0..1;
+    transparency is composited over ``background`` (default :data:`DEFAULT_BACKGROUND`, black).
+    Images over :data:`MAX_IMAGE_PIXELS` pixels are refused before decoding.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    bg = np.asarray(_background(background), dtype=np.float32)
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {path} is {im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                                "allowed (a decompression bomb or a very large image: shrink it first)")
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+            if im.mode.startswith("I"):  # 16/32-bit integer grey: PIL's convert("RGB") would clip to white
+                grey = np.asarray(im, dtype=np.float32) * (255.0 / 65535.0)
+                rgb = np.repeat(np.clip(grey, 0, 255)[..., None], 3, axis=-1)
+            elif im.mode == "F":
+                grey = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0) * 255.0
+                rgb = np.repeat(grey[..., None], 3, axis=-1)
+            elif alpha:
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-                rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+                a = rgba[..., 3:] / 255.0
+                rgb = rgba[..., :3] * a + bg * (1.0 - a)
             else:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
-    t = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
-    return _to_channels(t, channels)[0]
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
+    return _to_channels(t, channels)[0], alpha
 
 
 class ImageFolder(TensorImages):
@@ -170,11 +225,20 @@ class ImageFolder(TensorImages):
 
     Sub-directory names become class labels (``self.classes``, ``self.labels``) when images sit in
     more than one sub-directory; otherwise ``self.labels`` is None. Images are decoded once.
+    Transparent pixels are composited over ``background`` (default :data:`DEFAULT_BACKGROUND`, black;
+    ``"white"``, a grey level or an ``(r, g, b)`` triple); without an explicit background a warning
+    says how many images had transparency.
     """
 
-    def __init__(self, directory, size: int, channels: int = 3):
+    def __init__(self, directory, size: int, channels: int = 3, background=None):
         files = find_images(directory)
-        images = torch.stack([_resize(_load_image(p, channels).unsqueeze(0), size)[0] for p in files])
+        loaded = [_load_image(p, channels, background) for p in files]
+        images = torch.stack([_resize(x.unsqueeze(0), size)[0] for x, _ in loaded])
+        transparent = sum(a for _, a in loaded)
+        if transparent and background is None:
+            warnings.warn(f"{directory}: {transparent} of {len(files)} images have transparency, composited over "
+                          f"{DEFAULT_BACKGROUND} (black); pass background='white' (CLI: --background white) "
+                          "for icons drawn for light backgrounds", stacklevel=2)
         groups = [p.relative_to(directory).parts[0] if len(p.relative_to(directory).parts) > 1 else ""
                   for p in files]
         self.classes = sorted(set(groups)) if len(set(groups)) > 1 else []
@@ -208,17 +272,18 @@ class DatasetAdapter(Dataset):
         return _resize(_to_channels(x.unsqueeze(0).float(), self.channels), self.size)[0].clamp(-1, 1)
 
 
-def as_dataset(data, size: int, channels: int = 3) -> Dataset:
+def as_dataset(data, size: int, channels: int = 3, background=None) -> Dataset:
     """Whatever a user passes -> a Dataset of float ``[channels, size, size]`` images in [-1, 1].
 
     ``data``: a directory of images; a ``.npy``/``.npz`` file of uint8 images; the name of an embedded
     demo set (see :func:`demo_datasets`); a uint8 numpy array / tensor ``[N, H, W(, C)]``; a float tensor
     ``[N, C, H, W]`` in [-1, 1]; or a ``torch.utils.data.Dataset`` (items converted on access).
+    ``background``: what transparent pixels of image files are composited over (see :class:`ImageFolder`).
     """
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_dir():
-            return ImageFolder(path, size, channels)
+            return ImageFolder(path, size, channels, background=background)
         if path.is_file():
             if path.suffix.lower() in (".npy", ".npz"):
                 return ArrayImages(path, size, channels)

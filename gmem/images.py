@@ -33,8 +33,11 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -
     return grid
 
 
-def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1) -> None:
-    """Write images ``[N, C, H, W]`` in [-1, 1] as one PNG grid (atomically), upscaled by ``scale``."""
+def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1, format: str = "PNG") -> None:
+    """Write images ``[N, C, H, W]`` in [-1, 1] as one grid (atomically), upscaled by ``scale``.
+
+    ``format``: a Pillow format name (``"PNG"`` by default; lossy formats are written at quality 95).
+    """
     from PIL import Image
 
     grid = image_grid(images.detach().float().cpu(), nrow)
@@ -42,4 +45,5 @@ def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    options = {"quality": 95} if format in ("JPEG", "WEBP") else {}
+    atomic_write(path, lambda f: img.save(f, format=format, **options))

@@ -23,9 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
-import os
-import re
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -33,52 +30,21 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import store
 from .models import CheckpointError, Discriminator, Generator, load_base, load_default_base, save_base
 from .registry import D_MODULATED, G_MODULATED, TaskRegistry
 from .registry import base_state as _base_state
 from .sampling import TaskSampler
+from .store import FORMAT, MANIFEST, TASK_FORMAT, TaskFileError  # noqa: F401  (re-exported)
 
 __all__ = ["GANMemory", "TaskFileError", "G_MODULATED", "D_MODULATED"]
 
-MANIFEST = "manifest.json"
-FORMAT = "gmem-memory-v1"
-TASK_FORMAT = "gmem-task-v1"
 CHECKPOINT = "checkpoint.pt"
 
 TaskRef = Union[str, int]
 
 
-class TaskFileError(CheckpointError):
-    """A task file that is missing or damaged; the message names the file and the task."""
-
-
 # ------------------------------------------------------------------------------------- helpers
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def state_hash(*named_states: tuple[str, dict]) -> str:
     """SHA-256 of state dicts' float32 contents (keys, shapes and values), independent of file format."""
     h = hashlib.sha256()
@@ -88,10 +54,6 @@ def state_hash(*named_states: tuple[str, dict]) -> str:
             h.update(f"{prefix}{key}:{tuple(t.shape)};".encode())
             h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:64] or "task"
 
 
 
@@ -184,28 +146,14 @@ class GANMemory:
         return self.registry.name(task)
 
     def _ensure_loaded(self, task: str) -> None:
-        """Read a task's file on first use (lazy loading); errors name the file."""
+        """Read a task's file on first use (lazy loading), checked by :func:`gmem.store.read_task`."""
         if task == "source" or task not in self._pending:
             return
-        path = self._pending[task]
-        record = self.records[task]
-        if not path.is_file():
-            raise TaskFileError(f"task {task!r}: file missing: {path}")
-        data = path.read_bytes()
-        digest = _sha256_bytes(data)
-        if record.get("sha256") and digest != record["sha256"]:
-            raise TaskFileError(f"task {task!r}: damaged file {path} (sha256 {digest[:12]}... does not match "
-                                f"{record['sha256'][:12]}... in {MANIFEST})")
+        tensors = store.read_task(self._directory, task, self.records[task])
         try:
-            from safetensors.torch import load as st_load
-
-            tensors = st_load(data)
-        except Exception as e:  # safetensors raises its own error types for damaged data
-            raise TaskFileError(f"task {task!r}: cannot read {path}: {e}") from None
-        try:
-            self._install_task(task, tensors, record.get("num_classes"))
+            self._install_task(task, tensors, self.records[task].get("num_classes"))
         except (KeyError, ValueError) as e:
-            raise TaskFileError(f"task {task!r}: {path} does not fit this base: {e}") from None
+            raise TaskFileError(f"task {task!r}: {self._pending[task]} does not fit this base: {e}") from None
         del self._pending[task]
 
     def _install_task(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
@@ -321,6 +269,8 @@ class GANMemory:
         """
         from .learning import learn_task
 
+        store.validate_task_name(name)
+
         return learn_task(self, name, data, iterations=iterations, batch_size=batch_size, seed=seed, labels=labels,
                           num_classes=num_classes, lr=lr, betas=betas, r1_gamma=r1_gamma, ema_decay=ema_decay,
                           ema_warmup=ema_warmup, out_dir=out_dir, sample_every=sample_every,
@@ -333,60 +283,52 @@ class GANMemory:
         self._record(task)["metrics"][key] = value
 
     def save(self, directory) -> Path:
-        """Write the memory to ``directory``: ``manifest.json`` + ``tasks/<name>-<sha12>.safetensors``.
+        """Write the memory to ``directory``: ``manifest.json`` + ``tasks/<stem>-<sha16>.safetensors``.
 
-        Every file is written atomically (tmp + ``os.replace``); a task file whose content is already
-        there is not rewritten (adding a task never rewrites another task's file); the manifest is
-        replaced last, so a crash at any point leaves the previous memory readable. A memory on a
-        custom base also stores the base once in ``base/`` (``gmem.models.save_base`` layout, float32).
+        The rules are :mod:`gmem.store`'s: task files are content addressed (deterministic bytes; a
+        file already there is never rewritten), written atomically under unique temporary names, and
+        the manifest is merged under the directory's lock with what other processes saved meanwhile:
+        this save adds or updates this memory's tasks and removes only the tasks removed from this
+        memory since it was loaded from (or saved to) ``directory``. A task another process stored
+        under the same name with other contents raises :class:`gmem.store.TaskConflictError` and
+        nothing is saved. A task of ``directory`` that was never used is not read (a damaged file
+        stays as it is and the other tasks are saved); saving it to another directory copies its
+        checked file. A memory on a custom base also stores the base once in ``base/``.
         """
-        from safetensors.torch import save as st_save
-
-        directory = Path(directory)
-        (directory / "tasks").mkdir(parents=True, exist_ok=True)
-        old = self._read_manifest(directory) if (directory / MANIFEST).is_file() else None
+        directory = store.prepare_directory(directory)
+        same = self._directory is not None and self._directory.resolve() == directory.resolve()
+        known = dict(getattr(self, "_on_disk", {})) if same else {}
         base_entry = {"kind": self.base_source.get("kind", "custom"), "sha256": self.base_hash,
                       "generator": self._G.config(), "discriminator": self._D.config()}
         if base_entry["kind"] == "default":
             base_entry["file_sha256"] = self.base_source.get("file_sha256")
         else:
             base_entry["path"] = "base"
-            self._save_base(directory / "base")
-        entries = []
+        put, refresh = [], []
         for task in self._order:
             record = self.records[task]
+            counts = {"style_parameters": self.parameter_counts(task)["total"]}
+            if same and task in self._pending:  # untouched since it was read from here: never read it
+                refresh.append({**record, **counts})
+                continue
             if task in self._pending:
-                src = self._pending[task]
-                data = None
-                if src.is_file() and _sha256_file(src) == record.get("sha256"):
-                    data = src.read_bytes()
-                if data is None:
-                    self._ensure_loaded(task)  # raises TaskFileError naming the file
-            if task not in self._pending:
-                data = st_save(self._task_tensors(task), metadata={"format": TASK_FORMAT, "task": task})
-            digest = _sha256_bytes(data)
-            rel = f"tasks/{_safe_name(task)}-{digest[:12]}.safetensors"
-            path = directory / rel
-            if not (path.is_file() and _sha256_file(path) == digest):
-                _atomic_write_bytes(path, data)
+                data = store.read_task_bytes(self._directory, task, record)
+            else:
+                data = store.task_bytes(self._task_tensors(task), task)
+            rel, digest = store.write_task_file(directory, task, data)
             entry = {k: v for k, v in record.items() if k not in ("file", "sha256")}
-            entry.update({"file": rel, "sha256": digest,
-                          "style_parameters": self.parameter_counts(task)["total"]})
-            entries.append(entry)
-        manifest = {"format": FORMAT, "gmem_version": _version(), "base": base_entry,
-                    "conversion": self.conversion, "tasks": entries}
-        _atomic_write_bytes(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        # the new manifest is in place: files only the old one referenced are stale now
-        if old is not None:
-            keep = {e["file"] for e in entries}
-            for e in old.get("tasks", []):
-                stale = directory / e.get("file", "")
-                if e.get("file") and e["file"] not in keep and stale.is_file() and stale.parent == directory / "tasks":
-                    stale.unlink()
-        for task, entry in zip(self._order, entries):
-            self.records[task].update({"file": entry["file"], "sha256": entry["sha256"]})
-            if task in self._pending:
-                self._pending[task] = directory / entry["file"]
+            entry.update({"file": rel, "sha256": digest, **counts})
+            put.append(entry)
+        write_base = None if base_entry["kind"] == "default" else (lambda: self._save_base(directory / "base"))
+        manifest = store.commit(directory, base_entry, self.conversion, put, refresh=refresh,
+                                removed=set(known) - set(self._order), known=known, before_write=write_base,
+                                version=_version())
+        for entry in put:
+            self.records[entry["name"]].update({"file": entry["file"], "sha256": entry["sha256"]})
+        for task in self._pending:
+            self._pending[task] = store.entry_path(directory, self.records[task])
+        stored = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
+        self._on_disk = {t: stored[t] for t in self._order if t in stored}
         self._directory = directory
         return directory
 
@@ -408,26 +350,19 @@ class GANMemory:
 
     @staticmethod
     def _read_manifest(directory: Path) -> dict:
-        path = directory / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(f"no GAN memory at {directory}: {MANIFEST} not found")
-        try:
-            manifest = json.loads(path.read_text())
-            if manifest.get("format") != FORMAT:
-                raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
-            manifest["base"]["sha256"], manifest["tasks"]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: damaged manifest ({type(e).__name__}: {e})") from None
-        return manifest
+        """The manifest of ``directory``, validated (:func:`gmem.store.read_manifest`; errors name the field)."""
+        return store.read_manifest(directory)
 
     @classmethod
     def load(cls, directory, *, lazy: bool = True) -> "GANMemory":
         """Open a memory written by :meth:`save`.
 
-        The base is checked against the manifest's hash. Task files are read when a task is first
-        used (``lazy``), each checked against its SHA-256; a missing or damaged file raises
-        :class:`TaskFileError` naming it, for that task only. ``lazy=False`` reads every task now and
-        warns (naming the file) about those that cannot be read, which stay unusable.
+        The manifest is validated (errors name the field), the base description is checked within
+        bounds before the base is built, and the base is checked against the manifest's hash. Task
+        files are read when a task is first used (``lazy``), each confined to the memory directory
+        and checked against its SHA-256; a missing or damaged file (or an entry without a hash)
+        raises :class:`TaskFileError` naming it, for that task only. ``lazy=False`` reads every task
+        now and warns (naming the file) about those that cannot be read, which stay unusable.
         """
         directory = Path(directory)
         manifest = cls._read_manifest(directory)
@@ -436,7 +371,7 @@ class GANMemory:
             G, D = load_default_base()
             source = {"kind": "default", "file_sha256": base.get("file_sha256")}
         else:
-            G, D = load_base(directory / base.get("path", "base"))
+            G, D = load_base(store.inside(directory, base.get("path", "base"), "base.path"))
             source = {"kind": "custom"}
         conv = manifest.get("conversion", {})
         mem = cls(G, D, g_include=conv.get("generator", G_MODULATED), d_include=conv.get("discriminator", D_MODULATED),
@@ -449,8 +384,9 @@ class GANMemory:
             name = entry["name"]
             mem._order.append(name)
             mem.records[name] = dict(entry, metrics=dict(entry.get("metrics", {})))
-            mem._pending[name] = directory / entry["file"]
+            mem._pending[name] = store.entry_path(directory, entry)
         mem._directory = directory
+        mem._on_disk = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
         if not lazy:
             for name in mem.tasks:
                 try:

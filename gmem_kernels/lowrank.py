@@ -3,7 +3,7 @@
 The forward and input-gradient kernels rebuild each ``[O_blk, I_blk]`` style block from the factors
 in registers (:func:`.conv._style_tile`), so no task's dense style matrix is ever stored. The style
 gradient kernel yields ``dGamma`` per *segment* ``[S, O, I]`` (``S <= N``, the tasks present), from
-which the factor gradients follow by small batched products (DESIGN.md):
+which the factor gradients follow by small batched products (docs/design.md, section 4):
 ``du = dG v diag(s)``, ``dv = dG^T u diag(s)``, ``ds = diag(u^T dG v)``.
 """
 from __future__ import annotations

@@ -142,3 +142,146 @@ def test_demo_detects_forgetting(tiny_base_dir, tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "demo"), "--no-progress"])
     assert code == 3
     assert "FORGETTING DETECTED" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- user errors as real processes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _gmem(*argv, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "gmem.cli", *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _assert_one_line_error(proc, command, message):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gmem {command}: error: ") and message in lines[0], err
+
+
+@pytest.fixture
+def damaged_memory(memory, tmp_path):
+    copy = tmp_path / "damaged"
+    shutil.copytree(memory, copy, ignore=shutil.ignore_patterns("runs"))
+    next((copy / "tasks").glob("c-*.safetensors")).write_bytes(b"garbage")
+    return copy
+
+
+def test_user_errors_are_one_line_in_a_real_process(memory, damaged_memory, data_files, tmp_path):
+    import torch
+    from test_data import _png_header_only
+
+    (tmp_path / "afile").write_text("not a memory")
+    (tmp_path / "bombs").mkdir()
+    _png_header_only(tmp_path / "bombs" / "bomb.png", 9000, 9000)
+    (tmp_path / "outdir").mkdir()
+    common = ["--iterations", "1", "--no-progress", "--no-score"]
+    cases = [
+        (["learn", "afile", "x", str(data_files / "a.npy"), *common], "is a file"),
+        (["sample", "afile", "a"], "is a file"),
+        (["learn", str(memory), "../x", str(data_files / "a.npy"), *common], "path separator"),
+        (["learn", str(memory), ".x", str(data_files / "a.npy"), *common], "starts with a dot"),
+        (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "100000000", *common], "--batch-size"),
+        (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "2000000", *common], "--batch-size"),
+        (["learn", str(memory), "new", str(data_files / "a.npy"), "--r1-gamma", "-1", *common], "--r1-gamma"),
+        (["learn", str(memory), "new", str(data_files / "a.npy"), "--ema", "1.5", *common], "--ema"),
+        (["learn", str(damaged_memory), "new", str(data_files / "a.npy"), *common], "gmem remove"),
+        (["learn", str(memory), "new", "bombs", *common], "decompression bomb"),
+        (["sample", str(memory), "a", "--out", "outdir"], "is a directory"),
+        (["sample", str(memory), "a", "--out", "x.xyz"], "unknown image file suffix"),
+        (["interpolate", str(memory), "source", "a", "--lam", "nan"], None),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["learn", str(memory), "new", str(data_files / "a.npy"), "--device", "cuda", *common],
+                      "no CUDA GPU"))
+    for start in range(0, len(cases), 3):  # a few processes at a time: each one imports torch
+        procs = [(argv, message, _gmem(*argv, cwd=tmp_path)) for argv, message in cases[start:start + 3]]
+        for argv, message, proc in procs:
+            if message is None:  # an argparse usage error: exit 2, no traceback
+                out, err = proc.communicate(timeout=600)
+                assert proc.returncode == 2 and "finite" in err and "Traceback" not in err
+                continue
+            _assert_one_line_error(proc, argv[0], message)
+    assert not (memory / "runs" / "new").exists() and not list((memory / "runs").glob("new-*"))  # nothing trained
+    assert not (tmp_path / "afile").is_dir() and (tmp_path / "afile").read_text() == "not a memory"
+
+
+def test_sample_out_suffix_names_the_format(memory, tmp_path):
+    from PIL import Image
+
+    for suffix, fmt in ((".jpg", "JPEG"), (".png", "PNG"), (".webp", "WEBP")):
+        out = tmp_path / f"s{suffix}"
+        assert main(["sample", str(memory), "a", "-n", "2", "--out", str(out)]) == 0
+        with Image.open(out) as im:
+            assert im.format == fmt
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_verify_and_remove_commands(damaged_memory, capsys):
+    assert main(["verify", str(damaged_memory)]) == 1
+    out = capsys.readouterr().out
+    assert "a: ok" in out and "c: DAMAGED" in out and "--repair" in out
+    assert main(["verify", str(damaged_memory), "--repair"]) == 0
+    assert "removed 1 damaged task" in capsys.readouterr().out
+    assert main(["verify", str(damaged_memory)]) == 0
+    assert main(["remove", str(damaged_memory), "a"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(damaged_memory), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == []
+    assert main(["remove", str(damaged_memory), "a"]) == 1
+    assert "no task 'a'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted at tmp_path/fs (needs root and mount rights; skipped otherwise)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _copy_memory(memory, dest):
+    shutil.copytree(memory, dest, ignore=shutil.ignore_patterns("runs", ".lock"))
+    return json.loads((dest / "manifest.json").read_text())
+
+
+def test_read_only_memory_is_refused_before_training(memory, data_files, small_tmpfs):
+    manifest = _copy_memory(memory, small_tmpfs / "m")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    proc = _gmem("learn", str(small_tmpfs / "m"), "new", str(data_files / "a.npy"), "--iterations", "1",
+                 "--no-progress", cwd=data_files)
+    _assert_one_line_error(proc, "learn", "Read-only file system")
+    assert json.loads((small_tmpfs / "m" / "manifest.json").read_text()) == manifest
+
+
+def test_full_disk_is_one_line_and_leaves_the_memory_intact(memory, data_files, small_tmpfs):
+    manifest = _copy_memory(memory, small_tmpfs / "m")
+    fd = os.open(small_tmpfs / "filler", os.O_WRONLY | os.O_CREAT)  # fill the file system up
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    proc = _gmem("learn", str(small_tmpfs / "m"), "new", str(data_files / "a.npy"), "--iterations", "1",
+                 "--batch-size", "4", "--no-progress", "--no-score", cwd=data_files)
+    _assert_one_line_error(proc, "learn", "disk is full")
+    assert json.loads((small_tmpfs / "m" / "manifest.json").read_text()) == manifest
+    os.unlink(small_tmpfs / "filler")
+    assert main(["verify", str(small_tmpfs / "m")]) == 0

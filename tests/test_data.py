@@ -43,7 +43,7 @@ def test_image_folder_recursive_resized_and_labelled(tmp_path):
     assert isinstance(ds, ImageFolder)
     _check(ds, 3)
     assert ds.classes == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 1]
-    assert torch.equal(ds[2], torch.full((3, 16, 16), -1.0))  # transparent over black
+    assert torch.equal(ds[2], torch.full((3, 16, 16), -1.0))  # transparent over black (the default)
     g = ds[1]
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])  # grey repeated to RGB
     grey = ImageFolder(tmp_path, 8, channels=1)
@@ -163,3 +163,60 @@ def test_sampler_resumes_identically():
     c = InfiniteSampler(7, 3, seed=5)
     c.load_state_dict(b.state_dict())
     assert all(torch.equal(c.next_indices(), x) for x in first[2:])
+
+
+def test_16_bit_grey_png_keeps_its_levels(tmp_path):
+    levels = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16).repeat(4, 0).repeat(4, 1)
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # really stored as 16-bit grey
+    x = as_dataset(tmp_path, 8)[0]
+    expected = torch.from_numpy(levels.astype(np.float64) / 65535 * 2 - 1).float()
+    assert torch.allclose(x[0], expected, atol=1e-5) and torch.equal(x[0], x[2])
+
+
+def test_transparency_over_a_configurable_background(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:4, :, 3] = 255  # top half opaque red-ish, bottom half fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "icon.png")
+    with pytest.warns(UserWarning, match="transparency.*black"):
+        black = as_dataset(tmp_path, 8)[0]
+    white = as_dataset(tmp_path, 8, background="white")[0]
+    grey = ImageFolder(tmp_path, 8, background=(128, 128, 128))[0]
+    assert torch.equal(black[:, 4:], torch.full((3, 4, 8), -1.0)) and torch.equal(white[:, 4:], torch.ones(3, 4, 8))
+    assert torch.allclose(grey[:, 4:], torch.full((3, 4, 8), 128 / 127.5 - 1), atol=1e-6)
+    assert torch.equal(black[:, :4], white[:, :4])            # opaque pixels do not depend on the background
+    with pytest.raises(ValueError, match="background"):
+        as_dataset(tmp_path, 8, background="purple")
+
+
+def test_float_labels_must_be_whole_numbers(tmp_path):
+    imgs = np.zeros((3, 8, 8), np.uint8)
+    np.savez(tmp_path / "ok.npz", images=imgs, labels=np.array([0.0, 1.0, 2.0]))
+    assert as_dataset(tmp_path / "ok.npz", 8).labels.tolist() == [0, 1, 2]
+    np.savez(tmp_path / "bad.npz", images=imgs, labels=np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(DataError, match="bad.npz.*whole numbers"):
+        as_dataset(tmp_path / "bad.npz", 8)
+
+
+def _png_header_only(path, width, height):
+    """A PNG that claims ``width x height`` pixels with almost no data (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path):
+    _png_header_only(tmp_path / "bomb.png", 9000, 9000)      # over gmem's limit, under Pillow's
+    with pytest.raises(DataError, match="bomb.png.*9000x9000.*decompression bomb"):
+        as_dataset(tmp_path, 8)
+    _png_header_only(tmp_path / "bomb.png", 30000, 30000)    # Pillow refuses it already on opening
+    with pytest.raises(DataError, match="bomb.png.*decompression bomb"):
+        as_dataset(tmp_path, 8)

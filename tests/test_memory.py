@@ -55,7 +55,7 @@ def test_learning_changes_only_the_new_task(mem):
     changed_d = {k for k in d0 if not torch.equal(d0[k], d1[k])}
     assert changed_g == set() and changed_d == set()          # nothing that existed before moved
     new_g = set(g1) - set(g0)
-    assert new_g and all(".styles.1." in k for k in new_g)    # task b is the second style set
+    assert new_g and all(".styles.b." in k for k in new_g)    # task b's style sets, keyed by name
     assert all(torch.equal(v, mem.registry.heads["a"].state_dict()[k]) for k, v in fc_a.items())
     # b's parameters did train
     b_state = gnn.style_state_dict(mem.generator, "b")

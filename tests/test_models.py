@@ -5,10 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmem.models import (CheckpointError, Discriminator, Generator, load_base, load_gan_stability, save_base)
+from gmem.models import CheckpointError, Discriminator, Generator, load_base, load_gan_stability, save_base
 from gmem.models.base import DEFAULT_BASE_DIR, WEIGHTS_NAME
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread (the machine is shared), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _public_block_shapes(blocks, nf):
@@ -236,3 +243,122 @@ def test_default_base_loads_and_samples():
     assert x.shape == (4, 3, 32, 32) and torch.isfinite(d).all()
     assert x.std() > 0.05  # not collapsed to a constant image
     assert not math.isnan(float(x.mean()))
+
+
+# ---------------------------------------------------------------- GAN_stability 'resnet4' at every size
+# An independent re-implementation of the release's 'resnet4' (written from its structure, no gmem code):
+# always 7 residual blocks, start size s0 = size // 64, generator widths 16,16,16,8,4,2,1,1 x nf
+# (block k maps width k to width k+1), the discriminator the mirror image.
+R4_WIDTHS = [16, 16, 16, 8, 4, 2, 1, 1]
+
+
+def _r4_shapes(size, nf, z_dim, embed, nlabels):
+    """(generator, discriminator) key -> shape tables of a 'resnet4' checkpoint."""
+    s0 = size // 64
+    g = {"embedding.weight": (nlabels, embed), "fc.weight": (16 * nf * s0 * s0, z_dim + embed),
+         "fc.bias": (16 * nf * s0 * s0,)}
+    g.update(_public_block_shapes(list(zip(R4_WIDTHS[:-1], R4_WIDTHS[1:])), nf))
+    g["conv_img.weight"], g["conv_img.bias"] = (3, nf, 7, 7), (3,)
+    rev = R4_WIDTHS[::-1]
+    d = {"conv_img.weight": (nf, 3, 7, 7), "conv_img.bias": (nf,)}
+    d.update(_public_block_shapes(list(zip(rev[:-1], rev[1:])), nf))
+    d["fc.weight"], d["fc.bias"] = (nlabels, 16 * nf * s0 * s0), (nlabels,)
+    return g, d
+
+
+def _r4_block(h, sd, p):
+    w0 = sd[p + "conv_0.weight"]
+    short = F.conv2d(h, sd[p + "conv_s.weight"]) if p + "conv_s.weight" in sd else h
+    dh = F.conv2d(F.leaky_relu(h, 0.2), w0, sd[p + "conv_0.bias"], padding=1)
+    dh = F.conv2d(F.leaky_relu(dh, 0.2), sd[p + "conv_1.weight"], sd[p + "conv_1.bias"], padding=1)
+    return short + 0.1 * dh
+
+
+def _r4_generator(sd, z, y, nf, s0):
+    h = F.linear(torch.cat([z, sd["embedding.weight"][y]], 1), sd["fc.weight"], sd["fc.bias"])
+    h = h.view(z.shape[0], 16 * nf, s0, s0)
+    for k in range(7):
+        if k:
+            h = F.interpolate(h, scale_factor=2)  # nearest
+        h = _r4_block(h, sd, f"resnet_{k}_0.")
+    return torch.tanh(F.conv2d(F.leaky_relu(h, 0.2), sd["conv_img.weight"], sd["conv_img.bias"], padding=3))
+
+
+def _r4_discriminator(sd, x, y):
+    h = F.conv2d(x, sd["conv_img.weight"], sd["conv_img.bias"], padding=3)
+    for k in range(7):
+        if k:
+            h = F.avg_pool2d(h, 3, stride=2, padding=1)
+        h = _r4_block(h, sd, f"resnet_{k}_0.")
+    out = F.linear(F.leaky_relu(h.reshape(x.shape[0], -1), 0.2), sd["fc.weight"], sd["fc.bias"])
+    return out[torch.arange(x.shape[0]), y]
+
+
+@pytest.mark.parametrize("size", [64, 128, 256, 512])
+def test_resnet4_release_shapes_at_every_size(size):
+    """At the release's own width (nf=64) and both label settings, gmem builds exactly the 'resnet4' tables."""
+    for nlabels, embed in ((1, 1), (1000, 256)):
+        g_shapes, d_shapes = _r4_shapes(size, 64, 256, embed, nlabels)
+        with torch.device("meta"):
+            G = Generator(size, 64, 256, embed, nlabels, s0=size // 64)
+            D = Discriminator(size, 64, nlabels, s0=size // 64)
+        assert {k: tuple(v.shape) for k, v in G.state_dict().items()} == g_shapes
+        assert {k: tuple(v.shape) for k, v in D.state_dict().items()} == d_shapes
+        assert G.config()["size"] == size and G.n_blocks == D.n_blocks == 7
+
+
+# nf small to keep the test fast: the layout is the same function of nf as at the release's nf=64
+@pytest.mark.parametrize("size,nf,nlabels,embed", [(64, 4, 1, 1), (64, 4, 5, 8), (128, 2, 1, 1),
+                                                   (128, 2, 3, 16), (256, 2, 1, 1), (512, 1, 2, 4)])
+def test_load_resnet4_checkpoint_at_every_size(tmp_path, size, nf, nlabels, embed):
+    z_dim, s0 = 16, size // 64
+    gen = torch.Generator().manual_seed(size + nlabels)
+    g_shapes, d_shapes = _r4_shapes(size, nf, z_dim, embed, nlabels)
+    rand = lambda shapes: {k: torch.randn(s, generator=gen) * 0.2 for k, s in shapes.items()}  # noqa: E731
+    raw, ema, disc = rand(g_shapes), rand(g_shapes), rand(d_shapes)
+    pre = lambda sd: {"module." + k: v for k, v in sd.items()}  # noqa: E731
+    path = tmp_path / f"r4_{size}.pt"
+    torch.save({"generator": pre(raw), "generator_test": pre(ema), "discriminator": pre(disc), "it": 10}, path)
+
+    G, D = load_gan_stability(path)
+    assert (G.size, G.s0, G.n_blocks, G.nf, G.z_dim, G.embed_size, G.nlabels) == (size, s0, 7, nf, z_dim, embed,
+                                                                                  nlabels)
+    assert (D.size, D.s0, D.nlabels) == (size, s0, nlabels)
+    z = torch.randn(2, z_dim, generator=gen)
+    y = torch.tensor([nlabels - 1, 0])
+    with torch.no_grad():
+        x = G(z, y)
+        assert x.shape == (2, 3, size, size)
+        torch.testing.assert_close(x, _r4_generator(ema, z, y, nf, s0))
+        torch.testing.assert_close(D(x, y), _r4_discriminator(disc, x, y))
+        G_raw, _ = load_gan_stability(path, use_ema=False)
+        torch.testing.assert_close(G_raw(z, y), _r4_generator(raw, z, y, nf, s0))
+    # the config round-trips through the constructor (GANMemory and save_base rebuild models from it)
+    assert Generator(**G.config()).config() == G.config()
+    assert Generator(**G.config()).s0 == Discriminator(**D.config()).s0 == s0
+
+
+def test_default_start_size_keeps_stored_configs():
+    """Models with the default s0 = 4 report the same config as before s0 existed (old base.json files)."""
+    G, D = Generator(32, nf=2, z_dim=4, embed_size=2), Discriminator(32, nf=2)
+    assert G.config() == dict(size=32, nf=2, z_dim=4, embed_size=2, nlabels=1, channels=3)
+    assert D.config() == dict(size=32, nf=2, nlabels=1, channels=3)
+    assert Generator(256, 2, 4, 2, s0=4).state_dict().keys() == Generator(256, 2, 4, 2).state_dict().keys()
+    with pytest.raises(ValueError, match="s0"):
+        Generator(64, 2, s0=0)
+    with pytest.raises(ValueError, match="size must be s0"):
+        Discriminator(96, 2, s0=2)
+
+
+def test_resnet4_bad_fc_names_the_tensor(tmp_path):
+    g_shapes, d_shapes = _r4_shapes(128, 2, 8, 1, 1)
+    sd_g = {k: torch.zeros(s) for k, s in g_shapes.items()}
+    sd_d = {k: torch.zeros(s) for k, s in d_shapes.items()}
+    sd_g["fc.weight"], sd_g["fc.bias"] = torch.zeros(3 * 32, 9), torch.zeros(3 * 32)  # 3 is no square
+    torch.save({"generator_test": sd_g, "discriminator": sd_d}, tmp_path / "bad_fc.pt")
+    with pytest.raises(CheckpointError, match=r"bad_fc.pt: generator fc weight \(96, 9\) does not fit nf=2"):
+        load_gan_stability(tmp_path / "bad_fc.pt")
+    sd_g["fc.weight"], sd_g["fc.bias"] = torch.zeros(32, 9), torch.zeros(32)  # s0 = 1 but D's fc says 2
+    torch.save({"generator_test": sd_g, "discriminator": sd_d}, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match=r"mismatch.pt: discriminator fc weight .* start size 1"):
+        load_gan_stability(tmp_path / "mismatch.pt")

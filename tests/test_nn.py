@@ -141,7 +141,7 @@ def test_mixed_batch_gradients_reach_only_present_tasks(model_fn):
 
 
 def test_interpolation_endpoints_groups_and_blocks():
-    model, _ = make(SmallCNN)
+    model, base = make(SmallCNN)
     x = inputs(SmallCNN)
     gnn.convert(model)
     gnn.add_task(model, "a")
@@ -164,7 +164,7 @@ def test_interpolation_endpoints_groups_and_blocks():
         scales_only = model(x)
     hybrid = copy.deepcopy(model)
     for _, layer in gnn.modulated_layers(hybrid):
-        layer.styles[0].gamma.data.copy_(layer.styles[1].gamma.data)
+        layer.styles["a"].gamma.data.copy_(layer.styles["b"].gamma.data)
     with gnn.use_task(hybrid, "a"):
         torch.testing.assert_close(scales_only, hybrid(x))
     # one block only: every other layer keeps task a
@@ -174,11 +174,11 @@ def test_interpolation_endpoints_groups_and_blocks():
     for name, layer in gnn.modulated_layers(hybrid):
         if name.startswith("block."):
             for group in ("gamma", "beta", "bias"):
-                getattr(layer.styles[0], group).data.copy_(getattr(layer.styles[1], group).data)
+                getattr(layer.styles["a"], group).data.copy_(getattr(layer.styles["b"], group).data)
     with gnn.use_task(hybrid, "a"):
         torch.testing.assert_close(block_only, hybrid(x))
-    # selection state is restored afterwards
-    assert torch.equal(model(x), model(x)) and all(l.style_override is None for _, l in gnn.modulated_layers(model))
+    # selection is restored afterwards: the model runs the source again
+    assert torch.equal(model(x), base(x)) and all(l.style_override is None for _, l in gnn.modulated_layers(model))
 
 
 def test_task_management():
@@ -221,9 +221,9 @@ def test_conditional_task_has_one_bias_per_class():
     gnn.add_task(model, "digits", num_classes=3)
     gnn.add_task(model, "plain")
     layer = model[0]
-    assert layer.styles[0].bias.shape == (3, 16)
+    assert layer.styles["digits"].bias.shape == (3, 16)
     with torch.no_grad():
-        layer.styles[0].bias[1] += 1.0
+        layer.styles["digits"].bias[1] += 1.0
     labels = torch.tensor([0, 1, 2, 1])
     with gnn.use_task(model, "digits"), gnn.use_classes(model, labels):
         out = model(x)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Quality numbers for a base GAN: Frechet distances between generated and real 32x32 images.
 
-FID proper needs Inception weights, which this machine cannot download, and runs at a few images/s on
-2 CPU cores. Instead two cheap, fixed feature spaces are used (both documented with the numbers):
+The standard (Inception) FID runs at a few images/s on 2 CPU cores, so by default two cheap, fixed
+feature spaces are used; both are PROXIES, comparable only within this script (documented with the
+numbers):
 
 - ``pixel-FD``: Frechet distance of images area-downsampled to 8x8 (192-d), i.e. colour layout statistics.
 - ``randconv-FD``: Frechet distance of 256-d features of a fixed, randomly initialised (seed 0) 4-layer
@@ -10,10 +11,13 @@ FID proper needs Inception weights, which this machine cannot download, and runs
   features form a "random network" FID, comparable only within this script.
 
 Each is reported with a real-vs-real reference (two disjoint halves of the data) and for an untrained
-generator, so the trained value can be placed between the two.
+generator, so the trained value can be placed between the two. ``--inception-n N`` adds the standard
+FID (gmem.eval.protocol_fid: N real images, statistics cached, and N samples; the paper's N is
+min(data size, 10,000)).
 
     python tools/eval_base.py --data gmem/assets/source/crawl_tiles.npz --base gmem/assets/base
     python tools/eval_base.py --data ... --checkpoint /work/base_run/run/checkpoint.pt
+    python tools/eval_base.py --data ... --base gmem/assets/base --inception-n 6350   # slow on a CPU
 """
 from __future__ import annotations
 
@@ -25,21 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's gmem, not another install
+from gmem.eval import fid_from_features, protocol_fid  # noqa: E402
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to feature rows of ``a`` and ``b`` ([N, d])."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return fid_from_features(a, b)
 
 
 def random_convnet() -> torch.nn.Module:
@@ -69,14 +66,18 @@ def generate(G, n: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([G(torch.randn(min(500, n - i), G.z_dim, generator=g)) for i in range(0, n, 500)])
 
 
-def evaluate(G, real: torch.Tensor, n: int = 2000, seed: int = 0) -> dict:
+def evaluate(G, real: torch.Tensor, n: int = 2000, seed: int = 0, inception_n: int = 0) -> dict:
     net = random_convnet()
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
     half = min(n, len(real) // 2)
     ra, rb = real[perm[:half]], real[perm[half:2 * half]]
     fa, fb, fg = features(ra, net), features(rb, net), features(generate(G, half, seed), net)
-    return {k: {"generated_vs_real": frechet(fg[k], fa[k]), "real_vs_real": frechet(fb[k], fa[k])}
-            for k in fa} | {"n": half}
+    out = {k: {"generated_vs_real": frechet(fg[k], fa[k]), "real_vs_real": frechet(fb[k], fa[k])}
+           for k in fa} | {"n": half}
+    if inception_n:
+        fake = generate(G, min(inception_n, len(real)), seed + 1)
+        out["inception_fid"] = {"generated_vs_real": protocol_fid(real, fake, inception_n), "n": len(fake)}
+    return out
 
 
 def main(argv=None) -> None:
@@ -86,6 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", help="a train-base checkpoint (EMA generator)")
     p.add_argument("--untrained", action="store_true", help="also score an untrained generator")
     p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--inception-n", type=int, default=0,
+                   help="also the standard FID from this many real images and samples (0: skip)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from gmem.data import as_dataset
@@ -95,14 +98,14 @@ def main(argv=None) -> None:
     out = {}
     if args.base:
         G, _ = load_base(args.base)
-        out["base"] = evaluate(G, real, args.n)
+        out["base"] = evaluate(G, real, args.n, inception_n=args.inception_n)
     if args.checkpoint:
         G, _ = load_gan_stability(args.checkpoint)
-        out["checkpoint"] = evaluate(G, real, args.n)
+        out["checkpoint"] = evaluate(G, real, args.n, inception_n=args.inception_n)
     if args.untrained:
         ref = G if (args.base or args.checkpoint) else Generator(32, 32, 128, 64)
         torch.manual_seed(0)
-        out["untrained"] = evaluate(Generator(**ref.config()).eval(), real, args.n)
+        out["untrained"] = evaluate(Generator(**ref.config()).eval(), real, args.n, inception_n=args.inception_n)
     print(json.dumps(out, indent=2))
 
 

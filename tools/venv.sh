@@ -1,31 +1,96 @@
 #!/usr/bin/env bash
-# Make .venv a link to a cached virtual environment keyed by the hash of what it pins.
+# Make the clone's environment: a small virtual environment of its own over a shared, cached one.
 #
-# The environment is ~5.6 GB (the CUDA build of torch, needed to compile the CUDA extension). Every
-# fresh clone building its own copy would fill the disk, so environments live in
-# ${GMEM_VENV_CACHE:-~/.cache/gmem/venvs}/<hash> and a clone only links to one. A new machine builds
-# it from nothing. The marker `.complete` is written last, so an interrupted build is redone; a lock
-# keeps two clones from building the same environment at once.
+# Usage: tools/venv.sh [DIR]   (DIR defaults to .venv; run by `make`, quiet when nothing changes)
+#
+# The heavy packages (~5.6 GB: the CUDA build of torch, needed to compile the CUDA extension) are
+# installed once per machine into ${GMEM_VENV_CACHE:-~/.cache/gmem/venvs}/<hash of what is pinned>.
+# A new machine builds it from nothing; the marker `.complete` is written last, so an interrupted
+# build is redone, and a lock keeps two clones from building the same environment at once. Nothing
+# is ever installed into it afterwards: gmem itself is not, so no clone can change what another sees.
+#
+# DIR is a real virtual environment (no pip, a few kB) belonging to this clone. A .pth file in its
+# site-packages puts, in this order, the clone's root (relative to the .pth file, so the clone may
+# be moved) and the shared environment's site-packages on sys.path: `import gmem` is this clone's
+# gmem, and `DIR/bin/python -m pip install X` installs into DIR only. DIR/bin holds the console
+# scripts of pyproject.toml (`gmem`) running DIR's python, and links to the shared environment's
+# native executables (ninja, ruff). `make install` then builds the extension in place (gmem/_C*.so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
+venv=${1:-.venv}
 
 PYTHON=${PYTHON:-python3}
 cache_root=${GMEM_VENV_CACHE:-$HOME/.cache/gmem/venvs}
-key=$( { cat constraints.txt requirements-dev.txt; "$PYTHON" -c 'import sys; print(sys.version)'; } \
+key=$( { cat constraints.txt requirements-dev.txt requirements-nodeps.txt; "$PYTHON" -c 'import sys; print(sys.version)'; } \
        | sha256sum | cut -c1-16)
-target="$cache_root/$key"
+shared="$cache_root/$key"
 mkdir -p "$cache_root"
 
 (
     flock 9
-    if [ ! -f "$target/.complete" ]; then
-        echo "gmem: building the environment $target (first time on this machine, ~2 minutes)"
-        rm -rf "$target"
-        "$PYTHON" -m venv "$target"
-        "$target/bin/pip" install --quiet --disable-pip-version-check \
+    if [ ! -f "$shared/.complete" ]; then
+        echo "gmem: building the shared environment $shared (first time on this machine, ~2 minutes)"
+        rm -rf "$shared"
+        "$PYTHON" -m venv "$shared"
+        "$shared/bin/pip" install --quiet --disable-pip-version-check \
             -r requirements-dev.txt -c constraints.txt
-        touch "$target/.complete"
+        # packages whose declared dependencies gmem does not use (see requirements-nodeps.txt)
+        "$shared/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+            -r requirements-nodeps.txt -c constraints.txt
+        touch "$shared/.complete"
     fi
 ) 9>"$cache_root/.lock-$key"
 
-ln -sfn "$target" .venv
+# DIR/.gmem-shared names the shared environment DIR was made over; it is written last, and only
+# when DIR is (re)made, so `make` sees a new environment by its time stamp.
+marker="$venv/.gmem-shared"
+if [ -f "$marker" ] && [ "$(cat "$marker")" = "$shared" ] && [ -x "$venv/bin/python" ]; then
+    exit 0
+fi
+
+echo "gmem: making $venv (this clone's environment, over $shared)"
+if [ -L "$venv" ]; then
+    rm -f "$venv"  # earlier versions made DIR a link to the shared environment: drop the link only
+fi
+rm -rf "$venv"
+"$PYTHON" -m venv --without-pip "$venv"
+"$venv/bin/python" - "$root" "$venv" "$shared" <<'PY'
+import os
+import re
+import stat
+import sys
+import sysconfig
+from pathlib import Path
+
+root, shared = Path(sys.argv[1]).resolve(), Path(sys.argv[3])
+prefix = Path(sys.prefix)                             # DIR (this python is DIR's)
+site = Path(sysconfig.get_path("purelib"))            # DIR's site-packages
+shared_site = shared / site.relative_to(prefix)       # the same layout inside the shared environment
+if not shared_site.is_dir():
+    sys.exit(f"gmem: {shared_site} not found (the shared environment is incomplete)")
+(site / "_gmem_env.pth").write_text(
+    os.path.relpath(root, site.resolve()) + "\n"
+    + f"import site; site.addsitedir({str(shared_site)!r})\n")
+
+text = (root / "pyproject.toml").read_text()
+try:
+    import tomllib
+
+    scripts = tomllib.loads(text)["project"].get("scripts", {})
+except ImportError:  # Python 3.10: the [project.scripts] table holds only `name = "module:function"` lines
+    table = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    scripts = dict(re.findall(r'^([\w.-]+)\s*=\s*"([\w.]+:[\w.]+)"', table.group(1) if table else "", re.M))
+bin_dir = prefix / "bin"
+for name, target in scripts.items():
+    module, func = target.split(":")
+    path = bin_dir / name
+    path.write_text(f"#!{bin_dir / 'python'}\nimport sys\n\nfrom {module} import {func}\n\n"
+                    f"if __name__ == \"__main__\":\n    sys.exit({func}())\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+for exe in (shared / "bin").iterdir():  # native programs only: scripts would run the shared python
+    if exe.is_file() and os.access(exe, os.X_OK) and exe.open("rb").read(2) != b"#!" \
+            and not exe.name.startswith("python") and not (bin_dir / exe.name).exists():
+        (bin_dir / exe.name).symlink_to(exe)
+PY
+echo "$shared" > "$marker"

@@ -5,7 +5,7 @@
 errors; :func:`knowledge_base` builds a shared basis ``L, R`` from several tasks' matrices at once and
 :func:`express_in_base` writes one matrix as ``L diag(lam) R^T + U diag(s) V^T``. These read the
 model through :mod:`gmem.nn` (imported when called, so the compression core stays below it). The
-training-time scheme of the paper's Algorithm 1 is :class:`gmem.compress.KnowledgeBase`.
+training-time scheme of the paper's Algorithm 1 is :class:`gmem.compress.KnowledgeBase` (docs/design.md, section 4).
 """
 from __future__ import annotations
 

@@ -51,7 +51,37 @@ def base_config(directory) -> dict:
         config["generator"], config["discriminator"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: damaged base config ({type(e).__name__}: {e})") from None
+    check_base_config(config, path)
     return config
+
+
+# Bounds on a base description, checked before anything is allocated (a crafted base.json must not
+# make the process build a huge model): the public 256px GP-GAN has about 5e7 parameters.
+BASE_LIMITS = {"size": (8, 1024), "nf": (1, 1024), "z_dim": (1, 4096), "embed_size": (1, 4096),
+               "nlabels": (1, 100_000), "channels": (1, 4)}
+MAX_BASE_PARAMETERS = 500_000_000
+
+
+def check_base_config(config: dict, path="base.json") -> None:
+    """CheckpointError naming the field unless ``config`` describes a base within :data:`BASE_LIMITS`."""
+    for part, keys in (("generator", ("size", "nf", "z_dim", "embed_size", "nlabels", "channels")),
+                       ("discriminator", ("size", "nf", "nlabels", "channels"))):
+        cfg = config[part]
+        if not isinstance(cfg, dict) or set(cfg) - set(keys):
+            raise CheckpointError(f"{path}: field {part!r} must be an object with keys among {list(keys)}")
+        for key, value in cfg.items():
+            low, high = BASE_LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise CheckpointError(f"{path}: field {part}.{key} must be an int in {low}..{high}, got {value!r}")
+    try:
+        with torch.device("meta"):  # count parameters without allocating them
+            n = sum(p.numel() for m in (Generator(**config["generator"]), Discriminator(**config["discriminator"]))
+                    for p in m.parameters())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid base description: {e}") from None
+    if n > MAX_BASE_PARAMETERS:
+        raise CheckpointError(f"{path}: the base it describes has {n:,} parameters, more than the "
+                              f"{MAX_BASE_PARAMETERS:,} allowed")
 
 
 def load_base(directory, *, verify: bool = True) -> tuple[Generator, Discriminator]:

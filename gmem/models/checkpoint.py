@@ -2,18 +2,21 @@
 
 A release checkpoint is a ``torch.save`` dict with ``generator`` (raw weights), ``generator_test``
 (the EMA generator used for sampling) and ``discriminator`` state dicts whose keys carry the
-``module.`` prefix of ``nn.DataParallel``. The architecture (size, nf, z_dim, embed_size, nlabels)
-is inferred from the tensor shapes, so any resolution built by :mod:`gmem.models.resnet` loads.
+``module.`` prefix of ``nn.DataParallel``. The architecture (size, start size, nf, z_dim,
+embed_size, nlabels) is inferred from the tensor shapes, so 'resnet4' checkpoints of every size
+(64, 128, 256, 512; conditional or not) and any model built by :mod:`gmem.models.resnet` load.
+The file is read with ``torch.load(weights_only=True)``: nothing in it is executed.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import zipfile
 
 import torch
 
-from .resnet import S0, Discriminator, Generator
+from .resnet import Discriminator, Generator
 
 
 class CheckpointError(ValueError):
@@ -25,31 +28,63 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
+def _block_count(state: dict) -> int:
+    return len({k.split(".")[0] for k in state if k.startswith("resnet_")})
+
+
+def _start_size(rows: int, nf: int) -> int:
+    """``s0`` with ``rows == 16 * nf * s0 * s0``, or 0 if there is none."""
+    if nf <= 0 or rows % (16 * nf):
+        return 0
+    area = rows // (16 * nf)
+    s0 = math.isqrt(area)
+    return s0 if s0 * s0 == area else 0
+
+
 def _infer_config(g_state: dict, d_state: dict, path: str) -> tuple[dict, dict]:
-    """Generator / discriminator constructor arguments from state-dict shapes."""
+    """Generator / discriminator constructor arguments from state-dict shapes.
+
+    The number of residual blocks gives the number of x2 stages, and the fc layers give the start
+    size ``s0`` (``fc`` rows ``16 * nf * s0**2``), so ``size = s0 * 2**(blocks - 1)``. This covers
+    GAN_stability's 'resnet4' at every size (7 blocks, ``s0 = size // 64``) and gmem's own models.
+    """
     try:
         emb = g_state["embedding.weight"]             # [nlabels, embed_size]
         fc_w = g_state["fc.weight"]                   # [16*nf*s0*s0, z_dim + embed_size]
         img_w = g_state["conv_img.weight"]            # [channels, nf, 7, 7]
-        d_fc = d_state["fc.weight"]                   # [nlabels, 16*nf*s0*s0]
+        d_fc = d_state["fc.weight"]                   # [nlabels, 16*nf_d*s0*s0]
+        d_img = d_state["conv_img.weight"]            # [nf_d, channels, 7, 7]
     except KeyError as e:
         raise CheckpointError(f"{path}: not a GP-GAN resnet checkpoint: missing tensor {e.args[0]!r}") from None
+    for name, t, dims in (("generator embedding.weight", emb, 2), ("generator fc.weight", fc_w, 2),
+                          ("generator conv_img.weight", img_w, 4), ("discriminator fc.weight", d_fc, 2),
+                          ("discriminator conv_img.weight", d_img, 4)):
+        if t.dim() != dims:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}; expected {dims} dimensions")
     nlabels, embed_size = emb.shape
     channels, nf = img_w.shape[:2]
     z_dim = fc_w.shape[1] - embed_size
-    n_blocks = len({k.split(".")[0] for k in g_state if k.startswith("resnet_")})
+    n_blocks = _block_count(g_state)
     if n_blocks < 2:
         raise CheckpointError(f"{path}: generator has {n_blocks} residual blocks; expected at least 2")
-    size = S0 * 2 ** (n_blocks - 1)
-    if fc_w.shape[0] != 16 * nf * S0 * S0 or z_dim <= 0:
+    if _block_count(d_state) != n_blocks:
+        raise CheckpointError(f"{path}: discriminator has {_block_count(d_state)} residual blocks but the "
+                              f"generator {n_blocks}")
+    s0 = _start_size(fc_w.shape[0], nf)
+    if not s0 or z_dim <= 0:
         raise CheckpointError(f"{path}: generator fc weight {tuple(fc_w.shape)} does not fit nf={nf}, "
-                              f"embed_size={embed_size} (expected [{16 * nf * S0 * S0}, z_dim + {embed_size}])")
+                              f"embed_size={embed_size} (expected [16 * {nf} * s0 * s0, z_dim + {embed_size}] "
+                              "for a start size s0 >= 1 and z_dim >= 1)")
+    nf_d = d_img.shape[0]
+    if _start_size(d_fc.shape[1], nf_d) != s0:
+        raise CheckpointError(f"{path}: discriminator fc weight {tuple(d_fc.shape)} does not fit nf={nf_d} and "
+                              f"the generator's start size {s0} (expected [{nlabels}, {16 * nf_d * s0 * s0}])")
     if d_fc.shape[0] != nlabels:
         raise CheckpointError(f"{path}: discriminator has {d_fc.shape[0]} labels but the generator {nlabels}")
+    size = s0 * 2 ** (n_blocks - 1)
     g_cfg = dict(size=size, nf=int(nf), z_dim=int(z_dim), embed_size=int(embed_size), nlabels=int(nlabels),
-                 channels=int(channels))
-    d_cfg = dict(size=size, nf=int(d_state["conv_img.weight"].shape[0]), nlabels=int(nlabels),
-                 channels=int(d_state["conv_img.weight"].shape[1]))
+                 channels=int(channels), s0=s0)
+    d_cfg = dict(size=size, nf=int(nf_d), nlabels=int(nlabels), channels=int(d_img.shape[1]), s0=s0)
     return g_cfg, d_cfg
 
 
@@ -80,8 +115,9 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"{path}: cannot read the checkpoint (damaged, truncated, or not a "
-                              f"torch.save file of tensors): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"torch.save file of tensors): {type(e).__name__}: {first_line}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict with 'generator', 'generator_test', 'discriminator', "
                               f"got {type(ckpt).__name__}")

@@ -1,29 +1,34 @@
 """gmem.nn: drop-in modulated layers and per-task style banks (peft-like).
 
     import gmem.nn as gnn
-    gnn.convert(model)                       # nn.Conv2d / nn.Linear -> modulated, base frozen
+    gnn.convert(model)                       # nn.Conv2d / nn.Linear -> modulated, norms per task, base frozen
     gnn.add_task(model, "faces")             # starts equal to the source
-    opt = torch.optim.Adam(gnn.style_parameters(model, "faces"), lr=1e-4)
-    with gnn.use_task(model, "faces"):
+    opt = torch.optim.Adam(gnn.trainable_parameters(model, "faces"), lr=1e-4)
+    with gnn.use_task(model, "faces"):       # per call: thread- and asyncio-safe
         loss = criterion(model(x), y)
     with gnn.use_tasks(model, task_ids):     # one task per sample
         y = model(x)
+    plain = gnn.export(model, "faces")       # an ordinary nn.Module computing one task
 """
+from .bank import Selection, decode_task, encode_task
+from .convert import Converted, convert, export, unload
 from .layers import ConvStyle, LinearStyle, ModulatedConv2d, ModulatedLayer, ModulatedLinear
+from .per_task import PerTaskModule
 from .tasks import (
     add_task,
-    convert,
     count_style_parameters,
     interpolate,
     list_tasks,
     load_style_state_dict,
     modulated_layers,
+    per_task_modules,
     remove_task,
     set_backend,
     set_task,
     style_parameters,
     style_state_dict,
     task_index,
+    trainable_parameters,
     use_classes,
     use_task,
     use_tasks,
@@ -31,23 +36,32 @@ from .tasks import (
 
 __all__ = [
     "ConvStyle",
+    "Converted",
     "LinearStyle",
     "ModulatedConv2d",
     "ModulatedLayer",
     "ModulatedLinear",
+    "PerTaskModule",
+    "Selection",
     "add_task",
     "convert",
     "count_style_parameters",
+    "decode_task",
+    "encode_task",
+    "export",
     "interpolate",
     "list_tasks",
     "load_style_state_dict",
     "modulated_layers",
+    "per_task_modules",
     "remove_task",
     "set_backend",
     "set_task",
     "style_parameters",
     "style_state_dict",
     "task_index",
+    "trainable_parameters",
+    "unload",
     "use_classes",
     "use_task",
     "use_tasks",

@@ -6,9 +6,9 @@ unconverted layer). Task ``k >= 1`` owns a :class:`ConvStyle` / :class:`LinearSt
 receives ``b + bias``). A new task starts equal to the source: ``gamma = std``, ``beta = mean``,
 ``bias = 0``. The bank holds only the tasks added, so memory grows with the tasks actually learned.
 
-Which task runs is state set by :func:`gmem.nn.use_task` / :func:`gmem.nn.use_tasks` on every
-modulated layer of a model at once; a layer on its own can be driven the same way through
-``active_task`` / ``task_ids``.
+The bank is an ``nn.ModuleDict`` keyed by task name (:mod:`gmem.nn.bank`). Which task runs is chosen
+per call by :func:`gmem.nn.use_task` / :func:`gmem.nn.use_tasks` (a context, thread- and async-safe);
+a layer on its own falls back to its ``active_task`` / ``task_ids`` attributes.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .bank import TaskBank
 
 __all__ = ["ModulatedConv2d", "ModulatedLinear", "ConvStyle", "LinearStyle", "ModulatedLayer"]
 
@@ -50,25 +51,15 @@ class LinearStyle(nn.Module):
 STYLE_GROUPS = ("gamma", "beta", "bias")
 
 
-class ModulatedLayer(nn.Module):
-    """Shared machinery of the modulated layers: the style bank and the task selection state."""
+class ModulatedLayer(TaskBank):
+    """Shared machinery of the modulated layers: the style bank (``styles``, keyed by task name)."""
 
     style_cls: type[nn.Module]
+    bank_attr = "styles"
 
     def _init_bank(self) -> None:
-        self.task_names: list[str] = ["source"]
-        self.styles = nn.ModuleList()
-        self.active_task: int = 0
-        self.task_ids: Optional[Tensor] = None
-        self.class_ids: Optional[Tensor] = None
-        # (gamma, beta, bias) tensors used instead of a stored task (interpolation)
-        self.style_override: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        super()._init_bank()
         self.backend: str = "auto"
-
-    # -- the bank --------------------------------------------------------------------------
-    @property
-    def num_tasks(self) -> int:
-        return 1 + len(self.styles)
 
     def source_style(self) -> tuple[Tensor, Tensor, Tensor]:
         """The source task as a style set: ``(std, mean, zeros)`` (derived, never trained)."""
@@ -78,11 +69,11 @@ class ModulatedLayer(nn.Module):
         """``(gamma, beta, bias_delta)`` of task ``index`` (0 = source)."""
         if index == 0:
             return self.source_style()
-        s = self.styles[index - 1]
+        s = self.entry(index)
         return s.gamma, s.beta, s.bias
 
-    def add_style(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> None:
-        """Append a task initialised from task ``init``; ``num_classes`` gives a per-class bias."""
+    def _make_entry(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> nn.Module:
+        """A style set for a new task, copied from task ``init``; ``num_classes`` gives a per-class bias."""
         gamma, beta, bias = (t.detach().clone() for t in self.style(init))
         if num_classes is not None:
             if not isinstance(self, ModulatedLinear):
@@ -93,18 +84,14 @@ class ModulatedLayer(nn.Module):
                 raise ValueError(
                     f"num_classes={num_classes} but task {self.task_names[init]!r} has {bias.shape[0]} classes"
                 )
-        self.styles.append(self.style_cls(gamma, beta, bias))
-        self.task_names.append(name)
+        return self.style_cls(gamma, beta, bias)
+
+    def add_style(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> None:
+        """Append a task initialised from task ``init`` (see :meth:`_make_entry`)."""
+        self.add_entry(name, self._make_entry(name, init, num_classes))
 
     def remove_style(self, index: int) -> None:
-        if index == 0:
-            raise ValueError("the source task is the frozen base and cannot be removed")
-        del self.styles[index - 1]
-        del self.task_names[index]
-        if self.active_task == index:
-            self.active_task = 0
-        elif self.active_task > index:
-            self.active_task -= 1
+        self.remove_entry(index)
 
     def total_bias(self, bias_delta: Tensor) -> Tensor:
         """``b + bias_delta``: the whole bias the op receives."""
@@ -118,7 +105,8 @@ class ModulatedLayer(nn.Module):
         ``tasks[j]`` is the task stacked at position ``j``; ``local`` indexes the stack.
 
         Eagerly only the tasks present are stacked (one host sync for ``unique``), so stored tasks
-        cost memory only; under torch.compile every task is stacked (no data-dependent shapes).
+        cost memory only; under torch.compile every task is stacked (no data-dependent shapes) and
+        the ids are clamped into range after an eager-checked ``use_tasks`` (see gmem.ops.functional).
         """
         if torch.compiler.is_compiling():
             tasks = list(range(self.num_tasks))
@@ -193,19 +181,20 @@ class ModulatedConv2d(ModulatedLayer):
         return self.weight_std, self.weight_mean, self.weight_std.new_zeros(self.out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        sel = self.selection()
         if self._pre_pad is not None:
             x = F.pad(x, self._pre_pad, mode=self.padding_mode)
-        if self.task_ids is None and self.style_override is None and self.active_task == 0:
+        if sel.task_ids is None and sel.override is None and sel.task == 0:
             # the source: exactly what nn.Conv2d computes
             padding = self.padding if self._pre_pad is None else 0
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation)
-        if self.task_ids is not None:
-            gamma, beta, bias, local, _ = self._stacked_styles(self.task_ids)
+        if sel.task_ids is not None:
+            gamma, beta, bias, local, _ = self._stacked_styles(sel.task_ids)
             return ops.modulated_conv2d(
                 x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
                 padding=self._op_padding, dilation=list(self.dilation), task_ids=local, backend=self.backend,
             )
-        gamma, beta, bias = self.style_override or self.style(self.active_task)
+        gamma, beta, bias = sel.override or self.style(sel.task)
         return ops.modulated_conv2d(
             x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
             padding=self._op_padding, dilation=list(self.dilation), backend=self.backend,
@@ -243,9 +232,8 @@ class ModulatedLinear(ModulatedLayer):
     def source_style(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.weight_std, self.weight_mean, torch.zeros_like(self.weight_std)
 
-    def _class_rows(self, bias: Tensor, task: int, rows: Optional[Tensor] = None) -> Tensor:
+    def _class_rows(self, labels: Optional[Tensor], bias: Tensor, task: int, rows: Optional[Tensor] = None) -> Tensor:
         """Each sample's bias row of a conditional task (``bias [classes, d_out]``) by class id."""
-        labels = self.class_ids
         if labels is None:
             raise ValueError(
                 f"task {self.task_names[task]!r} is conditional (one bias per class): select classes "
@@ -254,47 +242,47 @@ class ModulatedLinear(ModulatedLayer):
         if rows is not None:
             labels = labels[rows]
         classes = bias.shape[0]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise IndexError(
-                f"class ids for task {self.task_names[task]!r} must lie in [0, {classes}), "
-                f"got {int(labels.min())}..{int(labels.max())}"
-            )
+        if labels.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= classes:
+                raise IndexError(f"class ids for task {self.task_names[task]!r} must lie in [0, {classes}), got {lo}..{hi}")
         return bias[labels]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.task_ids is None and self.style_override is None and self.active_task == 0:
+        sel = self.selection()
+        if sel.task_ids is None and sel.override is None and sel.task == 0:
             return F.linear(x, self.weight, self.bias)  # the source: exactly nn.Linear
-        if self.task_ids is not None:
-            if any(s.bias.ndim == 2 for s in self.styles):
-                return self._forward_mixed_conditional(x)
-            gamma, beta, bias, local, _ = self._stacked_styles(self.task_ids)
+        if sel.task_ids is not None:
+            if any(s.bias.ndim == 2 for s in self.styles.values()):
+                return self._forward_mixed_conditional(x, sel)
+            gamma, beta, bias, local, _ = self._stacked_styles(sel.task_ids)
             return ops.modulated_linear(
                 x, self.weight_norm, gamma, beta, self.total_bias(bias), task_ids=local, backend=self.backend
             )
-        gamma, beta, bias = self.style_override or self.style(self.active_task)
+        gamma, beta, bias = sel.override or self.style(sel.task)
         if bias.ndim == 1:
             return ops.modulated_linear(x, self.weight_norm, gamma, beta, self.total_bias(bias), backend=self.backend)
         # conditional task: the class's bias row is added per sample after the op
-        per_sample = self._class_rows(bias, self.active_task)
+        per_sample = self._class_rows(sel.class_ids, bias, sel.task)
         if per_sample.shape[0] != x.shape[0]:
             raise ValueError(f"class ids must have shape [N] = [{x.shape[0]}], got [{per_sample.shape[0]}]")
         out = ops.modulated_linear(x, self.weight_norm, gamma, beta, self.bias, backend=self.backend)
-        return out + per_sample.view(x.shape[0], *([1] * (x.ndim - 2)), self.out_features)
+        return out + per_sample.to(out.dtype).view(x.shape[0], *([1] * (x.ndim - 2)), self.out_features)
 
-    def _forward_mixed_conditional(self, x: Tensor) -> Tensor:
+    def _forward_mixed_conditional(self, x: Tensor, sel) -> Tensor:
         """Mixed tasks where some are conditional: the op without task biases, then per-sample rows."""
         n = x.shape[0]
-        if self.class_ids is not None and self.class_ids.shape != (n,):
-            raise ValueError(f"class ids must have shape [N] = [{n}], got {tuple(self.class_ids.shape)}")
-        gamma, beta, _, local, tasks = self._stacked_styles(self.task_ids, with_bias=False)
-        per_sample = x.new_zeros(n, self.out_features)
+        if sel.class_ids is not None and sel.class_ids.shape != (n,):
+            raise ValueError(f"class ids must have shape [N] = [{n}], got {tuple(sel.class_ids.shape)}")
+        gamma, beta, _, local, tasks = self._stacked_styles(sel.task_ids, with_bias=False)
+        per_sample = x.new_zeros(n, self.out_features, dtype=self.weight.dtype)
         for index, task in enumerate(tasks):
             rows = (local == index).nonzero().squeeze(1)
             bias = self.style(task)[2]
-            value = self._class_rows(bias, task, rows) if bias.ndim == 2 else bias.expand(rows.numel(), -1)
+            value = self._class_rows(sel.class_ids, bias, task, rows) if bias.ndim == 2 else bias.expand(rows.numel(), -1)
             per_sample = per_sample.index_put((rows,), value)
         out = ops.modulated_linear(x, self.weight_norm, gamma, beta, self.bias, task_ids=local, backend=self.backend)
-        return out + per_sample.view(n, *([1] * (x.ndim - 2)), self.out_features)
+        return out + per_sample.to(out.dtype).view(n, *([1] * (x.ndim - 2)), self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tasks={self.task_names}"

@@ -1,25 +1,26 @@
-"""Model-level task management (peft-like): convert a model, add tasks, choose which one runs.
+"""Model-level task management (peft-like): add tasks, choose which one runs, read and write them.
 
-Every modulated layer of a model keeps the same ordered task list (``"source"`` first); the
-functions here change all layers together and validate everything before changing anything, so a
-bad call leaves the model as it was.
+Every task-aware module of a model (modulated layers, per-task copies) keeps the same ordered task
+list (``"source"`` first); the functions here change all of them together and validate everything
+before changing anything, so a bad call leaves the model as it was.
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import re
-import warnings
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .layers import STYLE_GROUPS, ModulatedConv2d, ModulatedLayer, ModulatedLinear
+from .bank import TaskBank, select
+from .layers import STYLE_GROUPS, ModulatedLayer, ModulatedLinear
+from .per_task import PerTaskModule
 
 __all__ = [
-    "convert",
     "modulated_layers",
+    "per_task_modules",
+    "trainable_parameters",
     "list_tasks",
     "task_index",
     "add_task",
@@ -68,78 +69,39 @@ def modulated_layers(model: nn.Module) -> list[tuple[str, ModulatedLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ModulatedLayer)]
 
 
-def _layers(model: nn.Module) -> list[tuple[str, ModulatedLayer]]:
+def per_task_modules(model: nn.Module) -> list[tuple[str, PerTaskModule]]:
+    """``[(qualified name, module)]`` of every per-task module (copied norms, ``per_task`` globs)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PerTaskModule)]
+
+
+def _banks(model: nn.Module) -> list[tuple[str, TaskBank]]:
+    """Every task-aware module of ``model``; checks that they agree on the task list."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = modulated_layers(model)
-    if not layers:
+    banks = [(name, m) for name, m in model.named_modules() if isinstance(m, TaskBank)]
+    if not any(isinstance(m, ModulatedLayer) for _, m in banks):
         raise ValueError("model has no modulated layers: call gmem.nn.convert(model) first")
-    names = layers[0][1].task_names
-    for name, layer in layers[1:]:
-        if layer.task_names != names:
+    names = banks[0][1].task_names
+    for name, bank in banks[1:]:
+        if bank.task_names != names:
             raise RuntimeError(
-                f"modulated layers disagree on their tasks ({layers[0][0]!r}: {names}, {name!r}: "
-                f"{layer.task_names}); add and remove tasks through gmem.nn functions only"
+                f"task-aware modules disagree on their tasks ({banks[0][0]!r}: {names}, {name!r}: "
+                f"{bank.task_names}); add and remove tasks through gmem.nn functions only"
             )
-    return layers
+    return banks
 
 
-def convert(model: nn.Module, include: NameFilter = None, exclude: NameFilter = None) -> list[str]:
-    """Replace ``nn.Conv2d``/``nn.Linear`` submodules in place by modulated layers with a frozen base.
-
-    ``include``/``exclude``: glob patterns over qualified module names (a pattern also matches every
-    module below a matching parent, e.g. ``"blocks.*"`` or ``"fc"``), a list of them, or a callable.
-    Grouped convolutions cannot be modulated: they are left as they are, with a warning, unless
-    ``include`` names them, which is an error. Returns the converted names.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.Conv2d, nn.Linear)):
-        raise TypeError("convert replaces submodules in place: wrap a lone layer, or use ModulatedConv2d(layer)")
-    existing = modulated_layers(model)
-    if existing and existing[0][1].num_tasks > 1:
-        raise ValueError(
-            f"convert: the model already has tasks {existing[0][1].task_names}; convert every layer "
-            "before adding tasks, so that all layers share the same tasks"
-        )
-    inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude", default=False)
-    plan, skipped = [], []
-    for name, module in model.named_modules():
-        if not name or type(module) not in (nn.Conv2d, nn.Linear):
-            continue
-        if not inc(name) or exc(name):
-            continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            if include is not None:
-                raise NotImplementedError(
-                    f"convert: {name!r} is a grouped convolution (groups={module.groups}), which mAdaFM "
-                    "cannot modulate"
-                )
-            skipped.append(name)
-            continue
-        plan.append((name, module))
-    if include is not None and isinstance(include, (str, list, tuple)) and not plan:
-        raise ValueError(f"convert: include={include!r} matched no nn.Conv2d/nn.Linear module")
-    converted = []
-    for name, module in plan:  # build all first: an error leaves the model untouched
-        wrapper = ModulatedConv2d(module) if isinstance(module, nn.Conv2d) else ModulatedLinear(module)
-        converted.append((name, wrapper))
-    for name, wrapper in converted:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, wrapper)
-    if skipped:
-        warnings.warn(f"convert: left grouped convolutions unmodulated: {skipped}", stacklevel=2)
-    return [name for name, _ in converted]
+def _layers(model: nn.Module) -> list[tuple[str, ModulatedLayer]]:
+    return [(n, m) for n, m in _banks(model) if isinstance(m, ModulatedLayer)]
 
 
 def list_tasks(model: nn.Module) -> list[str]:
     """Task names in index order; ``"source"`` (the frozen base) is task 0."""
-    return list(_layers(model)[0][1].task_names)
+    return list(_banks(model)[0][1].task_names)
 
 
 def task_index(model: nn.Module, task: Task) -> int:
-    """Index of ``task`` (a name, or an index that is checked)."""
+    """Index of ``task`` (a name, or an index that is checked): its position in :func:`list_tasks`."""
     names = list_tasks(model)
     if isinstance(task, bool) or not isinstance(task, (str, int)):
         raise TypeError(f"task must be a task name or index, got {type(task).__name__}")
@@ -153,68 +115,65 @@ def task_index(model: nn.Module, task: Task) -> int:
 
 
 def add_task(model: nn.Module, name: str, init: Task = "source", num_classes: Optional[int] = None) -> int:
-    """Add a task to every modulated layer; returns its index.
+    """Add a task to every task-aware module; returns its index.
 
-    ``init``: the task whose style set the new one copies (``"source"``: gamma = std, beta = mean,
-    bias = 0, i.e. the new task starts as the base). ``num_classes``: a conditional task gets one
-    bias per class in its linear layers (choose classes with :func:`use_classes`).
+    ``init``: the task whose style sets and per-task modules the new one copies (``"source"``:
+    gamma = std, beta = mean, bias = 0 and the original norms, i.e. the new task starts as the
+    base). ``num_classes``: a conditional task gets one bias per class in its linear layers (choose
+    classes with :func:`use_classes`).
     """
-    layers = _layers(model)
+    banks = _banks(model)
     if not isinstance(name, str) or not name:
         raise TypeError(f"add_task: name must be a non-empty string, got {name!r}")
-    if name in layers[0][1].task_names:
+    if name in banks[0][1].task_names:
         raise ValueError(f"add_task: a task named {name!r} exists already")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"add_task: num_classes must be a positive int, got {num_classes!r}")
     init_index = task_index(model, init)
-    for _, layer in layers:
-        layer.add_style(name, init_index, num_classes if isinstance(layer, ModulatedLinear) else None)
-    return layers[0][1].num_tasks - 1
+    # build every entry first: an error leaves the model as it was
+    entries = [
+        bank._make_entry(name, init_index, num_classes=num_classes if isinstance(bank, ModulatedLinear) else None)
+        for _, bank in banks
+    ]
+    for (_, bank), entry in zip(banks, entries):
+        bank.add_entry(name, entry)
+    return banks[0][1].num_tasks - 1
 
 
 def remove_task(model: nn.Module, task: Task) -> None:
-    """Remove a task (never the source) from every layer; later tasks move down one index."""
+    """Remove a task (never the source) everywhere; later tasks move down one index."""
     index = task_index(model, task)
     if index == 0:
         raise ValueError("remove_task: the source task is the frozen base and cannot be removed")
-    for _, layer in _layers(model):
-        layer.remove_style(index)
+    for _, bank in _banks(model):
+        bank.remove_entry(index)
 
 
 def set_task(model: nn.Module, task: Task) -> None:
-    """Select one task for every modulated layer until changed (see :func:`use_task`)."""
+    """Make ``task`` the default of every task-aware module (what runs outside any ``with`` block).
+
+    Unlike :func:`use_task` this changes the modules themselves, for every thread; serve
+    concurrent callers with :func:`use_task` instead.
+    """
     index = task_index(model, task)
-    for _, layer in _layers(model):
-        layer.active_task, layer.task_ids, layer.style_override = index, None, None
-
-
-_STATE = ("active_task", "task_ids", "style_override", "class_ids")
-
-
-@contextlib.contextmanager
-def _selection(layers, **values) -> Iterator[None]:
-    saved = [(layer, {k: getattr(layer, k) for k in _STATE}) for _, layer in layers]
-    try:
-        for _, layer in layers:
-            for k, v in values.items():
-                setattr(layer, k, v)
-        yield
-    finally:
-        for layer, state in saved:
-            for k, v in state.items():
-                setattr(layer, k, v)
+    for _, bank in _banks(model):
+        bank.active_task, bank.task_ids, bank.style_override = index, None, None
 
 
 def use_task(model: nn.Module, task: Task):
-    """Context manager: every modulated layer runs ``task`` (a name or index) inside the block."""
+    """Context manager: the model runs ``task`` (a name or index) inside the block.
+
+    The choice is per call context (thread, asyncio task), never stored on the model: concurrent
+    callers may select different tasks on one model.
+    """
     index = task_index(model, task)
-    return _selection(_layers(model), active_task=index, task_ids=None, style_override=None)
+    return select({bank: dict(task=index, task_ids=None, override=None) for _, bank in _banks(model)})
 
 
 def _as_task_ids(model: nn.Module, task_ids) -> Tensor:
     names = list_tasks(model)
     if isinstance(task_ids, Tensor):
-        if task_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
             raise TypeError(f"use_tasks: task_ids must be an integer (long) tensor, got {task_ids.dtype}")
         if task_ids.ndim != 1:
             raise ValueError(f"use_tasks: task_ids must be one task per sample, shape [N], got {tuple(task_ids.shape)}")
@@ -228,38 +187,32 @@ def _as_task_ids(model: nn.Module, task_ids) -> Tensor:
     return ids
 
 
+def _device(banks) -> torch.device:
+    for _, bank in banks:
+        for t in bank.parameters():
+            return t.device
+    return torch.device("cpu")
+
+
 def use_tasks(model: nn.Module, task_ids):
     """Context manager: a mixed-task batch, sample ``n`` running task ``task_ids[n]``.
 
-    ``task_ids``: LongTensor ``[N]`` of task indices, or a list of names/indices. The tensor is
-    moved to each layer's device.
+    ``task_ids``: LongTensor ``[N]`` of task indices, or a list of names/indices (checked here,
+    eagerly). The tensor is moved to the model's device.
     """
-    layers = _layers(model)
-    ids = _as_task_ids(model, task_ids)
-    device = layers[0][1].weight.device
-    return _selection(layers, task_ids=ids.to(device), style_override=None)
+    banks = _banks(model)
+    ids = _as_task_ids(model, task_ids).to(_device(banks))
+    return select({bank: dict(task_ids=ids, override=None) for _, bank in banks})
 
 
 def use_classes(model: nn.Module, class_ids: Optional[Tensor]):
     """Context manager: the class of each sample (``LongTensor [N]``) for conditional tasks."""
-    layers = _layers(model)
+    banks = _banks(model)
     if class_ids is not None:
         if not isinstance(class_ids, Tensor) or class_ids.dtype.is_floating_point or class_ids.ndim != 1:
             raise TypeError("use_classes: class_ids must be an integer tensor [N]")
-        class_ids = class_ids.long().to(layers[0][1].weight.device)
-    saved = [(layer, layer.class_ids) for _, layer in layers]
-
-    @contextlib.contextmanager
-    def scope():
-        try:
-            for _, layer in layers:
-                layer.class_ids = class_ids
-            yield
-        finally:
-            for layer, value in saved:
-                layer.class_ids = value
-
-    return scope()
+        class_ids = class_ids.long().to(_device(banks))
+    return select({bank: dict(class_ids=class_ids) for _, bank in banks})
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
@@ -273,11 +226,26 @@ def set_backend(model: nn.Module, backend: str) -> None:
 
 
 def style_parameters(model: nn.Module, task: Task) -> list[nn.Parameter]:
-    """The trainable parameters of ``task`` (gamma, beta, bias of every modulated layer)."""
+    """The style parameters of ``task`` (gamma, beta, bias of every modulated layer)."""
     index = task_index(model, task)
     if index == 0:
         raise ValueError("style_parameters: the source task is the frozen base and has no trainable parameters")
-    return [p for _, layer in _layers(model) for p in layer.styles[index - 1].parameters()]
+    return [p for _, layer in _layers(model) for p in layer.entry(index).parameters()]
+
+
+def trainable_parameters(model: nn.Module, task: Task) -> list[nn.Parameter]:
+    """Everything training ``task`` may change: its style parameters and the parameters of its
+    per-task modules (normalisation copies, ``per_task`` globs).
+
+    Training only these, with ``task`` selected (train mode included: per-task BatchNorm updates the
+    task's own running statistics), leaves the source and every other task bit for bit as they were.
+    """
+    index = task_index(model, task)
+    if index == 0:
+        raise ValueError("trainable_parameters: the source task is the frozen base and has no trainable parameters")
+    params = style_parameters(model, index)
+    params += [p for _, m in per_task_modules(model) for p in m.entry(index).parameters()]
+    return params
 
 
 def count_style_parameters(model: nn.Module, task: Task = 1) -> int:
@@ -285,13 +253,26 @@ def count_style_parameters(model: nn.Module, task: Task = 1) -> int:
     return sum(p.numel() for p in style_parameters(model, task))
 
 
+def _per_task_state(model: nn.Module, index: int) -> dict[str, tuple[nn.Module, str]]:
+    """``{"<module>.<tensor>": (module of task index, tensor name)}`` of the per-task modules."""
+    out = {}
+    for name, m in per_task_modules(model):
+        target = m.module(index)
+        for key in target.state_dict():
+            out[f"{name}.{key}"] = (target, key)
+    return out
+
+
 def style_state_dict(model: nn.Module, task: Task) -> dict[str, Tensor]:
-    """``{"<layer>.gamma": ..., "<layer>.beta": ..., "<layer>.bias": ...}`` of one task (copies)."""
+    """One task's state (copies): ``"<layer>.gamma|beta|bias"`` of every modulated layer, plus
+    ``"<module>.<name>"`` of every per-task module (e.g. ``"bn1.running_mean"``)."""
     index = task_index(model, task)
     state = {}
     for name, layer in _layers(model):
         for group, value in zip(STYLE_GROUPS, layer.style(index)):
             state[f"{name}.{group}"] = value.detach().clone()
+    for key, (module, sub) in _per_task_state(model, index).items():
+        state[key] = module.state_dict()[sub].detach().clone()
     return state
 
 
@@ -300,21 +281,28 @@ def load_style_state_dict(model: nn.Module, task: Task, state: dict[str, Tensor]
     index = task_index(model, task)
     if index == 0:
         raise ValueError("load_style_state_dict: the source task is the frozen base and cannot be loaded into")
-    layers = _layers(model)
-    expected = {f"{name}.{g}": (layer, g) for name, layer in layers for g in STYLE_GROUPS}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    targets = {}
+    for name, layer in _layers(model):
+        for g in STYLE_GROUPS:
+            targets[f"{name}.{g}"] = getattr(layer.entry(index), g)
+    for key, (module, sub) in _per_task_state(model, index).items():
+        targets[key] = module.state_dict(keep_vars=True)[sub]
+    if not isinstance(state, dict):
+        raise TypeError(f"load_style_state_dict: state must be a dict of tensors, got {type(state).__name__}")
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:
         raise KeyError(f"load_style_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    for key, (layer, group) in expected.items():
-        target = getattr(layer.styles[index - 1], group)
+    for key, target in targets.items():
         value = state[key]
         if not isinstance(value, Tensor) or value.shape != target.shape:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"load_style_state_dict: {key} must have shape {tuple(target.shape)}, got {got}")
+        if value.dtype.is_floating_point != target.dtype.is_floating_point:
+            raise TypeError(f"load_style_state_dict: {key} has dtype {value.dtype}, expected {target.dtype}")
     with torch.no_grad():
-        for key, (layer, group) in expected.items():
-            getattr(layer.styles[index - 1], group).copy_(state[key])
+        for key, target in targets.items():
+            target.copy_(state[key])
 
 
 @contextlib.contextmanager
@@ -330,8 +318,9 @@ def interpolate(
 
     ``groups`` chooses which parameter groups mix (``"gamma"``/``"scale"``, ``"beta"``/``"shift"``,
     ``"bias"``); the others stay at task_a's values. ``layers`` (globs over layer names, or a
-    callable) chooses which layers mix; the others run task_a. ``lam = 0`` is task_a, ``lam = 1``
-    with all groups and layers is task_b (the paper's Figures 2 and 3).
+    callable) chooses which layers mix; the others run task_a. Per-task modules (normalisation
+    copies) in the chosen layers mix all their floating-point tensors. ``lam = 0`` is task_a,
+    ``lam = 1`` with all groups and layers is task_b (the paper's Figures 2 and 3).
     """
     a, b = task_index(model, task_a), task_index(model, task_b)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
@@ -342,25 +331,32 @@ def interpolate(
             raise ValueError(f"interpolate: unknown parameter group {g!r}; use gamma/scale, beta/shift, bias")
         chosen.add(_GROUP_ALIASES[g])
     match = _matcher(layers, "layers")
-    all_layers = _layers(model)
-    saved = [(layer, {k: getattr(layer, k) for k in _STATE}) for _, layer in all_layers]
-    try:
-        for name, layer in all_layers:
-            sa, sb = layer.style(a), layer.style(b)
-            mixed = []
-            for group, va, vb in zip(STYLE_GROUPS, sa, sb):
-                if group in chosen and match(name):
-                    if va.shape != vb.shape:
-                        raise ValueError(
-                            f"interpolate: {name}.{group} has shapes {tuple(va.shape)} and {tuple(vb.shape)} "
-                            "(a conditional and an unconditional task?)"
-                        )
-                    mixed.append(torch.lerp(va.detach(), vb.detach(), float(lam)))
-                else:
-                    mixed.append(va.detach())
-            layer.style_override, layer.task_ids = tuple(mixed), None
+    changes = {}
+    for name, bank in _banks(model):
+        if isinstance(bank, PerTaskModule):
+            ma, mb = bank.module(a), bank.module(b)
+            if match(name):
+                values = {}
+                sb = mb.state_dict()
+                for key, va in ma.state_dict().items():
+                    vb = sb[key]
+                    values[key] = torch.lerp(va, vb, float(lam)) if va.is_floating_point() else va
+                changes[bank] = dict(task_ids=None, override=(a, values))
+            else:
+                changes[bank] = dict(task=a, task_ids=None, override=None)
+            continue
+        sa, sb = bank.style(a), bank.style(b)
+        mixed = []
+        for group, va, vb in zip(STYLE_GROUPS, sa, sb):
+            if group in chosen and match(name):
+                if va.shape != vb.shape:
+                    raise ValueError(
+                        f"interpolate: {name}.{group} has shapes {tuple(va.shape)} and {tuple(vb.shape)} "
+                        "(a conditional and an unconditional task?)"
+                    )
+                mixed.append(torch.lerp(va.detach(), vb.detach(), float(lam)))
+            else:
+                mixed.append(va.detach())
+        changes[bank] = dict(task=a, task_ids=None, override=tuple(mixed))
+    with select(changes):
         yield
-    finally:
-        for layer, state in saved:
-            for k, v in state.items():
-                setattr(layer, k, v)

@@ -237,12 +237,56 @@ def _contiguous_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None else bias.contiguous()
 
 
+def in_float32(applies):
+    """Decorator for backend methods whose kernels lack bfloat16/float16 on the CPU (the C++ kernels;
+    the Triton interpreter, which has no numpy bfloat16): where ``applies(backend, first tensor)``,
+    low-precision arguments (autocast) are computed in float32 and results rounded back to their dtype.
+    """
+    return lambda method: _in_float32(method, applies)
+
+
+def _in_float32(method, applies):
+    import functools
+
+    low = (torch.bfloat16, torch.float16)
+
+    def up(value):
+        if isinstance(value, Tensor) and value.dtype in low:
+            return value.float()
+        if isinstance(value, tuple):
+            return tuple(up(v) for v in value)
+        return value
+
+    def down(value, dtype):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(down(v, dtype) for v in value)
+        return value
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if dtype not in low or not applies(self, first):
+            return method(self, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):  # the kernels' own ATen calls stay in float32
+            out = method(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return down(out, dtype)
+
+    return wrapper
+
+
+_cpu_in_float32 = in_float32(lambda backend, x: type(backend) is CppBackend)
+
+
 class CppBackend(Backend):
-    """C++ kernels on the CPU (float32, float64), ATen (oneDNN / BLAS) for convolutions and GEMMs."""
+    """C++ kernels on the CPU (float32, float64; bfloat16/float16 arguments computed in float32),
+    ATen (oneDNN / BLAS) for convolutions and GEMMs."""
 
     name = "cpu"
     device_types = ("cpu",)
-    dtypes = (torch.float32, torch.float64)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def is_available(self) -> bool:
         return _load()
@@ -263,17 +307,21 @@ class CppBackend(Backend):
             _state["native_autograd"] = frozenset({"madafm_weight"}) if has else frozenset()
         return _state["native_autograd"]
 
+    @_cpu_in_float32
     def madafm_weight(self, weight_norm, gamma, beta):
         return _ops().madafm_weight(weight_norm, gamma, beta)
 
+    @_cpu_in_float32
     def madafm_weight_backward(self, grad_weight, weight_norm):
         return tuple(_ops().madafm_weight_backward(grad_weight, weight_norm))
 
+    @_cpu_in_float32
     def modulated_conv2d(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
         return _ops().modulated_conv2d(
             x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, list(stride), list(padding), list(dilation)
         )
 
+    @_cpu_in_float32
     def modulated_conv2d_backward(
         self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
     ):
@@ -285,6 +333,7 @@ class CppBackend(Backend):
         )
         return _none_unless(grads, mask)
 
+    @_cpu_in_float32
     def modulated_conv2d_lowrank(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
         """``gamma, beta = (u, s, v)``: ``[(T,) O, r], [(T,) r], [(T,) I, r]``, rebuilt in the weight build."""
         return _ops().modulated_conv2d_lowrank(
@@ -292,6 +341,7 @@ class CppBackend(Backend):
             list(stride), list(padding), list(dilation),
         )
 
+    @_cpu_in_float32
     def modulated_conv2d_lowrank_backward(
         self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
     ):
@@ -309,14 +359,17 @@ class CppBackend(Backend):
             dbias if mask[3] else None,
         )
 
+    @_cpu_in_float32
     def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
         return _ops().modulated_linear(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
 
+    @_cpu_in_float32
     def modulated_linear_forward(self, x, weight_norm, gamma, beta, bias, task_ids):
         if not _has_op("modulated_linear_forward"):  # an extension built before the op existed
             return super().modulated_linear_forward(x, weight_norm, gamma, beta, bias, task_ids)
         return _ops().modulated_linear_forward(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
 
+    @_cpu_in_float32
     def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask,
                                   x_wn=None):
         mask = [bool(m) for m in output_mask]

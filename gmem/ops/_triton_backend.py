@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._cpp_backend import in_float32
 from .backends import Backend, Grads, register_backend
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -36,6 +37,11 @@ if torch.cuda.is_available() or _INTERPRET:
         _import_error = str(err)
 else:
     _import_error = "no CUDA GPU and TRITON_INTERPRET=1 was not set before import"
+
+
+# The interpreter runs kernels through numpy, which has no bfloat16: low precision is computed in
+# float32 there (CUDA runs the kernels in the low precision with float32 accumulation).
+_interpreter_in_float32 = in_float32(lambda backend, x: x is not None and x.device.type == "cpu")
 
 
 class TritonBackend(Backend):
@@ -101,15 +107,18 @@ class TritonBackend(Backend):
         return (dx, *(None if g is None else g.squeeze(0) for g in styles))
 
     # -- weight modulation -------------------------------------------------------------------
+    @_interpreter_in_float32
     def madafm_weight(self, weight_norm: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
         self._check("madafm_weight", weight_norm, gamma, beta)
         return _kernels.madafm_weight(weight_norm, gamma, beta)
 
+    @_interpreter_in_float32
     def madafm_weight_backward(self, grad_weight: Tensor, weight_norm: Tensor) -> tuple[Tensor, Tensor]:
         self._check("madafm_weight_backward", grad_weight, weight_norm)
         return _kernels.madafm_weight_backward(grad_weight, weight_norm)
 
     # -- convolution -------------------------------------------------------------------------
+    @_interpreter_in_float32
     def modulated_conv2d(
         self, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
         task_ids: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
@@ -119,6 +128,7 @@ class TritonBackend(Backend):
         groups = self._groups(task_ids, g.shape[0], x.shape[0], x.device)
         return _kernels.conv2d_forward(x, weight_norm, g, b, c, groups, list(stride), list(padding), list(dilation))
 
+    @_interpreter_in_float32
     def modulated_conv2d_backward(
         self, grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor,
         bias: Optional[Tensor], task_ids: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -139,6 +149,7 @@ class TritonBackend(Backend):
         """Single-task factors ``u [O, r], s [r], v [I, r]`` as stacks of one task (views)."""
         return tuple(factors) if task_ids is not None else tuple(f.unsqueeze(0) for f in factors)
 
+    @_interpreter_in_float32
     def modulated_conv2d_lowrank(
         self, x: Tensor, weight_norm: Tensor, gamma: tuple, beta: tuple, bias: Optional[Tensor],
         task_ids: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
@@ -150,6 +161,7 @@ class TritonBackend(Backend):
         groups = self._groups(task_ids, g[0].shape[0], x.shape[0], x.device)
         return _kernels.conv2d_lowrank_forward(x, weight_norm, g, b, c, groups, list(stride), list(padding), list(dilation))
 
+    @_interpreter_in_float32
     def modulated_conv2d_lowrank_backward(
         self, grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: tuple, beta: tuple,
         bias: Optional[Tensor], task_ids: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -171,6 +183,7 @@ class TritonBackend(Backend):
         return dx, dg, db, dc
 
     # -- linear (mFiLM) ----------------------------------------------------------------------
+    @_interpreter_in_float32
     def modulated_linear(
         self, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
         task_ids: Optional[Tensor],
@@ -179,6 +192,7 @@ class TritonBackend(Backend):
         g, b, c = self._stacked(gamma, beta, bias, task_ids)
         return _kernels.linear_forward(x, weight_norm, g, b, c, task_ids)
 
+    @_interpreter_in_float32
     def modulated_linear_backward(
         self, grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor,
         bias: Optional[Tensor], task_ids: Optional[Tensor], output_mask: Sequence[bool],

@@ -1,5 +1,11 @@
 """Public functional ops: validate, bring arguments to canonical form, pick a backend, call the op.
 
+Under ``torch.autocast`` (cpu, cuda) the ops behave as ``nn.Conv2d``/``nn.Linear`` do: every
+floating-point argument that is not float64 is cast to the autocast dtype at the op (float32 style
+parameters and frozen statistics stay float32 where they are stored and get float32 gradients), and
+the backends accumulate in float32. The custom ops carry the same rule as their Autocast kernels
+(:mod:`gmem.ops.library`), so torch.compile and direct ``torch.ops.gmem`` calls see it too.
+
 Bad input raises before anything runs, with a message naming the argument and what was expected:
 TypeError (wrong type or dtype), ValueError (shapes, devices, unknown backend), IndexError (task ids
 out of range).
@@ -41,6 +47,26 @@ def _check_tensor(op: str, name: str, t: Tensor, like: Tensor) -> None:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {like.device} (the device of x)")
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` wants the op computed in, or None (autocast off, or float64)."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    if x.dtype == torch.float64:  # autocast leaves float64 alone, as it does for F.conv2d
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(value, dtype: torch.dtype):
+    """``value`` (Tensor, LowRank or None) in ``dtype``: autocast's cast at the op, differentiable,
+    so float32 parameters stay float32 and receive float32 gradients."""
+    if value is None or not isinstance(value, (Tensor, LowRank)) or value.dtype == dtype:
+        return value
+    if isinstance(value, LowRank):
+        return LowRank(value.u.to(dtype), value.s.to(dtype), value.v.to(dtype))
+    return value.to(dtype) if value.is_floating_point() else value
+
+
 def _pair(op: str, name: str, value: IntPair, minimum: int) -> list[int]:
     if type(value) is int and value >= minimum:  # the common case, checked in one step (per-call cost)
         return [value, value]
@@ -69,8 +95,17 @@ def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.dev
     if task_ids.device != device:
         raise ValueError(f"{op}: task_ids is on {task_ids.device}, expected {device} (the device of x)")
     task_ids = task_ids.long()
-    # The range check reads the ids (a sync on GPU); under torch.compile the op itself indexes safely.
-    if n and not torch.compiler.is_compiling():
+    # Eagerly the range check reads the ids (a sync on GPU) and raises IndexError. Under
+    # torch.compile a graph cannot read them: an asynchronous assert fails the call instead (a
+    # RuntimeError naming the range), and the ids are clamped so that no kernel ever reads out of
+    # bounds, even where the assert is reported only later (CUDA).
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            ((task_ids >= 0) & (task_ids < num_tasks)).all(),
+            f"{op}: task_ids must lie in [0, {num_tasks}) for {num_tasks} stacked style sets",
+        )
+        return task_ids.clamp(0, num_tasks - 1)
+    if n:
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= num_tasks:
             raise IndexError(
@@ -141,6 +176,9 @@ def madafm_weight(weight_norm: Tensor, gamma: Style, beta: Style, *, backend: st
     """
     op = "madafm_weight"
     _check_input(op, weight_norm, "[C_out, C_in, kh, kw] (conv) or [d_out, d_in] (linear)", (2, 4), "weight_norm")
+    dtype = _autocast_dtype(weight_norm)
+    if dtype is not None:
+        weight_norm, gamma, beta = _cast(weight_norm, dtype), _cast(gamma, dtype), _cast(beta, dtype)
     if weight_norm.ndim == 4:
         style_shape = tuple(weight_norm.shape[:2])
     else:
@@ -178,6 +216,9 @@ def modulated_conv2d(
     """
     op = "modulated_conv2d"
     _check_input(op, x, "[N, C_in, H, W]", (4,))
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight_norm, gamma, beta, bias = (_cast(v, dtype) for v in (x, weight_norm, gamma, beta, bias))
     _check_tensor(op, "weight_norm", weight_norm, x)
     if weight_norm.ndim != 4:
         raise ValueError(f"{op}: weight_norm must be [C_out, C_in, kh, kw], got {tuple(weight_norm.shape)}")
@@ -246,6 +287,9 @@ def modulated_linear(
     """
     op = "modulated_linear"
     _check_input(op, x, "[N, *, d_in]", tuple(range(1, 9)))
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight_norm, gamma, beta, bias = (_cast(v, dtype) for v in (x, weight_norm, gamma, beta, bias))
     _check_tensor(op, "weight_norm", weight_norm, x)
     if weight_norm.ndim != 2:
         raise ValueError(f"{op}: weight_norm must be [d_out, d_in], got {tuple(weight_norm.shape)}")

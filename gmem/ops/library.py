@@ -336,7 +336,7 @@ def _lowrank_dense(u: Tensor, s: Tensor, v: Tensor) -> Tensor:
 
 
 def lowrank_factor_grads(dense_grad: Tensor, u: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(du, ds, dv)`` of ``G = u diag(s) v^T`` from ``dG`` (DESIGN.md; differentiable)."""
+    """``(du, ds, dv)`` of ``G = u diag(s) v^T`` from ``dG`` (docs/design.md, section 4; differentiable)."""
     dg_v = dense_grad @ v  # [*, O, r]
     du = dg_v * s.unsqueeze(-2)
     dv = (dense_grad.transpose(-1, -2) @ u) * s.unsqueeze(-2)
@@ -451,3 +451,31 @@ def modulated_conv2d_lowrank(x, weight_norm, gamma_u, gamma_s, gamma_v, beta_u, 
     """gmem::modulated_conv2d_lowrank on canonical arguments, by the path :func:`_direct` picks."""
     return _call(_ModulatedConv2dLowRank, modulated_conv2d_lowrank_op, x, weight_norm, gamma_u, gamma_s, gamma_v,
                  beta_u, beta_s, beta_v, bias, task_ids, stride, padding, dilation, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast: the forward ops cast their floating-point inputs (not float64) to the autocast dtype of
+# the device *at call time* (torch.library.register_autocast fixes one dtype per device, which would
+# turn a bfloat16 autocast on CUDA into float16), then run below the Autocast dispatch key. The
+# public functions in gmem.ops.functional apply the same cast before calling in.
+# ---------------------------------------------------------------------------------------------
+def _autocast_kernel(op, device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(value, dtype):
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
+                and value.device.type == device_type:
+            return value.to(dtype)
+        return value
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op._opoverload(*(cast(a, dtype) for a in args))
+
+    op._lib.impl(op._name, kernel, "Autocast" + torch._C._dispatch_key_for_device(device_type), with_keyset=True)
+
+
+for _op in (madafm_weight_op, modulated_conv2d_op, modulated_conv2d_lowrank_op, modulated_linear_op):
+    for _device_type in ("cpu", "cuda"):
+        _autocast_kernel(_op, _device_type)

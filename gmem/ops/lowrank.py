@@ -13,7 +13,7 @@ class LowRank:
     Shapes: ``u [*lead, O, r]``, ``s [*lead, r]``, ``v [*lead, I, r]``, dense ``[*lead, O, I]``; the
     optional leading dimension is the task. Gradients flow to the factors. A shared knowledge base
     ``L diag(lam) R^T`` plus a task's own ``U diag(s) V^T`` is one LowRank of rank ``r_L + r_U``:
-    ``LowRank.concat(base, own)`` (see DESIGN.md).
+    ``LowRank.concat(base, own)`` (see docs/design.md, section 4).
     """
 
     __slots__ = ("u", "s", "v")

@@ -146,7 +146,7 @@ def modulated_conv2d(
 
 
 def _conv_grads(x, weight_norm, gamma, beta, grad_out, stride, padding, dilation, mask):
-    """Gradients of one single-task modulated conv (the DESIGN.md formulas)."""
+    """Gradients of one single-task modulated conv (docs/design.md, section 2)."""
     need_x, need_gamma, need_beta, need_bias = mask
     weight = madafm_weight(weight_norm, gamma, beta)
     dx = dgamma = dbeta = dbias = None

@@ -1,29 +1,21 @@
-"""Sample quality: the Fréchet distance, a cheap CPU score for demos, and Inception FID from local weights.
+"""The Fréchet distance between Gaussian fits of features, and the cheap pixel-space proxy "pixFID8".
 
 - :func:`frechet_distance`: ``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)`` between two
   Gaussians, computed in float64 with symmetric eigen-decompositions (no complex ``sqrtm`` detour;
-  negative eigenvalues from rounding are clipped to 0).
+  negative eigenvalues from rounding are clipped to 0). Equal to pytorch-fid's
+  ``calculate_frechet_distance`` (tests compare them, singular covariances included).
 - :func:`pixel_fid`: the Fréchet distance between Gaussian fits of *down-sampled pixels*
-  (``8 x 8`` average-pooled images, 192 values per colour image). It is NOT the Inception FID of the
-  literature: it only compares coarse colour layout statistics, is cheap on a CPU, and is comparable
-  only with itself (same resolution, same number of samples). The demo reports it as "pixFID8".
-- :func:`inception_fid`: the standard FID (pytorch-fid's Inception, 2048-d pool features). The weights
-  cannot be downloaded here: they are read from ``$TORCH_HOME/hub/checkpoints/`` (file name
-  :data:`INCEPTION_FILE`), and a clear error says so when they are missing.
+  (``8 x 8`` average-pooled images, 192 values per colour image). It is a PROXY, not the Inception FID
+  of the literature: it only compares coarse colour layout statistics, is cheap on a CPU, and is
+  comparable only with itself (same resolution, same number of samples). Reports call it "pixFID8".
 """
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["frechet_distance", "gaussian_stats", "pixel_features", "pixel_fid", "inception_fid",
-           "inception_weights_path", "INCEPTION_FILE"]
-
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+__all__ = ["frechet_distance", "gaussian_stats", "fid_from_features", "pixel_features", "pixel_fid"]
 
 
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
@@ -63,6 +55,38 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def _as_f64(features, name: str) -> np.ndarray:
+    f = np.asarray(torch.as_tensor(features).double().cpu(), dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"{name}: need features [N >= 2, d], got {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError(f"{name}: features contain NaN or inf")
+    return f
+
+
+def fid_from_features(f1, f2) -> float:
+    """``frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))`` for features ``f1 [N1, d]``, ``f2 [N2, d]``.
+
+    When both sets are no larger than ``d`` (few images, 2048-d Inception features) the ``d x d``
+    eigen-problems are replaced by an exact ``N1 x N2`` one: with centred features ``A_i`` and
+    ``S_i = A_i^T A_i / (N_i - 1)``, the non-zero eigenvalues of ``S1^1/2 S2 S1^1/2`` are those of
+    ``S1 S2``, i.e. the squared singular values of ``A1 A2^T / sqrt((N1 - 1)(N2 - 1))``. Faster, and it
+    does not sum square roots of the ~d rounding-noise eigenvalues of a rank-deficient product.
+    """
+    a, b = _as_f64(f1, "fid_from_features"), _as_f64(f2, "fid_from_features")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"fid_from_features: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
+    d = a.shape[1]
+    if max(a.shape[0], b.shape[0]) > d:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a1, a2 = a - mu1, b - mu2
+    c1, c2 = a.shape[0] - 1, b.shape[0] - 1
+    tr_covmean = float(np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()) / np.sqrt(c1 * c2)
+    diff = mu1 - mu2
+    return float(diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2.0 * tr_covmean)
+
+
 def pixel_features(images: torch.Tensor, size: int = 8) -> torch.Tensor:
     """``images [N, C, H, W]`` in [-1, 1] -> ``[N, C * size * size]``: average-pooled to ``size x size``."""
     if images.ndim != 4:
@@ -71,40 +95,8 @@ def pixel_features(images: torch.Tensor, size: int = 8) -> torch.Tensor:
 
 
 def pixel_fid(real: torch.Tensor, fake: torch.Tensor, size: int = 8) -> float:
-    """"pixFID": Fréchet distance of Gaussian fits of ``size x size`` pooled pixels (cheap, NOT Inception FID)."""
-    return frechet_distance(*gaussian_stats(pixel_features(real, size)), *gaussian_stats(pixel_features(fake, size)))
+    """pixFID (a proxy, NOT the Inception FID): Fréchet distance of ``size x size`` pooled pixels.
 
-
-def inception_weights_path() -> Path:
-    """Where the FID Inception weights must lie: ``$TORCH_HOME/hub/checkpoints/<INCEPTION_FILE>``."""
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch")
-    return Path(torch_home) / "hub" / "checkpoints" / INCEPTION_FILE
-
-
-@torch.no_grad()
-def inception_fid(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 50, device="cpu") -> float:
-    """The standard FID between image sets ``[N, C, H, W]`` in [-1, 1] (pytorch-fid's Inception, pool3).
-
-    Needs the weights file locally (no download): see :func:`inception_weights_path`. Slow on a CPU
-    (a few images per second); use thousands of images for numbers comparable with papers.
+    ``real [N, C, H, W]``, ``fake [M, C, H, W]`` in [-1, 1] with the same ``C``; N, M >= 2.
     """
-    path = inception_weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Inception FID needs the weights file {path} (it cannot be downloaded here). Put "
-            f"{INCEPTION_FILE} there, or set $TORCH_HOME to a directory holding hub/checkpoints/{INCEPTION_FILE}")
-    from pytorch_fid.inception import InceptionV3
-
-    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
-
-    def feats(images):
-        out = []
-        for s in range(0, images.shape[0], batch_size):
-            x = images[s:s + batch_size].float().to(device)
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            out.append(model((x.clamp(-1, 1) + 1) / 2)[0].flatten(1).cpu())
-        return torch.cat(out)
-
-    return frechet_distance(*gaussian_stats(feats(real)), *gaussian_stats(feats(fake)))
+    return fid_from_features(pixel_features(real, size), pixel_features(fake, size))

@@ -1,0 +1,338 @@
+"""The on-disk store of a GAN memory: manifest, task files, locking, verification, confinement, GC.
+
+A memory directory holds::
+
+    manifest.json                        the list of tasks (name, file, sha256, settings, metrics)
+    tasks/<stem>-<sha16>.safetensors     one immutable file per task, named by the SHA-256 of its bytes
+    base/                                the base of a memory on a custom base (gmem.models.save_base)
+    .lock                                locked (flock) by writers while they update the manifest
+    runs/<stem>-<hash8>/                 progress files of ``gmem learn`` (samples, checkpoint)
+
+The rules, after git's object store:
+
+- Task files are content addressed: the bytes of a task are deterministic (safetensors with sorted
+  keys, see :func:`task_bytes`), the file name carries their hash, and a file already present is
+  never rewritten. Every write goes to a unique temporary name and is renamed into place.
+- Writers hold an exclusive ``fcntl.flock`` on ``.lock`` only while they read, merge and replace the
+  manifest (:func:`commit`); training runs unlocked. The merge keeps what other processes added
+  meanwhile: a save adds or updates its own tasks and removes only the tasks it removed itself.
+  Two processes writing different contents under one task name: the second is refused
+  (:class:`TaskConflictError`) and the first one's task stays.
+- Readers take no lock: the manifest is replaced atomically, and a task file leaves the directory
+  only after it has been unreferenced for :data:`GC_GRACE_SECONDS` (:func:`collect_garbage`), so a
+  reader finds every file of the manifest it listed (unless it waits longer than that to read it).
+- Names never become paths: a task name is validated (:func:`validate_task_name`) and only a
+  sanitised stem of it appears in file names; every path read from a manifest must resolve inside
+  the memory directory, symlinks included (:func:`inside`); a task entry without a SHA-256 cannot
+  be read.
+
+``flock`` needs a local file system (or NFSv4 with working locks). Names, paths and task files are
+in :mod:`gmem.store_files` (re-exported here); the manifest, locking, merging and GC are here.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from .store_files import (MANIFEST, MAX_NAME_LENGTH, TASK_FORMAT, TASKS_DIR, _HEX64, ManifestError,  # noqa: F401
+                          TaskConflictError, TaskFileError, LockTimeoutError, atomic_write_bytes, entry_path, inside,
+                          prepare_directory, read_task, read_task_bytes, run_dir_name, sha256_bytes, sha256_file,
+                          task_bytes, task_file_name, validate_task_name, write_task_file)
+
+FORMAT = "gmem-memory-v1"
+LOCK_NAME = ".lock"
+LOCK_TIMEOUT = 60.0          # seconds a writer waits for another one to finish its manifest update
+GC_GRACE_SECONDS = 600.0     # unreferenced files younger than this are kept (a reader may still need them)
+
+
+# ------------------------------------------------------------------------------------- manifest
+def validate_manifest(manifest, path) -> dict:
+    """Check a parsed manifest's structure; ManifestError naming the file and the field otherwise.
+
+    Per-task file problems (missing/absolute ``file``, missing ``sha256``) are not checked here: they
+    make that task unreadable (:func:`read_task`), not the memory.
+    """
+    def fail(field, problem):
+        raise ManifestError(f"{path}: damaged manifest: field {field!r} {problem}")
+
+    if not isinstance(manifest, dict):
+        fail("(top level)", f"must be an object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        fail("format", f"is {manifest.get('format')!r}, expected {FORMAT!r}")
+    base = manifest.get("base")
+    if not isinstance(base, dict):
+        fail("base", "is missing or not an object")
+    if not isinstance(base.get("sha256"), str) or not _HEX64.fullmatch(base["sha256"]):
+        fail("base.sha256", f"must be a SHA-256 hex string, got {base.get('sha256')!r}")
+    if base.get("kind", "custom") not in ("default", "custom"):
+        fail("base.kind", f"must be 'default' or 'custom', got {base.get('kind')!r}")
+    if base.get("kind") != "default":
+        try:
+            inside(Path(path).parent, base.get("path", "base"), "base.path")
+        except ManifestError as e:
+            fail("base.path", f"is unusable: {e}")
+    conv = manifest.get("conversion", {})
+    if not isinstance(conv, dict):
+        fail("conversion", "must be an object")
+    for key in ("generator", "discriminator"):
+        if key in conv and (not isinstance(conv[key], list) or not all(isinstance(g, str) for g in conv[key])):
+            fail(f"conversion.{key}", "must be a list of strings")
+    if "discriminator_fc_per_task" in conv and not isinstance(conv["discriminator_fc_per_task"], bool):
+        fail("conversion.discriminator_fc_per_task", "must be true or false")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, list):
+        fail("tasks", "is missing or not a list")
+    seen = set()
+    for i, entry in enumerate(tasks):
+        if not isinstance(entry, dict):
+            fail(f"tasks[{i}]", "must be an object")
+        try:
+            validate_task_name(entry.get("name"))
+        except (TypeError, ValueError) as e:
+            fail(f"tasks[{i}].name", f"is invalid: {e}")
+        if entry["name"] in seen:
+            fail(f"tasks[{i}].name", f"repeats the task name {entry['name']!r}")
+        seen.add(entry["name"])
+        classes = entry.get("num_classes")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                    or not 1 <= classes <= 100_000):
+            fail(f"tasks[{i}].num_classes", f"must be null or an int in 1..100000, got {classes!r}")
+        for key in ("metrics", "training"):
+            if not isinstance(entry.get(key, {}), dict):
+                fail(f"tasks[{i}].{key}", "must be an object")
+    return manifest
+
+
+def read_manifest(directory) -> dict:
+    """The validated manifest of a memory directory (FileNotFoundError if there is none)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a memory must be a directory, this is a file", str(directory))
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no GAN memory at {directory}: {MANIFEST} not found")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: damaged manifest (not JSON: {e})") from None
+    return validate_manifest(manifest, path)
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    atomic_write_bytes(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------- locking
+@contextlib.contextmanager
+def lock(directory, timeout: Optional[float] = None):
+    """Hold the memory's writer lock (exclusive ``flock`` on ``<directory>/.lock``) inside the block.
+
+    Waits up to ``timeout`` seconds (default :data:`LOCK_TIMEOUT`), then raises LockTimeoutError
+    naming the process that holds it. The lock dies with its process: no stale lock files.
+    """
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    path = Path(directory) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    raise LockTimeoutError(f"{path}: another gmem process (pid {holder}) has been writing this "
+                                           f"memory for more than {timeout:g} s; try again later") from None
+                time.sleep(0.02)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def claim(directory, name: str):
+    """Mark task ``name`` as being learned into ``directory`` by this process (non-blocking flock).
+
+    A second process claiming the same name while the first holds it gets TaskConflictError at once,
+    before it trains anything. The claim file lives in the task's run directory.
+    """
+    run = Path(directory) / "runs" / run_dir_name(validate_task_name(name))
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise TaskConflictError(f"task {name!r} is being learned into {directory} by another process "
+                                    f"(pid {holder}) right now; wait for it or pick another name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield run
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- commit, GC
+def commit(directory, base: dict, conversion: dict, put: Iterable[dict], *, refresh: Iterable[dict] = (),
+           removed: Iterable[str] = (), known: Optional[dict] = None, before_write: Optional[Callable[[], None]] = None,
+           version: str = "", timeout: Optional[float] = None) -> dict:
+    """Merge this process's changes into the memory's manifest under the lock; returns the new manifest.
+
+    ``put``: manifest entries (with ``file``/``sha256`` already stored) to add or update; ``removed``:
+    names this process removed; ``known``: ``{name: sha256}`` of the tasks as this process last read
+    them from this directory. ``refresh``: entries of tasks this process did not change (settings,
+    metrics) applied only where the task still has the same ``sha256``; not re-added if another
+    process removed them. Entries of other tasks are kept as they are. An entry whose name exists
+    with other contents that this process did not know raises TaskConflictError (nothing written).
+    ``before_write`` runs under the lock before the manifest is replaced (e.g. to store the base).
+    """
+    directory = Path(directory)
+    known = dict(known or {})
+    put = list(put)
+    with lock(directory, timeout):
+        try:
+            current = read_manifest(directory)
+        except FileNotFoundError:
+            current = None
+        tasks = {e["name"]: e for e in current["tasks"]} if current else {}
+        if current is not None:
+            if current["base"]["sha256"] != base["sha256"]:
+                raise ManifestError(f"{directory / MANIFEST}: this directory holds a memory on another base "
+                                    f"(sha256 {current['base']['sha256'][:12]}..., this memory's is "
+                                    f"{base['sha256'][:12]}...); save to another directory")
+            if current.get("conversion", conversion) != conversion:
+                raise ManifestError(f"{directory / MANIFEST}: this directory holds a memory with another "
+                                    f"conversion ({current.get('conversion')}); save to another directory")
+        for entry in put:
+            name, old = entry["name"], tasks.get(entry["name"])
+            if old is not None and old.get("sha256") != entry["sha256"] and known.get(name) != old.get("sha256"):
+                raise TaskConflictError(f"task {name!r} in {directory} was written by another process with other "
+                                        "contents; nothing was saved (load the memory again, or use another name)")
+        dropped = [tasks.pop(n)["file"] for n in set(removed) if n in tasks and isinstance(tasks[n].get("file"), str)]
+        order = list(tasks)
+        for entry in put:
+            old = tasks.get(entry["name"])
+            if old is not None and old.get("file") != entry["file"] and isinstance(old.get("file"), str):
+                dropped.append(old["file"])
+            tasks[entry["name"]] = entry
+            if entry["name"] not in order:
+                order.append(entry["name"])
+        for entry in refresh:
+            old = tasks.get(entry["name"])
+            if old is not None and old.get("sha256") == entry.get("sha256") and old.get("file") == entry.get("file"):
+                tasks[entry["name"]] = entry
+        if before_write is not None:
+            before_write()
+        manifest = {"format": FORMAT, "gmem_version": version, "base": base, "conversion": conversion,
+                    "tasks": [tasks[n] for n in order]}
+        _write_manifest(directory, manifest)
+        _touch_unreferenced(directory, dropped, manifest)
+        collect_garbage(directory, manifest=manifest)
+    return manifest
+
+
+def _touch_unreferenced(directory: Path, files: list[str], manifest: dict) -> None:
+    """Start the grace period of files that just left the manifest (a reader may still be about to read them)."""
+    referenced = {e.get("file") for e in manifest["tasks"]}
+    for rel in files:
+        if rel in referenced:
+            continue
+        with contextlib.suppress(ManifestError, OSError):
+            os.utime(inside(directory, rel))
+
+
+def collect_garbage(directory, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS) -> list[Path]:
+    """Delete task files and temporary files that the manifest does not reference and that are older than ``grace``.
+
+    Call it under :func:`lock` (``commit`` does). Young files are spared: another writer may be about
+    to reference them, or a reader may still read a file that left the manifest a moment ago.
+    Returns the deleted paths.
+    """
+    directory = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    try:
+        tasks_dir = inside(directory, TASKS_DIR, "tasks directory")
+    except ManifestError:
+        return []
+    referenced = set()
+    for e in manifest["tasks"]:
+        with contextlib.suppress(ManifestError):
+            referenced.add(inside(directory, e.get("file"), "file"))
+    now, deleted = time.time(), []
+    candidates = list(tasks_dir.glob("*.safetensors")) + list(tasks_dir.glob(".*.tmp")) + list(directory.glob(".*.tmp"))
+    for path in candidates:
+        try:
+            if path.resolve() in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
+                continue
+            path.unlink()
+            deleted.append(path)
+        except OSError:
+            continue
+    return deleted
+
+
+# ------------------------------------------------------------------------------------- maintenance
+def verify_files(directory) -> dict[str, Optional[str]]:
+    """``{task: None or what is wrong}`` for every task of the manifest: confinement, hash, safetensors header."""
+    directory = Path(directory)
+    out = {}
+    for entry in read_manifest(directory)["tasks"]:
+        try:
+            read_task(directory, entry["name"], entry)
+            out[entry["name"]] = None
+        except TaskFileError as e:
+            out[entry["name"]] = str(e)
+    return out
+
+
+def remove_tasks(directory, names: Iterable[str], *, timeout: Optional[float] = None) -> list[str]:
+    """Drop tasks from the manifest under the lock (files are left to garbage collection); returns those dropped."""
+    directory = Path(directory)
+    names = list(names)
+    with lock(directory, timeout):
+        manifest = read_manifest(directory)
+        have = {e["name"] for e in manifest["tasks"]}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise KeyError(f"no task {missing[0]!r} in {directory}; its tasks are {sorted(have)}")
+        dropped = [e.get("file") for e in manifest["tasks"] if e["name"] in names]
+        manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in names]
+        _write_manifest(directory, manifest)
+        _touch_unreferenced(directory, [f for f in dropped if isinstance(f, str)], manifest)
+        collect_garbage(directory, manifest=manifest)
+    return names
+
+
+def repair(directory, *, also: Optional[dict] = None, timeout: Optional[float] = None) -> dict[str, str]:
+    """Drop every task whose file cannot be read (checked again under the lock); ``{task: problem}`` dropped.
+
+    ``also``: ``{task: sha256}`` of tasks found unusable otherwise (e.g. a file that does not fit the
+    base); each is dropped too if its entry still has that hash.
+    """
+    directory = Path(directory)
+    also = dict(also or {})
+    with lock(directory, timeout):
+        manifest = read_manifest(directory)
+        bad = {}
+        for entry in manifest["tasks"]:
+            try:
+                read_task(directory, entry["name"], entry)
+                if entry["name"] in also and also[entry["name"]] == entry.get("sha256"):
+                    bad[entry["name"]] = "contents do not fit the memory"
+            except TaskFileError as e:
+                bad[entry["name"]] = str(e)
+        if bad:
+            manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in bad]
+            _write_manifest(directory, manifest)
+    return bad
+

@@ -1,0 +1,227 @@
+"""Task files of a GAN memory: names, confinement, deterministic content-addressed bytes, checked reads.
+
+The file-level half of :mod:`gmem.store` (which re-exports everything here); see it for the rules.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .models import CheckpointError
+
+MANIFEST = "manifest.json"
+TASK_FORMAT = "gmem-task-v1"
+TASKS_DIR = "tasks"
+MAX_NAME_LENGTH = 128
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TaskFileError(CheckpointError):
+    """A task file that is missing or damaged; the message names the file and the task."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest that cannot be used; the message names the file and the field."""
+
+
+class LockTimeoutError(CheckpointError):
+    """Another process held the memory's lock for longer than the timeout."""
+
+
+class TaskConflictError(CheckpointError):
+    """Another process wrote a different task under the same name; nothing was saved."""
+
+
+# ------------------------------------------------------------------------------------- names, paths
+def validate_task_name(name) -> str:
+    """``name`` if it is a valid task name, else ValueError/TypeError saying why.
+
+    Valid: a non-empty str of at most :data:`MAX_NAME_LENGTH` characters, not ``"source"`` (the
+    base), without ``/`` or ``\\``, control characters (NUL included) or a leading dot.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str, got {type(name).__name__}")
+    if not name or not name.strip():
+        raise ValueError("task name must not be empty")
+    if name == "source":
+        raise ValueError("task name 'source' is reserved for the base")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"task name is {len(name)} characters long, at most {MAX_NAME_LENGTH} are allowed")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"task name {name!r} contains a path separator ('/' or '\\')")
+    bad = [c for c in name if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"]
+    if bad:
+        raise ValueError(f"task name {name!r} contains control characters ({', '.join(repr(c) for c in bad[:3])})")
+    if name.startswith("."):
+        raise ValueError(f"task name {name!r} starts with a dot")
+    return name
+
+
+def _stem(name: str) -> str:
+    """A file-name-safe stem of a task name (letters, digits, ``_-``; at most 40 characters)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "task"
+
+
+def task_file_name(name: str, digest: str) -> str:
+    """Manifest-relative path of a task file: ``tasks/<stem>-<sha256[:16]>.safetensors``."""
+    return f"{TASKS_DIR}/{_stem(name)}-{digest[:16]}.safetensors"
+
+
+def run_dir_name(name: str) -> str:
+    """Directory name (under ``runs/``) for a task's progress files: stem + hash of the full name."""
+    return f"{_stem(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def inside(directory, rel, field: str = "path") -> Path:
+    """``directory / rel`` resolved, if it stays inside ``directory`` (symlinks followed); else ManifestError."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ManifestError(f"{field} must be a non-empty relative path, got {rel!r}")
+    if os.path.isabs(rel) or rel.startswith("\\"):
+        raise ManifestError(f"{field} {rel!r} is an absolute path; paths in a memory are relative to it")
+    root = Path(directory).resolve()
+    path = (root / rel).resolve()
+    if path != root and root not in path.parents:
+        raise ManifestError(f"{field} {rel!r} resolves to {path}, outside the memory directory {root}")
+    return path
+
+
+def entry_path(directory, entry: dict) -> Path:
+    """The (unchecked) path a manifest entry names, for messages and bookkeeping."""
+    return Path(directory) / str(entry.get("file", ""))
+
+
+# ------------------------------------------------------------------------------------- bytes, files
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def task_bytes(tensors: dict[str, Tensor], task: str) -> bytes:
+    """Deterministic safetensors bytes of a task's tensors: equal tensors give equal bytes in any process.
+
+    The header is JSON with sorted keys (safetensors itself writes metadata in a per-process random
+    order), tensors are laid out in name order; :func:`safetensors.torch.load` reads the result.
+    """
+    header: dict = {"__metadata__": {"format": TASK_FORMAT, "task": task}}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{key}: cannot store dtype {t.dtype}")
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temporary name next to ``path``, unique per process and call (pid + random)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a unique temporary file, fsync and ``os.replace`` (never half a file)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename durable (not every file system allows this)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prepare_directory(directory) -> Path:
+    """Create ``directory`` and its ``tasks/`` (refusing a ``tasks`` that leads outside); returns the directory."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a memory must be a directory, this is a file", str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    tasks = inside(directory, TASKS_DIR, "tasks directory")
+    if tasks.exists() and not tasks.is_dir():
+        raise ManifestError(f"{directory / TASKS_DIR} is not a directory")
+    tasks.mkdir(exist_ok=True)
+    return directory
+
+
+def write_task_file(directory, name: str, data: bytes) -> tuple[str, str]:
+    """Store a task's bytes; returns ``(manifest-relative file, sha256)``. Present files are not rewritten.
+
+    A present file gets its modification time refreshed, so garbage collection (which spares young
+    files) cannot remove it before the manifest that references it again is written.
+    """
+    digest = sha256_bytes(data)
+    rel = task_file_name(name, digest)
+    path = inside(directory, rel, "task file")
+    if path.is_file() and sha256_file(path) == digest:
+        os.utime(path)
+    else:
+        atomic_write_bytes(path, data)
+    return rel, digest
+
+
+def read_task_bytes(directory, name: str, entry: dict) -> bytes:
+    """The checked bytes of a task file (inside the memory, SHA-256 as the manifest says); TaskFileError if not."""
+    shown = entry_path(directory, entry)
+    try:
+        path = inside(directory, entry.get("file"), "file")
+    except ManifestError as e:
+        raise TaskFileError(f"task {name!r}: unusable manifest entry: {e}") from None
+    expected = entry.get("sha256")
+    if not isinstance(expected, str) or not _HEX64.fullmatch(expected):
+        raise TaskFileError(f"task {name!r}: manifest field 'sha256' is missing or not a SHA-256 "
+                            f"({expected!r}), so {shown} cannot be checked")
+    if not path.is_file():
+        raise TaskFileError(f"task {name!r}: file missing: {shown}")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != expected:
+        raise TaskFileError(f"task {name!r}: damaged file {shown} (sha256 {digest[:12]}... does not match "
+                            f"{expected[:12]}... in {MANIFEST})")
+    return data
+
+
+def read_task(directory, name: str, entry: dict) -> dict[str, Tensor]:
+    """A task's tensors from its checked file; TaskFileError naming the file if anything is wrong."""
+    data = read_task_bytes(directory, name, entry)
+    try:
+        from safetensors.torch import load as st_load
+
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types for damaged data
+        raise TaskFileError(f"task {name!r}: cannot read {entry_path(directory, entry)}: {e}") from None
