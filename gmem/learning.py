@@ -131,7 +131,8 @@ def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, see
         raise ValueError(f"a task named {name!r} exists already; remove it first or pick another name")
     for key, value in (("iterations", iterations), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iterations" else 1):
-            raise ValueError(f"{key} must be a {'non-negative' if key == 'iterations' else 'positive'} int, got {value!r}")
+            kind = "non-negative" if key == "iterations" else "positive"
+            raise ValueError(f"{key} must be a {kind} int, got {value!r}")
     step_config = StepConfig(**{**LEARN_DEFAULTS, "lr": lr, "betas": tuple(betas), "r1_gamma": r1_gamma,
                                 "ema_decay": ema_decay, "ema_warmup": ema_warmup, **step_options})
     dataset = as_task_dataset(data, memory.size, memory.channels)

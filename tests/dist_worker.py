@@ -141,7 +141,7 @@ class StandIn:
 
 def check_collectives(out: Path, hang: bool) -> None:
     """Exact float64 checks of the collectives on 2 ranks; then rank 1 stops answering if ``hang``."""
-    r, world = dist.rank(), dist.world_size()
+    r = dist.rank()
     results = {}
     a = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
     b = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))

@@ -53,10 +53,22 @@ keeping :func:`shard`, makes the generator's state independent of ``N``, like th
 """
 from __future__ import annotations
 
-from .collectives import (all_reduce_gradients, any_rank, average_scalars, broadcast_parameters,
-                          same_on_all_ranks)
-from .group import (DistInfo, PeerFailure, barrier, distributed, ensure_joined, init, is_initialized, is_main,
-                    launched_by_torchrun, local_rank, rank, shutdown, world_size)
+from .collectives import all_reduce_gradients, any_rank, average_scalars, broadcast_parameters, same_on_all_ranks
+from .group import (
+                          DistInfo,
+                          PeerFailure,
+                          barrier,
+                          distributed,
+                          ensure_joined,
+                          init,
+                          is_initialized,
+                          is_main,
+                          launched_by_torchrun,
+                          local_rank,
+                          rank,
+                          shutdown,
+                          world_size,
+)
 from .rank0 import main_only, progress, save_on_main
 from .sharding import ShardedInfiniteSampler, local_batch_size, shard
 

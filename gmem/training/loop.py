@@ -137,8 +137,10 @@ class TrainLoop:
                 if log is not None and (it % self.log_every == 0 or done):
                     log.write(json.dumps({"it": it, **losses, "time": round(self.elapsed, 2)}) + "\n")
                     log.flush()
-                out_of_time = self.max_seconds is not None and dist.any_rank(time.time() - t_start > self.max_seconds)
-                if main and out is not None and self.sample_fn is not None and (it % self.sample_every == 0 or done or out_of_time):
+                out_of_time = (self.max_seconds is not None  # one decision for all ranks
+                               and dist.any_rank(time.time() - t_start > self.max_seconds))
+                write_samples = out is not None and self.sample_fn is not None and main
+                if write_samples and (it % self.sample_every == 0 or done or out_of_time):
                     self._write_samples()
                 if out is not None and (it % self.checkpoint_every == 0 or done or out_of_time):
                     self.save_checkpoint()
@@ -148,7 +150,8 @@ class TrainLoop:
                     stopped_early = True
                     if main:
                         bar.write(f"{self.desc}: stopping at iteration {it} of {self.iterations}: time limit of "
-                                  f"{self.max_seconds:.0f} s reached" + (" (checkpoint saved)" if out is not None else ""))
+                                  f"{self.max_seconds:.0f} s reached"
+                                  + (" (checkpoint saved)" if out is not None else ""))
                     break
         finally:
             bar.close()

@@ -68,12 +68,16 @@ class StepConfig:
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         checks = [(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}"),
-                  (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}"),
-                  (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0, f"r1_gamma must be >= 0, got {self.r1_gamma!r}"),
-                  (isinstance(self.r1_every, int) and self.r1_every >= 1, f"r1_every must be an int >= 1, got {self.r1_every!r}"),
+                  (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                   f"betas must be two values in [0, 1), got {self.betas}"),
+                  (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0,
+                   f"r1_gamma must be >= 0, got {self.r1_gamma!r}"),
+                  (isinstance(self.r1_every, int) and self.r1_every >= 1,
+                   f"r1_every must be an int >= 1, got {self.r1_every!r}"),
                   (0.0 <= self.ema_decay <= 1.0, f"ema_decay must lie in [0, 1], got {self.ema_decay!r}"),
                   (self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}"),
-                  (not self.reuse_fake or self.order == "g_first", "reuse_fake needs order='g_first' (the fakes come from the G update)"),
+                  (not self.reuse_fake or self.order == "g_first",
+                   "reuse_fake needs order='g_first' (the fakes come from the G update)"),
                   (math.isfinite(self.noise) and self.noise >= 0, f"noise must be >= 0, got {self.noise!r}")]
         for ok, message in checks:
             if not ok:
