@@ -5,6 +5,7 @@ Two launches of ``python -m torch.distributed.run`` (gloo, 127.0.0.1) share one 
 iteration 2; the run must fail with a clear message in bounded time. Then ``gmem learn`` on 2 ranks,
 the same command a user would rerun, resumes from the checkpoint and finishes; its memory must match
 one process trained on the same global batch. The killed run's checkpoint also resumes in one process.
+Last, two plain `gmem learn` processes, one task each, write into one memory at the same time.
 """
 from __future__ import annotations
 
@@ -188,3 +189,25 @@ def test_torchrun_ranks_outside_the_process_group_are_refused(monkeypatch, data,
     assert mem.tasks == []  # the failed task was removed again
     assert cli_main(["info", "nowhere"]) == 1
     assert "only learn and train-base run under torchrun" in capsys.readouterr().err
+
+
+def test_one_process_per_task_into_one_memory_then_one_mixed_sample(data, tmp_path):
+    """Tasks are independent (the paper's footnote 5): concurrent `gmem learn` runs share one memory."""
+    memory = tmp_path / "memory"
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    names = ["a", "b"]
+    procs = [subprocess.Popen([sys.executable, "-m", "gmem.cli", "learn", str(memory), name, str(data), "--iterations",
+                               "1", "--batch-size", str(BATCH), "--lr", str(LR), "--seed", str(seed), "--no-score",
+                               "--no-progress"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for seed, name in enumerate(names)]
+    outputs = [p.communicate(timeout=LAUNCH_DEADLINE_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    mem = GANMemory.load(memory)
+    assert sorted(mem.tasks) == names and all(problem is None for problem in mem.verify().values())
+    z = torch.randn(4, mem.z_dim, generator=torch.Generator().manual_seed(0))
+    mixed = mem.sample(["a", "b", "a", "b"], z=z)  # one forward through both tasks' style sets
+    alone = {name: mem.sample(name, z=z[i::2]) for i, name in enumerate(names)}
+    assert not torch.allclose(alone["a"], mem.sample("b", z=z[0::2]), atol=1e-3)  # the tasks differ
+    torch.testing.assert_close(mixed[0::2], alone["a"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1::2], alone["b"], atol=1e-5, rtol=0)
