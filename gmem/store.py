@@ -40,10 +40,30 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .store_files import (MANIFEST, MAX_NAME_LENGTH, TASK_FORMAT, TASKS_DIR, _HEX64, ManifestError,  # noqa: F401
-                          TaskConflictError, TaskFileError, LockTimeoutError, atomic_write_bytes, entry_path, inside,
-                          prepare_directory, read_task, read_task_bytes, run_dir_name, sha256_bytes, sha256_file,
-                          task_bytes, task_file_name, validate_task_name, write_task_file)
+from .store_files import (  # noqa: F401
+    _HEX64,
+    MANIFEST,
+    MAX_NAME_LENGTH,
+    TASK_FORMAT,
+    TASKS_DIR,
+    LockTimeoutError,
+    ManifestError,
+    TaskConflictError,
+    TaskFileError,
+    atomic_write_bytes,
+    entry_path,
+    inside,
+    prepare_directory,
+    read_task,
+    read_task_bytes,
+    run_dir_name,
+    sha256_bytes,
+    sha256_file,
+    task_bytes,
+    task_file_name,
+    validate_task_name,
+    write_task_file,
+)
 
 FORMAT = "gmem-memory-v1"
 LOCK_NAME = ".lock"
