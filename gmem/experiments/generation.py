@@ -10,7 +10,7 @@ learned so far is scored (metric by name, default ``pixfid8``, a pixel-statistic
 - ``fig5_samples.png``: per method, rows = after stage s, columns = samples of each task (fixed z);
 - ``fig6_left_quality.png``: per task, the score after each stage, one line per method;
 - ``results.json`` / ``results.md``: the scores, whether each task's samples for fixed z stayed
-  bit-identical after later stages, the largest pixel change, timings and the settings.
+  bit-identical after later stages, the largest and mean pixel change, timings and the settings.
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     scores: dict = {}            # method -> task -> stage (1-based) -> score
     same: dict = {}              # method -> task -> stage -> bool (samples for fixed z unchanged since learned)
     change: dict = {}            # method -> task -> stage -> max |pixel change| since learned
+    mean_change: dict = {}       # method -> task -> stage -> mean |pixel change| since learned
     grids: dict = {}
     t_start = time.time()
     for method in methods:
@@ -98,7 +99,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                       else _LearnerMethod(method, G, D, len(tasks), lr_baselines, lambda_ra))
         first: dict[int, torch.Tensor] = {}
         per_stage: dict[int, dict[str, torch.Tensor]] = {}
-        scores[method], same[method], change[method] = ({t: {} for t in tasks} for _ in range(3))
+        scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))
         for k, ds in enumerate(datasets):
             with timer(method):
                 runner.learn(ds, k, iterations=iterations, batch_size=batch_size, seed=seed + k + 1,
@@ -113,6 +114,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                     scores[method][tasks[j]][stage] = round(score(real[j], fake), 4)
                 same[method][tasks[j]][stage] = bool(torch.equal(fake, first[j]))
                 change[method][tasks[j]][stage] = float((fake - first[j]).abs().max())
+                mean_change[method][tasks[j]][stage] = round(float((fake - first[j]).abs().mean()), 5)
                 per_stage[stage][tasks[j]] = fake[:grid_columns]
             print(f"[{method}] after {tasks[k]}: " + ", ".join(
                 f"{tasks[j]} {scores[method][tasks[j]][stage]:.2f}" for j in range(stage)), flush=True)
@@ -123,7 +125,8 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     results = {"experiment": "lifelong generation", "metric": {"name": metric, "label": score.label,
                                                                "higher_is_better": score.higher_is_better},
                "scores": _str_keys(scores), "bit_identical_since_learned": _str_keys(same),
-               "max_abs_change_since_learned": _str_keys(change), "seconds": timer.seconds,
+               "max_abs_change_since_learned": _str_keys(change),
+               "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
                "wall_seconds": round(time.time() - t_start, 1), "run": run_record("gmem.experiments.generation", settings, argv)}
     write_json(results, out / "results.json")
     (out / "results.md").write_text(_markdown(results, tasks, methods))

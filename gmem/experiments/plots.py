@@ -42,20 +42,24 @@ def _pyplot():
 
 
 def plot_sample_grids(grids: dict[str, torch.Tensor], tasks: Sequence[str], path, title: str = "") -> None:
-    """Side by side, one panel per method: the :func:`stage_grid` of each (the paper's Figure 5 layout)."""
+    """One panel per method, stacked: the :func:`stage_grid` of each (the paper's Figure 5 layout)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) * max(1, len(tasks) / 3), 3.4), squeeze=False)
-    for ax, (method, grid) in zip(axes[0], grids.items()):
+    some = next(iter(grids.values()))
+    aspect = some.shape[2] / some.shape[1]
+    width = min(10.0, max(4.0, 0.8 * aspect * len(tasks)))
+    fig, axes = plt.subplots(len(grids), 1, figsize=(width, len(grids) * (width / aspect + 0.5)), squeeze=False)
+    n = len(tasks)
+    for ax, (method, grid) in zip(axes[:, 0], grids.items()):
         img = ((grid.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, interpolation="nearest")
         ax.set_title(method, fontsize=9)
-        n = len(tasks)
         ax.set_xticks([(i + 0.5) * img.shape[1] / n for i in range(n)])
-        ax.set_xticklabels(tasks, fontsize=7)
+        ax.set_xticklabels(tasks, fontsize=8)
         ax.set_yticks([(i + 0.5) * img.shape[0] / n for i in range(n)])
-        ax.set_yticklabels([f"after {i + 1}" for i in range(n)], fontsize=7)
+        ax.set_yticklabels([f"after {i + 1}" for i in range(n)], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
