@@ -157,6 +157,7 @@ def test_learn_validates_conditions(tiny):
         learner.learn(images(4, 1), 2, iterations=1, batch_size=2)
     with pytest.raises(ValueError, match="one per image"):
         learner.learn(images(4, 1), torch.zeros(3, dtype=torch.long), iterations=1, batch_size=2)
+    assert learner.sample(torch.zeros(0, dtype=torch.long), torch.zeros(0, 8)).shape == (0, 3, 8, 8)
 
 
 # ------------------------------------------------------------------ EWC

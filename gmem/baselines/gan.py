@@ -212,8 +212,9 @@ class GANLearner:
         was = self.G.training
         self.G.eval()
         try:
-            return torch.cat([self.G(z[s:s + batch_size].to(self.device), conditions[s:s + batch_size].to(self.device)).cpu()
-                              for s in range(0, z.shape[0], batch_size)]) if z.shape[0] else z.new_zeros(0)
+            out = [self.G(z[s:s + batch_size].to(self.device), conditions[s:s + batch_size].to(self.device)).cpu()
+                   for s in range(0, z.shape[0], batch_size)]
+            return torch.cat(out) if out else z.new_zeros(0, self.G.channels, self.G.size, self.G.size)
         finally:
             self.G.train(was)
 
