@@ -4,8 +4,17 @@ import torch
 from torch import nn
 
 from gmem import GANMemory
-from gmem.baselines import (EWC, FineTune, Joint, MeRGAN, ReplayAlignment, ReplayMix, conditional_copy,
-                            fisher_diagonal, make_learner)
+from gmem.baselines import (
+    EWC,
+    FineTune,
+    Joint,
+    MeRGAN,
+    ReplayAlignment,
+    ReplayMix,
+    conditional_copy,
+    fisher_diagonal,
+    make_learner,
+)
 from gmem.models import Discriminator, Generator
 from gmem.replay import ReplayGenerator
 from gmem.seeding import generator, seeded

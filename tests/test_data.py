@@ -4,10 +4,17 @@ import pytest
 import torch
 from PIL import Image
 
-from gmem.data import (ArrayImages, DataError, ImageFolder, InfiniteSampler, TensorImages, as_dataset,
-                       demo_datasets, load_demo_dataset, uint8_to_float)
-
-
+from gmem.data import (
+    ArrayImages,
+    DataError,
+    ImageFolder,
+    InfiniteSampler,
+    TensorImages,
+    as_dataset,
+    demo_datasets,
+    load_demo_dataset,
+    uint8_to_float,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

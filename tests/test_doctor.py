@@ -8,15 +8,15 @@ import threading
 import warnings
 from pathlib import Path
 
+import formulas
 import pytest
 import torch
+from selfcheck_double import NAME, WrongBackend
 
-import formulas
 import gmem.ops as ops
 from gmem import doctor
 from gmem.cli import COMMANDS, main
 from gmem.ops import backends, selfcheck
-from selfcheck_double import NAME, WrongBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -12,10 +12,21 @@ import torch.nn.functional as F
 import gmem.eval.inception as inc
 import gmem.eval.protocol as protocol
 from gmem.data import load_demo_dataset
-from gmem.eval import (classifier_accuracy, fid_from_features, frechet_distance, gaussian_stats, inception_features,
-                       inception_fid, pixel_fid, protocol_fid, protocol_sample_count, pytorch_fid_inception,
-                       pytorch_fid_state_dict, real_statistics, train_classifier)
-
+from gmem.eval import (
+    classifier_accuracy,
+    fid_from_features,
+    frechet_distance,
+    gaussian_stats,
+    inception_features,
+    inception_fid,
+    pixel_fid,
+    protocol_fid,
+    protocol_sample_count,
+    pytorch_fid_inception,
+    pytorch_fid_state_dict,
+    real_statistics,
+    train_classifier,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from gmem.eval import pixel_fid
 from gmem.experiments import classification, generation, metrics
 from gmem.experiments.classification import SmallCNN, split_tasks
 from gmem.experiments.metrics import get_metric, register
-from gmem.eval import pixel_fid
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from gmem.models import CheckpointError, Discriminator, Generator, load_base, load_gan_stability, save_base
 from gmem.models.base import DEFAULT_BASE_DIR, WEIGHTS_NAME
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -9,8 +9,6 @@ from gmem.models import load_base, load_gan_stability
 from gmem.train_base import BaseTrainer, train_base
 from gmem.training import augment, r1_penalty
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(size=32, nf=2, z_dim=8, embed_size=4, batch_size=4, sample_every=2, checkpoint_every=2,

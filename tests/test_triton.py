@@ -8,14 +8,13 @@ import os
 import pathlib
 import random
 
+import formulas
 import pytest
 import torch
 
 import gmem.ops as ops
 from gmem.ops import LowRank
 from gmem.ops.library import modulated_conv2d_op, modulated_linear_op
-
-import formulas
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

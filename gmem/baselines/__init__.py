@@ -18,8 +18,17 @@ The networks are a conditional copy of a :class:`gmem.models.Generator` / :class
 Classification (:mod:`gmem.baselines.ewc`): elastic weight consolidation with a diagonal Fisher.
 """
 from .ewc import EWC, fisher_diagonal
-from .gan import (FineTune, GANLearner, Joint, MeRGAN, ReplayAlignment, ReplayMix, conditional_copy,
-                  make_learner, METHODS)
+from .gan import (
+                  METHODS,
+                  FineTune,
+                  GANLearner,
+                  Joint,
+                  MeRGAN,
+                  ReplayAlignment,
+                  ReplayMix,
+                  conditional_copy,
+                  make_learner,
+)
 
 __all__ = ["GANLearner", "FineTune", "MeRGAN", "Joint", "ReplayAlignment", "ReplayMix", "conditional_copy",
            "make_learner", "METHODS", "EWC", "fisher_diagonal"]
