@@ -25,6 +25,8 @@ def conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -
 
 
 def _like(t: Tensor, wanted: bool, empty_of: Tensor, contiguous: bool) -> Tensor:
+    # an unwanted gradient is empty like what the op itself returns: the public ops' or_empty takes
+    # the input it stands for, the kernels take x (same dtype and device either way: both check it)
     if not wanted:
         return empty_of.new_empty((0,))
     return torch.empty_like(t, memory_format=torch.contiguous_format) if contiguous else torch.empty_like(t)
