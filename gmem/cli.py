@@ -174,7 +174,8 @@ def _raised_by_gmem(e: BaseException) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(tb.tb_frame.f_code.co_filename)
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tb is not None and here in os.path.abspath(tb.tb_frame.f_code.co_filename)
 
 
 if __name__ == "__main__":

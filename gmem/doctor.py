@@ -173,13 +173,14 @@ def timing(rows: list[dict], reps: int = 5) -> list[dict]:
             interpreted = row["name"] == "triton" and device_type == "cpu"
             n, c, hw, t = (2, 4, 6, 2) if interpreted else (8, 16, 16, 4)
             gen = torch.Generator().manual_seed(0)
-            make = lambda *s: torch.randn(*s, generator=gen).to(device_type)  # noqa: E731
+            # defaults bind this iteration's generator and device (the closures run within the iteration)
+            make = lambda *s, gen=gen, dev=device_type: torch.randn(*s, generator=gen).to(dev)  # noqa: E731
             x, wn = make(n, c, hw, hw).requires_grad_(), ops.normalize_weight(make(c, c, 3, 3))[0]
             g, b = make(t, c, c).requires_grad_(), make(t, c, c).requires_grad_()
             ids = (torch.arange(n) % t).to(device_type)
 
-            def step():
-                y = ops.modulated_conv2d(x, wn, g, b, task_ids=ids, padding=1, backend=row["name"])
+            def step(x=x, wn=wn, g=g, b=b, ids=ids, backend=row["name"]):
+                y = ops.modulated_conv2d(x, wn, g, b, task_ids=ids, padding=1, backend=backend)
                 torch.autograd.grad(y.square().sum(), (x, g, b))
 
             times = []
@@ -260,7 +261,8 @@ def _print(info: dict) -> None:
         head = f"{check['backend']} {check['device']} {check['dtype']}"
         print(f"  {head:24s} {'PASS' if check['ok'] else 'FAIL'}  ({check['seconds']:.2f} s)")
         for case in check["cases"]:
-            mark = "ok  " if (case["error"] is None and all(e <= case["tol"] for e in case["errors"].values())) else "FAIL"
+            passed = case["error"] is None and all(e <= case["tol"] for e in case["errors"].values())
+            mark = "ok  " if passed else "FAIL"
             if case["error"] is not None:
                 detail = case["error"]
             else:

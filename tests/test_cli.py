@@ -1,5 +1,10 @@
 """The GAN-memory CLI commands: --help, a tiny end-to-end session, clear errors and exit codes."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,8 +125,6 @@ def test_demo_end_to_end_tiny(tiny_base_dir, tmp_path, capsys):
 
 
 def test_info_verify_names_a_damaged_file(memory, tmp_path, capsys):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(memory, copy)
     victim = next((copy / "tasks").glob("c-*.safetensors"))
@@ -157,12 +160,6 @@ def test_demo_detects_forgetting(tiny_base_dir, tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------- user errors as real processes
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -202,7 +199,8 @@ def test_user_errors_are_one_line_in_a_real_process(memory, damaged_memory, data
         (["sample", "afile", "a"], "is a file"),
         (["learn", str(memory), "../x", str(data_files / "a.npy"), *common], "path separator"),
         (["learn", str(memory), ".x", str(data_files / "a.npy"), *common], "starts with a dot"),
-        (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "100000000", *common], "--batch-size"),
+        (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "100000000", *common],
+         "--batch-size"),
         (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "2000000", *common], "--batch-size"),
         (["learn", str(memory), "new", str(data_files / "a.npy"), "--r1-gamma", "-1", *common], "--r1-gamma"),
         (["learn", str(memory), "new", str(data_files / "a.npy"), "--ema", "1.5", *common], "--ema"),

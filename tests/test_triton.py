@@ -272,7 +272,8 @@ def test_opcheck_conv_triton():
     x, wn, g, b, c, tid = conv_case(2, 3, 4, 3, 3, 5, 5, t=3)
     args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid,
             [1, 1], [1, 1], [1, 1], "triton")
-    torch.library.opcheck(modulated_conv2d_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(modulated_conv2d_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +329,8 @@ def test_opcheck_linear_triton():
     x, wn, g, b, c = rand(5, 7), rand(3, 7), rand(2, 3), rand(2, 3), rand(2, 3)
     tid = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
     args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid, "triton")
-    torch.library.opcheck(modulated_linear_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(modulated_linear_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -381,14 +383,16 @@ def _kernel_names() -> list[str]:
     """The @triton.jit kernels gmem_kernels launches (``*_kernel``; helpers are device functions)."""
     import re
 
-    return sorted({m for f in KERNELS_DIR.glob("*.py") for m in re.findall(r"^def (_?\w+_kernel)\(", f.read_text(), re.M)})
+    return sorted({m for f in KERNELS_DIR.glob("*.py")
+                   for m in re.findall(r"^def (_?\w+_kernel)\(", f.read_text(), re.M)})
 
 
 def _kernel_ops() -> set[str]:
     """Every ``gmem_triton::`` op gmem_kernels registers (one per kernel launch)."""
     import re
 
-    return {m for f in KERNELS_DIR.glob("*.py") for m in re.findall(r'kernel_op\("(gmem_triton::\w+)"\)', f.read_text())}
+    return {m for f in KERNELS_DIR.glob("*.py")
+            for m in re.findall(r'kernel_op\("(gmem_triton::\w+)"\)', f.read_text())}
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():

@@ -45,7 +45,10 @@ QUICK = dict(num_tasks=2, gan_iterations=2, gan_batch_size=4, steps=3, replay_pe
 
 
 class SmallCNN(nn.Module):
-    """``[N, C, 32, 32]`` in [-1, 1] -> logits ``[N, num_classes]``: three 3x3 conv + ReLU + pool stages, a linear head."""
+    """``[N, C, 32, 32]`` in [-1, 1] -> logits ``[N, num_classes]``.
+
+    Three 3x3 conv + ReLU + pool stages, then a linear head.
+    """
 
     def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 16):
         super().__init__()
@@ -153,7 +156,7 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
                 old = torch.tensor([c for k in range(t) for c in splits[k][0]])
                 rng = generator(seed + 50 + t)
 
-                def replay(old=old, rng=rng, n=replay_per_task * t):
+                def replay(old=old, rng=rng, n=replay_per_task * t, mergan=mergan):
                     c = old[torch.randint(len(old), (n,), generator=rng)]
                     return mergan.sample(c, torch.randn(n, G.z_dim, generator=rng)), c
                 _save_replay(out, method, t, replay)

@@ -127,7 +127,8 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                "scores": _str_keys(scores), "bit_identical_since_learned": _str_keys(same),
                "max_abs_change_since_learned": _str_keys(change),
                "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
-               "wall_seconds": round(time.time() - t_start, 1), "run": run_record("gmem.experiments.generation", settings, argv)}
+               "wall_seconds": round(time.time() - t_start, 1),
+               "run": run_record("gmem.experiments.generation", settings, argv)}
     write_json(results, out / "results.json")
     (out / "results.md").write_text(_markdown(results, tasks, methods))
     plot_sample_grids(grids, tasks, out / "fig5_samples.png",

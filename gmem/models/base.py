@@ -114,6 +114,7 @@ def default_base_info() -> dict:
 def load_default_base() -> tuple[Generator, Discriminator]:
     """The small pretrained GP-GAN shipped with gmem (32x32 colour; see ``gmem/assets/base/README.md``)."""
     if not (DEFAULT_BASE_DIR / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"the embedded base is missing from this installation: {DEFAULT_BASE_DIR / WEIGHTS_NAME} "
+        raise FileNotFoundError(f"the embedded base is missing from this installation: "
+                                f"{DEFAULT_BASE_DIR / WEIGHTS_NAME} "
                                 "(reinstall gmem, or train one with `gmem train-base` and load it with load_base)")
     return load_base(DEFAULT_BASE_DIR)
