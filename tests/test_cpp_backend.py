@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import formulas
 import pytest
 import torch
 
@@ -17,8 +18,6 @@ import gmem.ops as ops
 from gmem.ops import LowRank, _ext_build
 from gmem.ops import _cpp_backend as cpp
 from gmem.ops.library import madafm_weight_op, modulated_conv2d_op, modulated_linear_op
-
-import formulas
 
 DT = torch.float64
 HAS_GPU = torch.cuda.is_available()

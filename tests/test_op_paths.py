@@ -1,10 +1,10 @@
 """The two ways into a gmem op (gmem.ops.library): eager calls go through a torch.autograd.Function
 that calls the backend directly, torch.compile (of non-traceable backends) through the custom ops.
 Both must give the same values and gradients, and each path must really be the one taken."""
+import formulas
 import pytest
 import torch
 
-import formulas
 import gmem.ops as ops
 from gmem.ops import LowRank, library
 

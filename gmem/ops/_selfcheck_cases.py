@@ -80,7 +80,8 @@ def _case_conv(mixed: bool, lowrank: bool):
         wn = normalize_weight(r(4, 3, 3, 3))[0]
         lead = (4,) if mixed else ()  # 4 tasks, task 2 absent from the batch: its gradients must be 0
         if lowrank:
-            styles = [r(*lead, 4, 2), r(*lead, 2).abs() + 0.5, r(*lead, 3, 2), r(*lead, 4, 2), r(*lead, 2), r(*lead, 3, 2)]
+            styles = [r(*lead, 4, 2), r(*lead, 2).abs() + 0.5, r(*lead, 3, 2),
+                      r(*lead, 4, 2), r(*lead, 2), r(*lead, 3, 2)]
         else:
             styles = [r(*lead, 4, 3) + 1.0, r(*lead, 4, 3)]
         bias = r(*lead, 4)

@@ -182,7 +182,8 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str
     _load_optional_backends()
     if backend == "auto":
         for name, (_, b) in sorted(_REGISTRY.items(), key=lambda kv: -kv[1][0]):
-            if b.auto_eligible(device) and b.is_available() and b.supports(device, dtype) and _trusted(name, device, dtype):
+            usable = b.auto_eligible(device) and b.is_available() and b.supports(device, dtype)
+            if usable and _trusted(name, device, dtype):
                 return name
         return "reference"
     b = get_backend(backend)
