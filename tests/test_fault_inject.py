@@ -7,7 +7,6 @@ the tool's default (see its docstring).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,12 +20,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 import fault_inject  # noqa: E402
 
 
-def test_fake_kill_cycles_lose_nothing(tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools" / "fault_inject.py"), "--fake", "--rounds", "3", "--iterations", "10",
-           "--initial-iterations", "2", "--kill-modes", "train,save", "--damage-prob", "1", "--pair-prob", "0.5",
-           "--train-window", "0.15", "--memory", str(tmp_path / "mem"), "--seed", "3"]
-    r = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:]
+def test_fake_kill_cycles_lose_nothing(tmp_path, capsys):
+    # in this process: the fake learners are forks of it (no second interpreter start-up)
+    rc = fault_inject.main(["--fake", "--rounds", "3", "--iterations", "10", "--initial-iterations", "2",
+                            "--kill-modes", "train,save", "--damage-prob", "1", "--pair-prob", "0.5",
+                            "--train-window", "0.15", "--memory", str(tmp_path / "mem"), "--seed", "3"])
+    r = SimpleNamespace(stdout=capsys.readouterr().out)
+    assert rc == 0, r.stdout[-3000:]
     n = json.loads(r.stdout.strip().splitlines()[-1])
     assert n["rounds"] == 3
     assert n["kills"] + n["missed"] == n["learners"] - 2 - n["reruns"]  # every round learner was meant to be killed

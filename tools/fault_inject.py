@@ -65,11 +65,13 @@ class Learner:
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 code = 1
-                try:
-                    with open(log, "w") as f:
-                        os.dup2(f.fileno(), 1)
-                        os.dup2(f.fileno(), 2)
+                try:  # the parent's sys.stdout may be a capture object (pytest): replace it, not just fd 1
+                    sys.stdout = sys.stderr = open(log, "w", buffering=1)
+                    os.dup2(sys.stdout.fileno(), 1)
+                    os.dup2(sys.stdout.fileno(), 2)
                     code = fake_learn(mem, name, opts.iterations, opts.fake_step)
+                except BaseException as e:  # noqa: BLE001 - the child must end here, whatever happened
+                    print(f"fake learner failed: {e!r}")
                 finally:
                     sys.stdout.flush()
                     os._exit(code)
@@ -129,7 +131,7 @@ def fake_learn(mem: Path, name: str, iterations: int, step: float) -> int:
             time.sleep(step)
             store.atomic_write_bytes(ck, str(i + 1).encode())
         g = torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
-        data = store.task_bytes({"w": torch.randn(20000, generator=g), "b": torch.randn(64, generator=g)}, name)
+        data = store.task_bytes({"w": torch.randn(4096, generator=g), "b": torch.randn(64, generator=g)}, name)
         rel, digest = store.write_task_file(mem, name, data)
         entry = {"name": name, "file": rel, "sha256": digest, "num_classes": None, "metrics": {}, "training": {}}
         store.commit(mem, manifest["base"], manifest.get("conversion", {}), [entry])
@@ -388,7 +390,6 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     run = Run(opts)
     run.setup()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still prints its figures
     try:
         for k in range(1, opts.rounds + 1):
             run.round(k)
@@ -401,4 +402,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still prints its figures
     sys.exit(main())
