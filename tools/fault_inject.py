@@ -145,7 +145,7 @@ class Run:
         self.opts, self.rng = opts, random.Random(opts.seed)
         self.mem = Path(opts.memory)
         self.logs = Path(tempfile.mkdtemp(prefix="gmem-fault-logs-"))
-        self.n = dict(rounds=0, learners=0, kills=0, kills_train=0, kills_save=0, missed=0, damaged=0,
+        self.n = dict(rounds=0, learners=0, kills=0, kills_train=0, kills_save=0, kills_late=0, missed=0, damaged=0,
                       damaged_tmp=0, reruns=0, saved_before_kill=0, lost=0, earlier_changed=0,
                       verify_wrong=0, failures=0)
         self.learned: dict[str, str] = {}   # task -> sha256 when it was reported learned
@@ -233,35 +233,38 @@ class Run:
         learners = [self.launch(n, self.rng.choice(DATASETS)) for n in names]
         modes = [self.rng.choice(self.opts.kill_modes.split(",")) for _ in learners]
         t_kill = [None] * len(learners)
+        t_claim = [None] * len(learners)
         saw_window = [False] * len(learners)
         pending = set(range(len(learners)))
         while pending:
             for i in list(pending):
                 ln = learners[i]
-                if ln.poll() is not None or modes[i] == "none":
+                if ln.poll() is not None:
                     pending.discard(i)
+                    if ln.rc == 0 and t_claim[i] is not None:  # claim -> end: where a 'train' kill may fall
+                        self.train_estimate = time.monotonic() - t_claim[i]
                     continue
-                if modes[i] == "train" and t_kill[i] is None and self.claimed(ln):
-                    t_kill[i] = time.monotonic() + self.rng.uniform(0, self.train_estimate)
+                if t_claim[i] is None and self.claimed(ln):
+                    t_claim[i] = time.monotonic()
+                    if modes[i] == "train":
+                        t_kill[i] = t_claim[i] + self.rng.uniform(0, self.train_estimate)
                 if modes[i] == "save" and self.in_save_window(ln.pid):
                     saw_window[i] = True
                     time.sleep(self.rng.uniform(0, self.opts.save_jitter))
-                if (modes[i] == "train" and t_kill[i] is not None and time.monotonic() >= t_kill[i]) \
-                        or saw_window[i]:
+                if (t_kill[i] is not None and time.monotonic() >= t_kill[i]) or saw_window[i]:
                     if ln.kill():
                         self.n["kills"] += 1
-                        self.n["kills_save" if saw_window[i] else "kills_train"] += 1
-                        ln.killed = "save" if saw_window[i] else "train"
+                        # classified by what the memory shows: the task already committed = a late kill
+                        ln.killed = ("late" if ln.name in self.manifest_tasks()
+                                     else "save" if saw_window[i] else "train")
+                        self.n[f"kills_{ln.killed}"] += 1
                     else:
                         self.n["missed"] += 1
                     pending.discard(i)
             time.sleep(0.002)
         for ln in learners:
             if ln.killed is None:
-                rc = ln.wait()
-                if rc == 0:
-                    self.train_estimate = max(self.train_estimate, time.monotonic() - ln.started)
-                self.finished(ln, rc, ln.output())
+                self.finished(ln, ln.wait(), ln.output())
         print(f"round {k}: " + ", ".join(f"{ln.name}:{m}->{ln.killed or 'finished'}" for ln, m in
                                           zip(learners, modes)), flush=True)
         damaged = self.damage() if self.rng.random() < self.opts.damage_prob else set()
@@ -356,9 +359,10 @@ class Run:
     def summary(self) -> str:
         n = self.n
         return (f"fault_inject: rounds {n['rounds']}, learners {n['learners']}, kills {n['kills']} "
-                f"(during training {n['kills_train']}, in save window {n['kills_save']}; {n['missed']} missed: "
-                f"process had ended), reruns {n['reruns']} (task already saved before the kill: "
-                f"{n['saved_before_kill']}), files damaged {n['damaged']} task + {n['damaged_tmp']} tmp, "
+                f"(during training {n['kills_train']}, in save window {n['kills_save']}, after the "
+                f"task was committed {n['kills_late']}; {n['missed']} missed: process had ended), "
+                f"reruns {n['reruns']} ({n['saved_before_kill']} found their task saved), "
+                f"files damaged {n['damaged']} task + {n['damaged_tmp']} tmp, "
                 f"tasks lost {n['lost']}, earlier tasks changed {n['earlier_changed']}, verify wrong "
                 f"{n['verify_wrong']}, other failures {n['failures']}; tasks in memory {len(self.learned)}, "
                 f"dropped as damaged {len(self.dropped)}")
