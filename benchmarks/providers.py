@@ -282,7 +282,8 @@ def build_providers(case: Case, inp: Inputs, device: str, names: list[str], comp
     wanted = lambda name: include is None or name in include  # noqa: E731
     providers: list[Provider] = []
     if wanted("reference"):
-        providers.append(Provider("reference", _step(case, _public_forward(case, inp, "reference"), inp.leaves, inp.grad_out)))
+        providers.append(Provider("reference", _step(case, _public_forward(case, inp, "reference"), inp.leaves,
+                                                     inp.grad_out)))
     if wanted("torch_compile"):
         torch._dynamo.reset()  # a fresh compile for this case (no recompile limits, no stale graphs)
         fn = _step(case, _compiled_forward(case, inp, compile_mode), inp.leaves, inp.grad_out)

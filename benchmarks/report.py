@@ -226,7 +226,8 @@ def plot_ratio_to_plain(files: Iterable[str], out: str) -> None:
     panels = [(path, *load_records(path)) for path in files]
     height = max(4.0, max(len({r["case"] for r in recs}) for _, _, recs in panels) * 0.28 + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), height), squeeze=False)
-    markers = {"reference": "o", "torch_compile": "s", "grouped_conv": "^", "per_task_plain": "v", "cpu": "D", "cuda": "P", "triton": "X"}
+    markers = {"reference": "o", "torch_compile": "s", "grouped_conv": "^", "per_task_plain": "v", "cpu": "D",
+               "cuda": "P", "triton": "X"}
     # one colour per provider in every panel (matplotlib's cycle would recolour per panel)
     colors = {b: f"C{i}" for i, b in enumerate(markers)}
     for ax, (path, meta, recs) in zip(axes[0], panels):
@@ -246,7 +247,8 @@ def plot_ratio_to_plain(files: Iterable[str], out: str) -> None:
         ax.set_xlabel("time / time of plain F.conv2d / F.linear (lower is better, log scale)")
         machine = meta.get("machine", os.path.basename(path))
         threads = meta.get("threads", "?")
-        ax.set_title(f"{machine} ({meta.get('device', '?')}, {threads} thread{'' if threads == 1 else 's'})", fontsize=9)
+        plural = "" if threads == 1 else "s"
+        ax.set_title(f"{machine} ({meta.get('device', '?')}, {threads} thread{plural})", fontsize=9)
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -74,7 +74,7 @@ def _time_reps(fn: Callable[[], object], device: str, budget: Budget) -> list[fl
     flush = _flush_buffer(torch.cuda.current_device()) if device == "cuda" else None
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     start = time.perf_counter()
-    for i in range(max(budget.warmup, 1)):
+    for _ in range(max(budget.warmup, 1)):
         fn()
     sync()
     while time.perf_counter() - start < budget.warmup_s:

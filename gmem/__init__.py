@@ -6,7 +6,8 @@ Layers (nothing lower imports anything higher): :mod:`gmem.ops` (modulated ops a
 """
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402
+# gmem.ops is imported eagerly (a public attribute; its import registers the backends): a re-export
+from . import ops as ops
 
 
 def __getattr__(name):

@@ -1,34 +1,57 @@
 """Atomic file writes: a file users keep is either the old one or the complete new one, never half.
 
-Each write goes to a temporary file with a unique name in the same directory (so two writers never
-share one), is flushed to disk, and then replaces the target with ``os.replace``; on any error the
-temporary file is removed and the target is left as it was.
+The one place in the package that writes files atomically (memories, checkpoints, caches, plots).
+Each write goes to a temporary file with a unique name in the same directory (pid + random, so two
+writers never share one), is flushed to disk, made readable like an ordinary file (0644), and then
+replaces the target with ``os.replace``; the directory is synced so the rename survives a crash where
+the file system allows it. On any error the temporary file is removed and the target is left as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_write_path", "atomic_write_bytes", "atomic_torch_save", "temporary_name"]
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden temporary name next to ``path``, unique per process and call; ends in ``.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write_path(path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_name)`` (for libraries that write by file name), then move the file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename durable (not every file system allows this)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
 
 
 def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(f)`` on a temporary binary file, fsync it, then move it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
+    """Call ``write(f)`` on a new temporary binary file, then move it onto ``path``."""
+    def to_file(tmp: str) -> None:
+        with open(tmp, "xb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write_path(path, to_file)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -6,6 +6,8 @@ Add a command by writing those two functions and registering them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 
@@ -86,6 +88,10 @@ from .cli_memory import MEMORY_COMMANDS  # noqa: E402
 COMMANDS.update(MEMORY_COMMANDS)
 COMMANDS.update(COMPRESS_COMMANDS)
 
+from . import doctor as _doctor  # noqa: E402
+
+COMMANDS["doctor"] = (_doctor.DESCRIPTION, _doctor.add_arguments, _doctor.run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmem", description="GAN memory with no forgetting")
@@ -95,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("learn", "train-base")
+
+
+@contextlib.contextmanager
+def _distributed(args: argparse.Namespace):
+    """Under torchrun: join the process group around the command (gloo for a CPU ``--device``, NCCL for
+    ``cuda``, each rank then on ``cuda:LOCAL_RANK``) and print results on rank 0 only. No-op otherwise."""
+    from . import distributed as dist
+
+    if not dist.launched_by_torchrun():
+        yield
+        return
+    if args.command not in DISTRIBUTED_COMMANDS and os.environ.get("WORLD_SIZE") != "1":
+        raise ValueError(f"only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun with several processes; "
+                         f"run `gmem {args.command}` as one process")
+    cuda = str(getattr(args, "device", "cpu")).startswith("cuda")
+    runs = args.out if args.command == "train-base" else os.path.join(args.memory, "runs")  # checkpoints
+    with dist.distributed(backend="nccl" if cuda else "gloo", resume_hint=runs) as info, \
+            open(os.devnull, "w") as devnull:
+        if cuda:
+            args.device = str(info.device)
+        with contextlib.redirect_stdout(devnull) if info.rank else contextlib.nullcontext():
+            yield
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -102,10 +133,14 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from .data import DataError
+    from .distributed import PeerFailure
     from .models import CheckpointError
 
     try:
-        return COMMANDS[args.command][2](args) or 0
+        with _distributed(args):  # torchrun --nproc_per_node N -m gmem.cli learn|train-base ...
+            return COMMANDS[args.command][2](args) or 0
+    except PeerFailure as e:  # another rank stopped: say so in one line, with how to resume
+        return _user_error(args.command, str(e))
     except (DataError, CheckpointError, FileNotFoundError) as e:
         return _user_error(args.command, _os_message(e) if getattr(e, "errno", None) is not None else str(e))
     except (KeyError, IndexError, ValueError, TypeError) as e:  # unknown task, class out of range, bad values
@@ -141,7 +176,8 @@ def _raised_by_gmem(e: BaseException) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(tb.tb_frame.f_code.co_filename)
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tb is not None and here in os.path.abspath(tb.tb_frame.f_code.co_filename)
 
 
 if __name__ == "__main__":

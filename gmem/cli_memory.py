@@ -9,6 +9,7 @@ found forgetting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def _learn_preflight(args):
 def _learn_run(args) -> int:
     import torch
 
+    from . import distributed as dist
     from . import store
     from .data import as_dataset
 
@@ -131,7 +133,10 @@ def _learn_run(args) -> int:
     memory, mem, device = _learn_preflight(args)
     dataset = as_dataset(args.data, mem.size, mem.channels, background=args.background)
     mem.to(device)
-    with store.claim(memory, args.name) as run_dir:
+    # under torchrun rank 0 claims the name for every rank (the claim is one process's exclusive lock)
+    claim = (store.claim(memory, args.name) if dist.is_main()
+             else contextlib.nullcontext(memory / "runs" / store.run_dir_name(args.name)))
+    with claim as run_dir:
         try:  # another process may have finished learning this name since the preflight read the memory
             if args.name in {e["name"] for e in store.read_manifest(memory)["tasks"]}:
                 raise ValueError(f"task {args.name!r} was just added to {memory} by another process")
@@ -143,6 +148,7 @@ def _learn_run(args) -> int:
 def _learn_train(args, memory, mem, dataset, run_dir) -> int:
     import torch
 
+    from . import distributed as dist
     from .data import batch
     from .eval import pixel_fid
 
@@ -161,11 +167,13 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
               f"the last checkpoint in {run_dir}/", file=sys.stderr)
         return 130
     mem.records[args.name]["training"]["data"] = str(args.data)
-    if not args.no_score:
+    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
         n = min(256, len(dataset))
         real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
         mem.set_metric(args.name, "pixfid8", round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3))
-    mem.save(memory)
+    if dist.is_main():
+        mem.save(memory)
+    dist.barrier()
     m = mem.records[args.name]["metrics"]
     print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
           + (f", pixFID8 {m['pixfid8']}" if "pixfid8" in m else "") + f"); memory saved to {memory}")

@@ -163,10 +163,12 @@ def _background(background) -> tuple[int, int, int]:
         try:
             background = [int(p) for p in parts] if len(parts) == 3 else int(background)
         except ValueError:
-            raise ValueError(f"background must be 'black', 'white', a grey level or 'R,G,B', got {background!r}") from None
+            raise ValueError(f"background must be 'black', 'white', a grey level or 'R,G,B', "
+                             f"got {background!r}") from None
     values = [background] * 3 if isinstance(background, int) else list(background)
     if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
-        raise ValueError(f"background must be a grey level or an (r, g, b) triple of ints in 0..255, got {background!r}")
+        raise ValueError(f"background must be a grey level or an (r, g, b) triple of ints in 0..255, "
+                         f"got {background!r}")
     return tuple(values)
 
 

@@ -18,9 +18,10 @@ pixels of samples and training images, cheap on a CPU but NOT the Inception FID;
 source (before learning) and the task (after), lower is better.
 
 The demo's learning rate is 1e-3, ten times the paper's 1e-4, because it trains only a few hundred
-iterations per task: on an intermediate checkpoint (4.5k iterations) of the embedded base, 250 iterations on emoji gave pixFID8 38.1 at lr 1e-4,
-37.3 at 3e-4 and 25.1 at 1e-3 (base: 53.8), with visibly rounder, emoji-like samples. ``--lr 1e-4``
-gives the paper's setting (``gmem learn`` uses it by default).
+iterations per task: on an intermediate checkpoint (4.5k iterations) of the embedded base, 250
+iterations on emoji gave pixFID8 38.1 at lr 1e-4, 37.3 at 3e-4 and 25.1 at 1e-3 (base: 53.8), with
+visibly rounder, emoji-like samples. ``--lr 1e-4`` gives the paper's setting (``gmem learn`` uses it
+by default).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ CONDITIONAL = {"fashion_mnist"}  # learned as a conditional task (one generator 
 
 
 def run_demo(out="runs/demo", *, tasks=None, iterations: int = 400, time_budget: float = 360.0,
-             batch_size: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None, base=None, device="cpu", columns: int = 10,
-             score_samples: int = 256, progress: bool = True) -> int:
+             batch_size: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None, base=None,
+             device="cpu", columns: int = 10, score_samples: int = 256, progress: bool = True) -> int:
     """Run the demo (the ``gmem demo`` entry point); returns the process exit code (0 ok, 3 if anything
     was forgotten). Runs with ``threads`` torch threads (default 1: on a busy 2-core machine two
     OpenMP threads were much slower than one) and restores the caller's thread count afterwards."""
@@ -125,7 +126,8 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
         counts = mem.parameter_counts(name)
         m = mem.records[name]["metrics"]
         rows.append((name, mem.num_classes(name) or "-", m["iterations_done"], counts["generator_style"],
-                     100.0 * counts["generator_style_ratio"], counts["discriminator_style"] + counts["discriminator_fc"],
+                     100.0 * counts["generator_style_ratio"],
+                     counts["discriminator_style"] + counts["discriminator_fc"],
                      m["train_seconds"], m["it_per_s"] or 0.0, fid_src, fid_task))
 
     # save, reload, and check the reloaded memory too

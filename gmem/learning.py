@@ -5,6 +5,13 @@ Defaults follow the released GAN memory code: the generator update first, then t
 update on that same fake batch (detached), R1 ``10 * E||grad||^2`` on reals, Adam (1e-4, betas
 (0, 0.99)), flips and ``U[0, 1/128)`` dequantisation noise. gmem adds an EMA warm-up
 (``min(decay, (1 + t) / (10 + t))``) so that short runs are not dominated by the initial style set.
+
+Under torchrun (``torchrun --nproc_per_node N -m gmem.cli learn ...``, or a script that calls
+:meth:`gmem.GANMemory.learn` inside ``with gmem.distributed.distributed():``) each rank trains on its
+share of every global batch (``batch_size``) and only the task's parameters are synchronised; rank 0
+writes the checkpoints and samples, and a checkpoint resumes with any number of processes dividing
+``batch_size`` (:mod:`gmem.training.step`). Saving the memory afterwards is the caller's job, on
+rank 0 (``if gmem.distributed.is_main(): memory.save(...)``).
 """
 from __future__ import annotations
 
@@ -125,7 +132,8 @@ def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, see
         raise ValueError(f"a task named {name!r} exists already; remove it first or pick another name")
     for key, value in (("iterations", iterations), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iterations" else 1):
-            raise ValueError(f"{key} must be a {'non-negative' if key == 'iterations' else 'positive'} int, got {value!r}")
+            kind = "non-negative" if key == "iterations" else "positive"
+            raise ValueError(f"{key} must be a {kind} int, got {value!r}")
     step_config = StepConfig(**{**LEARN_DEFAULTS, "lr": lr, "betas": tuple(betas), "r1_gamma": r1_gamma,
                                 "ema_decay": ema_decay, "ema_warmup": ema_warmup, **step_options})
     dataset = as_task_dataset(data, memory.size, memory.channels)

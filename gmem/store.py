@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .store_files import (  # noqa: F401  # noqa: F401
+from .store_files import (  # noqa: F401
     _HEX64,
     KNOWLEDGE_DIR,
     KNOWLEDGE_FORMAT,

@@ -4,19 +4,18 @@ The file-level half of :mod:`gmem.store` (which re-exports everything here); see
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
-import secrets
 import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write_bytes
 from .models import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -137,33 +136,6 @@ def sha256_file(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary name next to ``path``, unique per process and call (pid + random)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temporary file, fsync and ``os.replace`` (never half a file)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    with contextlib.suppress(OSError):  # make the rename durable (not every file system allows this)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def prepare_directory(directory) -> Path:

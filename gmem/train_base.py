@@ -7,6 +7,10 @@ so :func:`gmem.models.load_gan_stability` reads them too. Defaults follow GAN_st
 ``train.py``: the discriminator update first (fresh fakes under ``no_grad``), then the generator
 update, R1 ``10 * E||grad||^2`` on reals, Adam (1e-4, betas (0, 0.99)), EMA 0.999, horizontal flips
 and ``U[0, 1/128)`` dequantisation noise.
+
+Under torchrun (``torchrun --nproc_per_node N -m gmem.cli train-base ...``) every rank trains its
+share of each global batch (``batch_size``) and averages the gradients of G and D; rank 0 writes the
+checkpoints, samples, log and the export (see :mod:`gmem.distributed`).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .data import as_dataset
 from .models import Discriminator, Generator
 from .seeding import generator, seeded
@@ -127,7 +132,10 @@ def export_base(checkpoint_path, directory, info: dict | None = None, dtype=torc
     from .models import load_gan_stability, save_base
     from .models.checkpoint import read_checkpoint
 
-    G, D = load_gan_stability(checkpoint_path, use_ema=True)
-    ckpt = read_checkpoint(checkpoint_path)
-    meta = {"iterations": int(ckpt.get("iteration", -1)), "training": ckpt.get("config", {}), **(info or {})}
-    return save_base(G, D, directory, dtype=dtype, info=meta)
+    if dist.is_main():  # under torchrun rank 0 writes; the others wait until the base is in place
+        G, D = load_gan_stability(checkpoint_path, use_ema=True)
+        ckpt = read_checkpoint(checkpoint_path)
+        meta = {"iterations": int(ckpt.get("iteration", -1)), "training": ckpt.get("config", {}), **(info or {})}
+        save_base(G, D, directory, dtype=dtype, info=meta)
+    dist.barrier()
+    return Path(directory)

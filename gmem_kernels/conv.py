@@ -419,7 +419,8 @@ def _conv_bias_grad_kernel(
         row_ok = r < hi
         n = _row_samples(r, row_ok, start, P, order_ptr, HAS_ORDER)
         pix = r % P
-        ptr = dy_ptr + n.to(tl.int64)[:, None] * sdn + o[None, :] * sdc + ((pix // OW) * sdh + (pix % OW) * sdw)[:, None]
+        ptr = (dy_ptr + n.to(tl.int64)[:, None] * sdn + o[None, :] * sdc
+               + ((pix // OW) * sdh + (pix % OW) * sdw)[:, None])
         acc += tl.load(ptr, mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
     tl.store(dc_ptr + (chunk * num_slots + seg).to(tl.int64) * C_out + o, tl.sum(acc, 0), mask=o_ok)
 

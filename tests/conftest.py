@@ -20,3 +20,31 @@ def _cuda_gpu_present() -> bool:
 if not _cuda_gpu_present():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 # --- end of the triton block --------------------------------------------------------------------
+
+
+# --- self-check verdicts (issue 17): tests never read or write the user's cache ------------------
+# gmem.ops.selfcheck caches its verdicts under GMEM_CACHE_DIR; a fresh directory per session (set
+# before gmem is imported, inherited by subprocesses) makes every session check its backends once.
+import atexit as _atexit
+import shutil as _shutil
+import tempfile as _tempfile
+
+_os.environ["GMEM_CACHE_DIR"] = _tempfile.mkdtemp(prefix="gmem-test-cache-")
+_atexit.register(_shutil.rmtree, _os.environ["GMEM_CACHE_DIR"], True)
+# --- end of the self-check block -----------------------------------------------------------------
+
+
+# --- one torch thread for modules of small ops (restored afterwards) -----------------------------
+import pytest as _pytest
+
+
+@_pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module (small ops, where thread start-up dominates); the
+    previous count comes back after the module. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

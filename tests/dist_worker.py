@@ -8,6 +8,9 @@ every global batch, gradient averaging of the trainable parameters only, rank 0 
 Run one rank per process, e.g. ``torchrun --nproc_per_node 2 tests/dist_worker.py --out DIR``
 (without torchrun it is a single process). Files written in ``--out``: ``ckpt_XXXX.pt`` after every
 step and ``final.pt`` (rank 0), ``rank{r}.json`` (what each rank saw, for the tests).
+
+``dist_worker.py learn MEMORY DATA ...`` instead runs the real trainer, :meth:`gmem.GANMemory.learn`,
+as a user's script would under torchrun (tests/test_ddp_learn.py), and can kill one rank mid-run.
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ class StandIn:
 
 def check_collectives(out: Path, hang: bool) -> None:
     """Exact float64 checks of the collectives on 2 ranks; then rank 1 stops answering if ``hang``."""
-    r, world = dist.rank(), dist.world_size()
+    r = dist.rank()
     results = {}
     a = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
     b = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
@@ -169,7 +172,69 @@ def check_collectives(out: Path, hang: bool) -> None:
     dist.barrier()
 
 
+def learn_run_dir(memory, name: str) -> Path:
+    """Where ``gmem learn MEMORY NAME DATA`` keeps its checkpoint (so a script and the CLI share it)."""
+    try:
+        from gmem.store import run_dir_name  # the store's layout: runs/<stem>-<hash8>
+    except ImportError:
+        return Path(memory) / "runs" / name
+    return Path(memory) / "runs" / run_dir_name(name)
+
+
+def learn_main(argv) -> int:
+    """``GANMemory.learn`` of task ``t`` on the default base inside ``gmem.distributed.distributed()``;
+    rank 0 saves the memory. ``--kill-rank R --kill-at K``: rank R kills itself (SIGKILL) after iteration K.
+    ``--train-base DIR``: first a tiny ``train_base`` on the same data into DIR. ``--times FILE``: rank 0
+    writes the wall time of every iteration there (JSON list, seconds; tools/ddp_bench.py)."""
+    import signal
+
+    from gmem import GANMemory
+    from gmem.data import as_dataset
+
+    ap = argparse.ArgumentParser(prog="dist_worker.py learn")
+    ap.add_argument("memory")
+    ap.add_argument("data")
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--kill-rank", type=int, default=1)
+    ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--train-base", default=None, metavar="DIR")
+    ap.add_argument("--checkpoint-every", type=int, default=1)
+    ap.add_argument("--times", default=None, metavar="FILE")
+    args = ap.parse_args(argv)
+    run_dir = learn_run_dir(args.memory, "t")
+
+    ticks = [time.perf_counter()]
+
+    def kill(iteration: int, losses: dict) -> None:
+        ticks.append(time.perf_counter())
+        if iteration == args.kill_at and dist.rank() == args.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with dist.distributed(resume_hint=str(run_dir)):
+        if args.train_base:
+            from gmem.train_base import train_base
+
+            train_base(args.data, args.train_base, iterations=2, size=16, nf=8, z_dim=16, batch_size=4, lr=1e-3,
+                       progress=False)
+        mem = GANMemory.default()
+        ticks[:] = [time.perf_counter()]  # the first iteration's time also holds learn's setup
+        mem.learn("t", as_dataset(args.data, mem.size, mem.channels), iterations=args.iterations,
+                  batch_size=args.batch_size, seed=0, lr=args.lr, out_dir=run_dir,
+                  checkpoint_every=args.checkpoint_every, progress=False, callback=kill)
+        if dist.is_main():
+            mem.save(args.memory)
+            if args.times:
+                Path(args.times).write_text(json.dumps([b - a for a, b in zip(ticks, ticks[1:])]))
+        dist.barrier()
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["learn"]:
+        return learn_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=4)

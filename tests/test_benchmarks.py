@@ -25,6 +25,14 @@ REQUIRED = ("op", "case", "backend", "ms", "device", "machine", "torch", "triton
             "ratio_plain")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    """The suite sets torch's thread count (it records it): give the other modules theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def suite():
     return run.run_suite(cases.tiny_cases(), "cpu", timing.TINY, threads=1, log=lambda s: None)
@@ -142,7 +150,11 @@ def test_gpgan256_layers_match_the_real_model():
     models = pytest.importorskip("gmem.models")
     G = models.Generator(size=32, nf=32, z_dim=128, embed_size=64)
     for key, layer in cases.DEMO32.items():
-        module = G.fc if key == "fc" else getattr(G, f"resnet_{int(math.log2(layer.size)) - 2}_0").get_submodule(key.split(".")[1])
+        if key == "fc":
+            module = G.fc
+        else:
+            block = getattr(G, f"resnet_{int(math.log2(layer.size)) - 2}_0")
+            module = block.get_submodule(key.split(".")[1])
         assert tuple(module.weight.shape[:2]) == (layer.c_out, layer.c_in), key
 
 
@@ -153,8 +165,8 @@ def test_targets_are_checked_against_the_right_baselines():
     for kind, tasks, mix, ms in (("single", 1, "-", 1.0), ("mixed", 64, "uniform", 1.2), ("mixed", 1, "uniform", 1.0)):
         case = cases.Case("modulated_conv2d", conv, kind=kind, batch=64, tasks=tasks, mix=mix)
         for backend, t in (("reference", 10.0), ("plain", 1.0), ("torch_compile", 2.0), ("cuda", ms)):
-            recs.append({**case.fields(), "backend": backend, "ms": t * (1.5 if kind == "mixed" and backend != "cuda" else 1),
-                         "peak_bytes": 100, **env})
+            slower = 1.5 if kind == "mixed" and backend != "cuda" else 1
+            recs.append({**case.fields(), "backend": backend, "ms": t * slower, "peak_bytes": 100, **env})
     report.add_ratios(recs)
     report.add_targets(recs)
     single = next(r for r in recs if r["backend"] == "cuda" and r["kind"] == "single")

@@ -1,5 +1,10 @@
 """The GAN-memory CLI commands: --help, a tiny end-to-end session, clear errors and exit codes."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +13,15 @@ import torch
 from gmem.cli import COMMANDS, main
 from gmem.models import Discriminator, Generator, save_base
 
-MEMORY_COMMANDS = ("learn", "sample", "interpolate", "info", "demo")
+# options each command's --help must list (a help text without them is wrong, whatever else it says)
+HELP_OPTIONS = {
+    "learn": ("--iterations", "--batch-size", "--base", "--no-progress", "--no-score"),
+    "sample": ("--seed", "--labels", "--out", "--tensor"),
+    "interpolate": ("--steps", "--lam", "--groups", "--layers"),
+    "info": ("--json", "--layers", "--verify"),
+    "demo": ("--out", "--iterations", "--tasks", "--base"),
+    "doctor": ("--json", "--no-timing", "--backend", "--save"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +51,16 @@ def memory(tiny_base_dir, data_files, tmp_path_factory):
     return m
 
 
-@pytest.mark.parametrize("command", MEMORY_COMMANDS)
+@pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
 def test_help(command, capsys):
     assert command in COMMANDS
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: gmem {command}") and "--" in out
+    assert out.startswith(f"usage: gmem {command}")
+    missing = [opt for opt in HELP_OPTIONS[command] if opt not in out.split()]
+    assert not missing, (missing, out)
 
 
 def test_learn_sample_interpolate_info(memory, tmp_path, capsys):
@@ -65,7 +80,9 @@ def test_learn_sample_interpolate_info(memory, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(memory)]) == 0
     out = capsys.readouterr().out
-    assert "a" in out and "% of G" in out and "pixfid8" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert [row[1] for row in rows if row[:1] in (["1"], ["2"])] == ["a", "c"], out  # the task table: index, name
+    assert "% of G" in out and "pixfid8" in out
     assert main(["info", str(memory), "--json", "--layers"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in info["tasks"]] == ["a", "c"] and info["tasks"][1]["classes"] == 3
@@ -108,8 +125,6 @@ def test_demo_end_to_end_tiny(tiny_base_dir, tmp_path, capsys):
 
 
 def test_info_verify_names_a_damaged_file(memory, tmp_path, capsys):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(memory, copy)
     victim = next((copy / "tasks").glob("c-*.safetensors"))
@@ -145,12 +160,6 @@ def test_demo_detects_forgetting(tiny_base_dir, tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------- user errors as real processes
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -190,7 +199,8 @@ def test_user_errors_are_one_line_in_a_real_process(memory, damaged_memory, data
         (["sample", "afile", "a"], "is a file"),
         (["learn", str(memory), "../x", str(data_files / "a.npy"), *common], "path separator"),
         (["learn", str(memory), ".x", str(data_files / "a.npy"), *common], "starts with a dot"),
-        (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "100000000", *common], "--batch-size"),
+        (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "100000000", *common],
+         "--batch-size"),
         (["learn", str(memory), "new", str(data_files / "a.npy"), "--batch-size", "2000000", *common], "--batch-size"),
         (["learn", str(memory), "new", str(data_files / "a.npy"), "--r1-gamma", "-1", *common], "--r1-gamma"),
         (["learn", str(memory), "new", str(data_files / "a.npy"), "--ema", "1.5", *common], "--ema"),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import formulas
 import pytest
 import torch
 
@@ -17,8 +18,6 @@ import gmem.ops as ops
 from gmem.ops import LowRank, _ext_build
 from gmem.ops import _cpp_backend as cpp
 from gmem.ops.library import madafm_weight_op, modulated_conv2d_op, modulated_linear_op
-
-import formulas
 
 DT = torch.float64
 HAS_GPU = torch.cuda.is_available()
@@ -273,6 +272,33 @@ def test_cuda_half_precision(dtype):
     yl = ops.modulated_linear(z, wl, gl, bl, task_ids=tl, backend="cuda")
     want = formulas.linear(z, wl, gl, bl, None, tl)
     assert (yl.double() - want).abs().max() / (1 + want.abs().max()) < 3e-2
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_linear_under_autocast(dtype):
+    # Under CUDA autocast the extension's own x.sum(1) comes back float32 for a half x: the FiLM
+    # launch must not read it (or any float32 buffer) as half. Forward and backward both in autocast.
+    torch.manual_seed(10)
+    z = torch.randn(10, 32, device="cuda", requires_grad=True)
+    wl = ops.normalize_weight(torch.randn(24, 32))[0].cuda()
+    gl = torch.randn(3, 24, device="cuda", requires_grad=True)
+    bl = torch.randn(3, 24, device="cuda", requires_grad=True)
+    cl = torch.randn(3, 24, device="cuda", requires_grad=True)
+    tl = torch.randint(0, 3, (10,), device="cuda")
+    leaves = (z, gl, bl, cl)
+    with torch.autocast("cuda", dtype=dtype):
+        y = ops.modulated_linear(z, wl, gl, bl, cl, task_ids=tl, backend="cuda")
+        got = torch.autograd.grad(y.float().square().sum(), leaves)
+    assert y.dtype == dtype
+    # the float64 oracle on the values autocast computes with (inputs rounded to dtype)
+    want_leaves = [t.detach().to(dtype).double().requires_grad_() for t in leaves]
+    want = formulas.linear(want_leaves[0], wl.to(dtype), *want_leaves[1:3], want_leaves[3], tl)
+    assert (y.double() - want).abs().max() / (1 + want.abs().max()) < 3e-2
+    want_grads = torch.autograd.grad(want.square().sum(), want_leaves)
+    for name, g, w in zip(("x", "gamma", "beta", "bias"), got, want_grads):
+        assert g.dtype == torch.float32, name  # float32 leaves get float32 gradients
+        assert (g.double() - w).abs().max() / (1 + w.abs().max()) < 5e-2, name
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,10 +4,19 @@ import pytest
 import torch
 from PIL import Image
 
-from gmem.data import (ArrayImages, DataError, ImageFolder, InfiniteSampler, TensorImages, as_dataset,
-                       demo_datasets, load_demo_dataset, uint8_to_float)
+from gmem.data import (
+    ArrayImages,
+    DataError,
+    ImageFolder,
+    InfiniteSampler,
+    TensorImages,
+    as_dataset,
+    demo_datasets,
+    load_demo_dataset,
+    uint8_to_float,
+)
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check(ds, n, size=16, channels=3):

@@ -12,18 +12,23 @@ import torch.nn.functional as F
 import gmem.eval.inception as inc
 import gmem.eval.protocol as protocol
 from gmem.data import load_demo_dataset
-from gmem.eval import (classifier_accuracy, fid_from_features, frechet_distance, gaussian_stats, inception_features,
-                       inception_fid, pixel_fid, protocol_fid, protocol_sample_count, pytorch_fid_inception,
-                       pytorch_fid_state_dict, real_statistics, train_classifier)
+from gmem.eval import (
+    classifier_accuracy,
+    fid_from_features,
+    frechet_distance,
+    gaussian_stats,
+    inception_features,
+    inception_fid,
+    pixel_fid,
+    protocol_fid,
+    protocol_sample_count,
+    pytorch_fid_inception,
+    pytorch_fid_state_dict,
+    real_statistics,
+    train_classifier,
+)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # ~6 engineers share 2 cores: two spinning OpenMP threads per process are ~9x slower than one here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_frechet_distance_hand_computed():

@@ -99,10 +99,15 @@ def test_mixed_task_sampling_equals_per_task(mem):
     z = mem.latents(6, seed=3)
     ys = torch.tensor([0, 2, 0, 1, 0, 0])
     mixed = mem.sample(tasks, z=z, labels=ys)
-    assert torch.equal(mixed, mem.sample_mixed(tasks, z=z, labels=ys))
+    # sample_mixed is the same call as sample(list): check it against the per-task samples itself,
+    # in another order (the grouping must write every sample back to its own row)
+    perm = [3, 0, 5, 1, 4, 2]
+    mixed_perm = mem.sample_mixed([tasks[i] for i in perm], z=z[perm], labels=ys[perm])
     for i, t in enumerate(tasks):
         one = mem.sample(t, z=z[i:i + 1], labels=ys[i:i + 1] if t == "c" else None)
-        torch.testing.assert_close(mixed[i:i + 1], one, rtol=0, atol=2e-3)
+        # mixed and per-task batches run the same float32 ops in other groupings: rounding only
+        torch.testing.assert_close(mixed[i:i + 1], one, rtol=0, atol=1e-5)
+        torch.testing.assert_close(mixed_perm[perm.index(i)][None], one, rtol=0, atol=1e-5)
 
 
 def test_conditional_task(mem):

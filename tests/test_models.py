@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from gmem.models import CheckpointError, Discriminator, Generator, load_base, load_gan_stability, save_base
 from gmem.models.base import DEFAULT_BASE_DIR, WEIGHTS_NAME
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (the machine is shared), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _public_block_shapes(blocks, nf):

@@ -178,7 +178,7 @@ def test_interpolation_endpoints_groups_and_blocks():
     with gnn.use_task(hybrid, "a"):
         torch.testing.assert_close(block_only, hybrid(x))
     # selection is restored afterwards: the model runs the source again
-    assert torch.equal(model(x), base(x)) and all(l.style_override is None for _, l in gnn.modulated_layers(model))
+    assert torch.equal(model(x), base(x)) and all(m.style_override is None for _, m in gnn.modulated_layers(model))
 
 
 def test_task_management():
@@ -322,7 +322,7 @@ def test_bad_input_leaves_model_unchanged():
     with pytest.raises(RuntimeError):
         with gnn.use_task(model, "a"):
             raise RuntimeError("boom")
-    assert all(l.active_task == 0 for _, l in gnn.modulated_layers(model))
+    assert all(m.active_task == 0 for _, m in gnn.modulated_layers(model))
 
 
 def test_state_dict_round_trip_of_whole_model():

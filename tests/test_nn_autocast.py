@@ -106,7 +106,8 @@ def test_custom_ops_carry_the_autocast_rule():
                                     backend="reference")
     assert torch.equal(out, expected)
     with torch.autocast("cpu", torch.bfloat16):  # float64 is left alone, as by F.conv2d
-        assert ops.modulated_conv2d(x.double(), weight_norm.double(), gamma.double(), beta.double()).dtype == torch.float64
+        y = ops.modulated_conv2d(x.double(), weight_norm.double(), gamma.double(), beta.double())
+        assert y.dtype == torch.float64
 
 
 def test_grad_scaler_training_step_on_cpu():

@@ -1,6 +1,7 @@
 """The two ways into a gmem op (gmem.ops.library): eager calls go through a torch.autograd.Function
 that calls the backend directly, torch.compile (of non-traceable backends) through the custom ops.
 Both must give the same values and gradients, and each path must really be the one taken."""
+import formulas
 import pytest
 import torch
 
@@ -31,7 +32,14 @@ def _conv_inputs(mixed: bool, seed: int = 0):
 
 def _grads(out, leaves, seed=1):
     torch.manual_seed(seed)
-    return torch.autograd.grad(out, leaves, torch.randn_like(out))
+    return torch.autograd.grad(out, leaves, torch.randn_like(out), retain_graph=True)
+
+
+def _assert_matches(got, want, leaves, tol=1e-10):
+    """``got`` and its gradients w.r.t. ``leaves`` equal those of the formula ``want`` (float64)."""
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for name, a, b in zip(range(len(leaves)), _grads(got, leaves), _grads(want, leaves)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"gradient of leaf {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -45,6 +53,9 @@ def test_conv_paths_agree(backend, mixed):
     assert torch.equal(direct, via_op)
     for a, b in zip(_grads(direct, leaves), _grads(via_op, leaves)):
         assert torch.equal(a, b)
+    # and both paths are right: the independent float64 formula (the paths could agree on a wrong value)
+    want = formulas.conv2d(x, wn, gamma, beta, bias, ids, stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    _assert_matches(direct, want, leaves)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -62,6 +73,7 @@ def test_linear_and_weight_paths_agree(backend, mixed):
     assert torch.equal(direct, via_op)
     for a, b in zip(_grads(direct, (x, gamma, beta)), _grads(via_op, (x, gamma, beta))):
         assert torch.equal(a, b)
+    _assert_matches(direct, formulas.linear(x, wn, gamma, beta, None, ids), (x, gamma, beta))
 
     wn4 = ops.normalize_weight(torch.randn(4, 3, 3, 3, dtype=DT))[0]
     g4 = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
@@ -70,6 +82,7 @@ def test_linear_and_weight_paths_agree(backend, mixed):
     assert torch.equal(direct, via_op)
     for a, b in zip(_grads(direct, (g4, b4)), _grads(via_op, (g4, b4))):
         assert torch.equal(a, b)
+    _assert_matches(direct, g4[..., None, None] * wn4 + b4[..., None, None], (g4, b4))
 
 
 def test_eager_calls_never_touch_the_custom_ops(monkeypatch):
@@ -170,10 +183,14 @@ def test_double_backward_on_the_eager_path(backend):
     y = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend=backend)
     (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     (dgamma,) = torch.autograd.grad(dx.square().sum(), gamma)
-    y_ref = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend="reference")
+    # the oracle: autograd twice through the float64 formula (not the reference backend: the
+    # [reference] case would compare the reference with itself)
+    y_ref = formulas.conv2d(x, wn, gamma, beta, bias, ids, padding=(1, 1))
     (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x, create_graph=True)
     (dgamma_ref,) = torch.autograd.grad(dx_ref.square().sum(), gamma)
-    torch.testing.assert_close(dgamma, dgamma_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dgamma, dgamma_ref, rtol=1e-10, atol=1e-10)
     assert dgamma.abs().sum() > 0
 
 
@@ -184,9 +201,10 @@ def test_lowrank_eager_path_matches_dense():
     factors = [f.requires_grad_() for f in factors]
     beta = torch.randn(4, 3, dtype=DT)
     y = ops.modulated_conv2d(x, wn, LowRank(*factors), beta, padding=1, backend="reference")
-    y_dense = ops.modulated_conv2d(x, wn, LowRank(*factors).dense(), beta, padding=1, backend="reference")
-    torch.testing.assert_close(y, y_dense)
-    torch.testing.assert_close(_grads(y, factors), _grads(y_dense, factors))
+    # the dense value built here, not by LowRank.dense() (which the op itself calls)
+    u, s, v = factors
+    dense = torch.einsum("or,r,ir->oi", u, s, v)
+    _assert_matches(y, formulas.conv2d(x, wn, dense, beta, padding=(1, 1)), factors)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -199,6 +217,8 @@ def test_weight_build_gradcheck_and_double_backward(backend, mixed):
     gamma = torch.randn(*lead, 3, 2, dtype=DT, requires_grad=True)
     beta = torch.randn(*lead, 3, 2, dtype=DT, requires_grad=True)
     fn = lambda g, b: ops.madafm_weight(wn, g, b, backend=backend)  # noqa: E731
+    torch.testing.assert_close(fn(gamma, beta), gamma[..., None, None] * wn + beta[..., None, None],
+                               rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(fn, (gamma, beta))
     assert torch.autograd.gradgradcheck(fn, (gamma, beta))
     if backend == "cpu":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gmem import GANMemory, store
-from gmem.models import CheckpointError, Discriminator, Generator, save_base
+from gmem.models import CheckpointError, Discriminator, Generator
 from gmem.store import LockTimeoutError, ManifestError, TaskConflictError, TaskFileError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "memory_v1"

@@ -9,15 +9,7 @@ from gmem.models import load_base, load_gan_stability
 from gmem.train_base import BaseTrainer, train_base
 from gmem.training import augment, r1_penalty
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in these tests (the CLI test sets it too); the caller's count comes back after."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(size=32, nf=2, z_dim=8, embed_size=4, batch_size=4, sample_every=2, checkpoint_every=2,
             progress=False)

@@ -8,8 +8,19 @@ import torch
 from torch import nn
 
 from gmem.data import TensorImages
-from gmem.training import (EMA, GANParts, GANStep, LossTerm, Plugin, Progress, RealBatches, ResumeMismatch,
-                           StepConfig, TrainLoop, r1_penalty)
+from gmem.training import (
+    EMA,
+    GANParts,
+    GANStep,
+    LossTerm,
+    Plugin,
+    Progress,
+    RealBatches,
+    ResumeMismatch,
+    StepConfig,
+    TrainLoop,
+    r1_penalty,
+)
 
 C, S, Z = 1, 4, 3  # tiny images [1, 4, 4], latent size 3
 

@@ -5,16 +5,16 @@ before anything imports Triton) at tiny shapes: the interpreter is slow. With a 
 tests run on the GPU, plus the GPU-only tests at real shapes and in bfloat16 at the end.
 """
 import os
+import pathlib
 import random
 
+import formulas
 import pytest
 import torch
 
 import gmem.ops as ops
 from gmem.ops import LowRank
 from gmem.ops.library import modulated_conv2d_op, modulated_linear_op
-
-import formulas
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -272,7 +272,8 @@ def test_opcheck_conv_triton():
     x, wn, g, b, c, tid = conv_case(2, 3, 4, 3, 3, 5, 5, t=3)
     args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid,
             [1, 1], [1, 1], [1, 1], "triton")
-    torch.library.opcheck(modulated_conv2d_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(modulated_conv2d_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +329,8 @@ def test_opcheck_linear_triton():
     x, wn, g, b, c = rand(5, 7), rand(3, 7), rand(2, 3), rand(2, 3), rand(2, 3)
     tid = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
     args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid, "triton")
-    torch.library.opcheck(modulated_linear_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(modulated_linear_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -374,13 +376,38 @@ def run_compiled_mode(module: str, *args: str, timeout: int):
     return proc
 
 
+KERNELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "gmem_kernels"
+
+
+def _kernel_names() -> list[str]:
+    """The @triton.jit kernels gmem_kernels launches (``*_kernel``; helpers are device functions)."""
+    import re
+
+    return sorted({m for f in KERNELS_DIR.glob("*.py")
+                   for m in re.findall(r"^def (_?\w+_kernel)\(", f.read_text(), re.M)})
+
+
+def _kernel_ops() -> set[str]:
+    """Every ``gmem_triton::`` op gmem_kernels registers (one per kernel launch)."""
+    import re
+
+    return {m for f in KERNELS_DIR.glob("*.py")
+            for m in re.findall(r'kernel_op\("(gmem_triton::\w+)"\)', f.read_text())}
+
+
 def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter runs the kernels' Python, not Triton's compiler: compile each kernel (one
     # configuration, bf16) for sm_90 with the bundled ptxas to catch what only the compiler rejects.
     if HAS_GPU:
         pytest.skip("on a GPU the other tests compile and run every kernel")
     proc = run_compiled_mode("gmem_kernels.compile_check", "--dtypes", "bf16", timeout=600)
-    assert proc.stdout.count("ok ") >= 10
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert lines and all(line.startswith("ok ") for line in lines), proc.stdout
+    # every launched kernel of gmem_kernels has a compile case (a new kernel cannot escape the check)
+    source = (KERNELS_DIR / "compile_check.py").read_text()
+    missing = [k for k in _kernel_names() if f".{k})" not in source]
+    assert not missing, missing
+    assert len(lines) >= len(_kernel_names())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,5 +745,11 @@ def test_kernel_ops_trace_into_triton_launches_without_a_gpu():
     # kernel HOP nodes (stopping before anything would run).
     if HAS_GPU:
         pytest.skip("on a GPU the compile tests above run the traced kernels")
+    import ast
+    import re
+
     proc = run_compiled_mode("gmem_kernels.trace_check", timeout=300)
-    assert "gmem_triton::conv2d_forward" in proc.stdout and "triton kernel launches 12," in proc.stdout
+    dynamo = ast.literal_eval(re.search(r"dynamo graph: gmem_triton ops (\{.*\})", proc.stdout).group(1))
+    launches = int(re.search(r"triton kernel launches (\d+),", proc.stdout).group(1))
+    assert set(dynamo) == _kernel_ops(), proc.stdout  # the program calls every op, each traced
+    assert launches == sum(dynamo.values()), proc.stdout  # and each op call became one kernel launch

@@ -9,9 +9,11 @@
 # torch, triton, nvcc, pytest and pytest-benchmark but no network, so the extension is built there
 # from csrc/ (sm_90 only, to save time). Steps, in order of value:
 #   1. build gmem._C with the CUDA kernels                      -> build.txt
-#   2. GPU correctness: C++/CUDA backend, op paths, Triton      -> tests.txt (pytest -rs: skips listed)
-#   3. the quick benchmark suite on the GPU (no torch.compile)  -> <card>-quick.json, bench-quick.txt
-#   4. GP-GAN-size cases: single-task convs, 64 tasks in a batch of 64, low rank
+#   2. `gmem doctor`: every backend against the reference, all dtypes; its verdicts are cached for
+#      backend="auto" before any benchmark runs                 -> doctor.txt, doctor.json
+#   3. GPU correctness: C++/CUDA backend, op paths, Triton      -> tests.txt (pytest -rs: skips listed)
+#   4. the quick benchmark suite on the GPU (no torch.compile)  -> <card>-quick.json, bench-quick.txt
+#   5. GP-GAN-size cases: single-task convs, 64 tasks in a batch of 64, low rank
 #                                                              -> <card>-gpgan.json, bench-gpgan.txt
 # Afterwards, on the CPU machine: copy the JSON files into benchmarks/results/ (their names carry the
 # card), `python -m benchmarks.report benchmarks/results/*.json --markdown`, and commit.
@@ -50,6 +52,10 @@ if [[ "$BUILD" == 1 ]]; then
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
 "$PY" -c "import gmem.ops as ops; print('backends:', ops.available_backends())" >> "$OUT/log.txt" 2>&1
+
+# first, so that the first lent GPU leaves the self-check verdicts (and a failing kernel shows up
+# before any benchmark times it)
+step doctor 90 "$PY" -m gmem.doctor --save "$OUT/doctor.json"
 
 step tests 150 "$PY" -m pytest -q --maxfail=10 -rs -p no:cacheprovider \
   tests/test_cpp_backend.py tests/test_op_paths.py tests/test_triton.py

@@ -26,58 +26,82 @@ kcu::DType dtype_of(const char* op, const at::Tensor& t) {
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
+// The kernels take untyped pointers and read every buffer in the one dtype they are launched for,
+// so a buffer is passed only through in() (cast to that dtype where it differs: e.g. x.sum(1) is
+// float32 for a bfloat16 x under CUDA autocast) and an output only through out() (checked).
 const void* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-void* mut(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+at::Tensor in(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() && t.scalar_type() != like.scalar_type() ? t.to(like.scalar_type()) : t;
+}
+void* out(const char* op, at::Tensor& t, const at::Tensor& like) {
+  if (!t.defined()) return nullptr;
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": output buffer has dtype ", t.scalar_type(),
+              ", the kernel writes ", like.scalar_type());
+  return t.mutable_data_ptr();
+}
 const int64_t* ids_ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
 
 void madafm_forward_cuda(const at::Tensor& wn, const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& weight) {
+  const char* op = "gmem_ext::madafm_weight";
   const c10::cuda::CUDAGuard guard(wn.device());
-  C10_CUDA_CHECK(kcu::madafm_weight(dtype_of("gmem_ext::madafm_weight", wn), ptr(wn), ptr(gamma), ptr(beta),
-                                    mut(weight), gamma.size(0), wn.size(0), wn.size(1), stream_of(wn)));
+  const at::Tensor g = in(gamma, wn), b = in(beta, wn);
+  C10_CUDA_CHECK(kcu::madafm_weight(dtype_of(op, wn), ptr(wn), ptr(g), ptr(b), out(op, weight, wn), gamma.size(0),
+                                    wn.size(0), wn.size(1), stream_of(wn)));
 }
 
 void madafm_backward_cuda(const at::Tensor& grad_weight, const at::Tensor& wn, at::Tensor& dgamma, at::Tensor& dbeta) {
+  const char* op = "gmem_ext::madafm_weight_backward";
   const c10::cuda::CUDAGuard guard(wn.device());
-  C10_CUDA_CHECK(kcu::madafm_weight_backward(dtype_of("gmem_ext::madafm_weight_backward", wn), ptr(grad_weight),
-                                             ptr(wn), mut(dgamma), mut(dbeta), dgamma.size(0), wn.size(0),
-                                             wn.size(1), stream_of(wn)));
+  const at::Tensor d = in(grad_weight, wn);
+  C10_CUDA_CHECK(kcu::madafm_weight_backward(dtype_of(op, wn), ptr(d), ptr(wn), out(op, dgamma, wn),
+                                             out(op, dbeta, wn), dgamma.size(0), wn.size(0), wn.size(1),
+                                             stream_of(wn)));
 }
 
 void film_forward_cuda(at::Tensor& h, const at::Tensor& rowsum, const at::Tensor& gamma, const at::Tensor& beta,
                        const at::Tensor& bias, const at::Tensor& task_ids) {
+  const char* op = "gmem_ext::modulated_linear";
   const c10::cuda::CUDAGuard guard(h.device());
-  C10_CUDA_CHECK(kcu::film_forward(dtype_of("gmem_ext::modulated_linear", h), mut(h), ptr(rowsum), ptr(gamma),
-                                   ptr(beta), ptr(bias), ids_ptr(task_ids), h.size(0), h.size(1), stream_of(h)));
+  const at::Tensor rs = in(rowsum, h), g = in(gamma, h), b = in(beta, h), c = in(bias, h);
+  C10_CUDA_CHECK(kcu::film_forward(dtype_of(op, h), out(op, h, h), ptr(rs), ptr(g), ptr(b), ptr(c),
+                                   ids_ptr(task_ids), h.size(0), h.size(1), stream_of(h)));
 }
 
 void film_backward_input_cuda(const at::Tensor& grad, const at::Tensor& gamma, const at::Tensor& beta,
                               const at::Tensor& task_ids, at::Tensor& gdy, at::Tensor& rowdot) {
+  const char* op = "gmem_ext::modulated_linear_backward";
   const c10::cuda::CUDAGuard guard(grad.device());
-  C10_CUDA_CHECK(kcu::film_backward_input(dtype_of("gmem_ext::modulated_linear_backward", grad), ptr(grad),
-                                          ptr(gamma), ptr(beta), ids_ptr(task_ids), mut(gdy), mut(rowdot),
-                                          grad.size(0), grad.size(1), stream_of(grad)));
+  const at::Tensor g = in(gamma, grad), b = in(beta, grad);
+  C10_CUDA_CHECK(kcu::film_backward_input(dtype_of(op, grad), ptr(grad), ptr(g), ptr(b), ids_ptr(task_ids),
+                                          out(op, gdy, grad), out(op, rowdot, grad), grad.size(0), grad.size(1),
+                                          stream_of(grad)));
 }
 
 void film_backward_style_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& rowsum,
                               const at::Tensor& task_ids, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dbias) {
+  const char* op = "gmem_ext::modulated_linear_backward";
   const c10::cuda::CUDAGuard guard(grad.device());
-  const auto dtype = dtype_of("gmem_ext::modulated_linear_backward", grad);
+  const auto dtype = dtype_of(op, grad);
+  const at::Tensor hh = in(h, grad), rs = in(rowsum, grad);
   const at::Tensor& any = dgamma.defined() ? dgamma : (dbeta.defined() ? dbeta : dbias);
   const int64_t m = grad.size(0), o = grad.size(1), tasks = any.size(0);
   // Scratch for the two-stage (deterministic) reduction, from the caching allocator.
   at::Tensor workspace =
       at::empty({kcu::film_backward_style_workspace_bytes(dtype, m, o, tasks)}, grad.options().dtype(at::kByte));
-  C10_CUDA_CHECK(kcu::film_backward_style(dtype, ptr(grad), ptr(h), ptr(rowsum), ids_ptr(task_ids), mut(dgamma),
-                                          mut(dbeta), mut(dbias), m, o, tasks, workspace.mutable_data_ptr(),
-                                          stream_of(grad)));
+  C10_CUDA_CHECK(kcu::film_backward_style(dtype, ptr(grad), ptr(hh), ptr(rs), ids_ptr(task_ids),
+                                          out(op, dgamma, grad), out(op, dbeta, grad), out(op, dbias, grad), m, o,
+                                          tasks, workspace.mutable_data_ptr(), stream_of(grad)));
 }
 
 void lowrank_forward_cuda(const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& gvt,
                           const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bvt, at::Tensor& weight) {
+  const char* op = "gmem_ext::modulated_conv2d_lowrank";
   const c10::cuda::CUDAGuard guard(wn.device());
-  C10_CUDA_CHECK(kcu::lowrank_weight(dtype_of("gmem_ext::modulated_conv2d_lowrank", wn), ptr(wn), ptr(gu), ptr(gs),
-                                     ptr(gvt), gu.size(1), ptr(bu), ptr(bs), ptr(bvt), bu.size(1), mut(weight),
-                                     gu.size(0), gvt.size(1), wn.size(1), stream_of(wn)));
+  const at::Tensor gu_ = in(gu, wn), gs_ = in(gs, wn), gvt_ = in(gvt, wn);
+  const at::Tensor bu_ = in(bu, wn), bs_ = in(bs, wn), bvt_ = in(bvt, wn);
+  C10_CUDA_CHECK(kcu::lowrank_weight(dtype_of(op, wn), ptr(wn), ptr(gu_), ptr(gs_), ptr(gvt_), gu.size(1), ptr(bu_),
+                                     ptr(bs_), ptr(bvt_), bu.size(1), out(op, weight, wn), gu.size(0), gvt.size(1),
+                                     wn.size(1), stream_of(wn)));
 }
 
 const DeviceKernels kCudaKernels{madafm_forward_cuda,      madafm_backward_cuda,      film_forward_cuda,

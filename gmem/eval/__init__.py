@@ -14,8 +14,16 @@
 from .cache import cache_dir, fingerprint
 from .classifier import SmallClassifier, classifier_accuracy, train_classifier
 from .frechet import fid_from_features, frechet_distance, gaussian_stats, pixel_features, pixel_fid
-from .inception import (FEATURE_DIM, INCEPTION_FILE, inception_features, inception_weights_path, load_inception,
-                        pytorch_fid_inception, pytorch_fid_state_dict, torchscript_inception_path)
+from .inception import (
+                        FEATURE_DIM,
+                        INCEPTION_FILE,
+                        inception_features,
+                        inception_weights_path,
+                        load_inception,
+                        pytorch_fid_inception,
+                        pytorch_fid_state_dict,
+                        torchscript_inception_path,
+)
 from .protocol import PAPER_MAX_SAMPLES, inception_fid, protocol_fid, protocol_sample_count, real_statistics
 
 __all__ = ["frechet_distance", "gaussian_stats", "fid_from_features", "pixel_features", "pixel_fid", "inception_fid",

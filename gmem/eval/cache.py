@@ -2,20 +2,19 @@
 
 Real-data FID statistics and the accuracy classifier are keyed by a fingerprint of the exact data
 they come from plus the identity of whatever computed them, so a changed dataset, subset or network
-can never reuse a stale entry. Files are written to a temporary name in the same directory and moved
-into place with ``os.replace``: a reader sees the old file or the new one, never half of one.
+can never reuse a stale entry. Files are written through :mod:`gmem.atomic`: a reader sees the old
+file or the new one, never half of one.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
-__all__ = ["cache_dir", "fingerprint", "atomic_write"]
+__all__ = ["cache_dir", "fingerprint"]
 
 
 def cache_dir() -> Path:
@@ -41,23 +40,3 @@ def fingerprint(batches: Iterable[torch.Tensor], *extra: str) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Create ``path`` by calling ``write(tmp_name)`` on a temporary file beside it, then ``os.replace``.
-
-    The directory is created if needed; on any error the temporary file is removed and ``path`` is
-    left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import atomic_write, cache_dir, fingerprint
+from ..atomic import atomic_write_path
+from .cache import cache_dir, fingerprint
 
 __all__ = ["SmallClassifier", "train_classifier", "classifier_accuracy"]
 
@@ -135,7 +136,7 @@ def train_classifier(images: torch.Tensor, labels, num_classes: int | None = Non
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"config": json.dumps(net.config)}))
+        atomic_write_path(path, lambda tmp: save_file(state, tmp, metadata={"config": json.dumps(net.config)}))
     return net
 
 

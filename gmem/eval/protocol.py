@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache import atomic_write, cache_dir, fingerprint
+from ..atomic import atomic_write_path
+from .cache import cache_dir, fingerprint
 from .frechet import fid_from_features, frechet_distance, gaussian_stats
 from .inception import PREPROCESS, _images_batches, inception_features, load_inception
 
@@ -84,7 +85,7 @@ def real_statistics(real, n: int | None = None, *, batch_size: int = 50, device=
         def write(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, mu=mu, sigma=sigma, meta=np.array(meta))
-        atomic_write(path, write)
+        atomic_write_path(path, write)
     return mu, sigma
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write_bytes, atomic_write_path
 from .checkpoint import CheckpointError, _load_strict
 from .resnet import Discriminator, Generator
 
@@ -27,17 +27,13 @@ def save_base(G: Generator, D: Discriminator, directory, *, dtype=torch.float16,
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"G.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in G.state_dict().items()}
     tensors.update({f"D.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in D.state_dict().items()})
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "gmem-base-v1"})
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a shipped base must be readable by all
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    metadata = {"format": "gmem-base-v1"}
+    atomic_write_path(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     config = {"format": "gmem-base-v1", "generator": G.config(), "discriminator": D.config(),
               "dtype": str(dtype).replace("torch.", ""),
               "sha256": hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest(),
               "info": info or {}}
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return directory
 
 
@@ -118,6 +114,7 @@ def default_base_info() -> dict:
 def load_default_base() -> tuple[Generator, Discriminator]:
     """The small pretrained GP-GAN shipped with gmem (32x32 colour; see ``gmem/assets/base/README.md``)."""
     if not (DEFAULT_BASE_DIR / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"the embedded base is missing from this installation: {DEFAULT_BASE_DIR / WEIGHTS_NAME} "
+        raise FileNotFoundError(f"the embedded base is missing from this installation: "
+                                f"{DEFAULT_BASE_DIR / WEIGHTS_NAME} "
                                 "(reinstall gmem, or train one with `gmem train-base` and load it with load_base)")
     return load_base(DEFAULT_BASE_DIR)

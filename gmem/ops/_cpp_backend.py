@@ -19,12 +19,12 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _ext_build
+from . import _ext_build, _fakes
 from .backends import Backend, Grads, register_backend
 
 __all__ = ["CppBackend", "CudaBackend", "extension_loaded", "load_error"]
@@ -141,79 +141,25 @@ def load_error() -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations of the gmem_ext ops, for torch.compile and opcheck
+# Fake (meta) implementations of the gmem_ext ops, for torch.compile and opcheck: the same
+# functions as the public gmem:: ops' (gmem.ops._fakes); the kernels return contiguous gradients.
 # ---------------------------------------------------------------------------------------------
-def _conv_out(size: int, k: int, s: int, p: int, d: int):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _grads_fake(like: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor], mask: Sequence[bool]):
-    empty = like.new_empty((0,))
-    return (
-        torch.empty_like(like, memory_format=torch.contiguous_format) if mask[0] else empty,
-        gamma.new_empty(gamma.shape) if mask[1] else like.new_empty((0,)),
-        beta.new_empty(beta.shape) if mask[2] else like.new_empty((0,)),
-        bias.new_empty(bias.shape) if (mask[3] and bias is not None) else like.new_empty((0,)),
-    )
-
-
 def _register_fakes() -> None:
-    lib = "gmem_ext::"
-
-    @torch.library.register_fake(lib + "madafm_weight")
-    def _(weight_norm, gamma, beta):
-        return weight_norm.new_empty((*gamma.shape, *weight_norm.shape[2:]))
-
-    @torch.library.register_fake(lib + "madafm_weight_backward")
-    def _(grad_weight, weight_norm):
-        shape = grad_weight.shape[:-2]
-        return grad_weight.new_empty(shape), grad_weight.new_empty(shape)
-
-    @torch.library.register_fake(lib + "modulated_conv2d")
-    def _(x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
-        kh, kw = weight_norm.shape[2:]
-        h = _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0])
-        w = _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])
-        return x.new_empty((x.shape[0], weight_norm.shape[0], h, w))
-
-    @torch.library.register_fake(lib + "modulated_conv2d_backward")
-    def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask):
-        return _grads_fake(x, gamma, beta, bias, output_mask)
-
-    @torch.library.register_fake(lib + "modulated_linear")
-    def _(x, weight_norm, gamma, beta, bias, task_ids):
-        return x.new_empty((x.shape[0], weight_norm.shape[0]))
-
-    @torch.library.register_fake(lib + "modulated_linear_backward")
-    def _(grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask, x_wn=None):  # x_wn: newer builds
-        return _grads_fake(x, gamma, beta, bias, output_mask)
-
-    if _has_op("modulated_linear_forward"):  # absent from a gmem._C built before it existed
-        @torch.library.register_fake(lib + "modulated_linear_forward")
-        def _(x, weight_norm, gamma, beta, bias, task_ids):
-            shape = (x.shape[0], weight_norm.shape[0])
-            return x.new_empty(shape), x.new_empty(shape)
-
-    if not _has_lowrank_ops():  # a gmem._C built before these ops existed: LowRank styles get densified
-        return
-
-    @torch.library.register_fake(lib + "modulated_conv2d_lowrank")
-    def _(x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids, stride, padding, dilation):
-        kh, kw = weight_norm.shape[2:]
-        h = _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0])
-        w = _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])
-        return x.new_empty((x.shape[0], weight_norm.shape[0], h, w))
-
-    @torch.library.register_fake(lib + "modulated_conv2d_lowrank_backward")
-    def _(grad_out, x, weight_norm, gu, gs, gv, bu, bs, bv, bias, task_ids, stride, padding, dilation, output_mask):
-        empty = lambda: x.new_empty((0,))  # noqa: E731
-        factors = lambda fs, need: tuple(f.new_empty(f.shape) if need else empty() for f in fs)  # noqa: E731
-        return (
-            torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else empty(),
-            *factors((gu, gs, gv), output_mask[1]),
-            *factors((bu, bs, bv), output_mask[2]),
-            bias.new_empty(bias.shape) if (output_mask[3] and bias is not None) else empty(),
-        )
+    fakes = {
+        "madafm_weight": _fakes.madafm_weight,
+        "madafm_weight_backward": _fakes.madafm_weight_backward,
+        "modulated_conv2d": _fakes.modulated_conv2d,
+        "modulated_conv2d_backward": _fakes.modulated_conv2d_backward(contiguous=True),
+        "modulated_linear": _fakes.modulated_linear,
+        "modulated_linear_backward": _fakes.modulated_linear_backward(contiguous=True),
+        # the ops below are absent from a gmem._C built before they existed
+        "modulated_linear_forward": _fakes.modulated_linear_forward,
+        "modulated_conv2d_lowrank": _fakes.modulated_conv2d_lowrank,
+        "modulated_conv2d_lowrank_backward": _fakes.modulated_conv2d_lowrank_backward(contiguous=True),
+    }
+    for name, fake in fakes.items():
+        if _has_op(name):
+            torch.library.register_fake("gmem_ext::" + name)(fake)
 
 
 def _has_op(name: str) -> bool:

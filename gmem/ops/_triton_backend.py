@@ -159,7 +159,8 @@ class TritonBackend(Backend):
         g, b = self._stacked_factors(gamma, task_ids), self._stacked_factors(beta, task_ids)
         c = bias if (task_ids is not None or bias is None) else bias.unsqueeze(0)
         groups = self._groups(task_ids, g[0].shape[0], x.shape[0], x.device)
-        return _kernels.conv2d_lowrank_forward(x, weight_norm, g, b, c, groups, list(stride), list(padding), list(dilation))
+        return _kernels.conv2d_lowrank_forward(x, weight_norm, g, b, c, groups, list(stride), list(padding),
+                                               list(dilation))
 
     @_interpreter_in_float32
     def modulated_conv2d_lowrank_backward(

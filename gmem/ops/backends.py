@@ -17,7 +17,8 @@ Registering a backend::
     register_backend(MyBackend(), priority=30)
 
 ``backend="auto"`` picks, for the device of the inputs, the available backend with the highest
-priority that supports the dtype; ``GMEM_BACKEND=name`` in the environment overrides "auto".
+priority that supports the dtype and passed its self-check (:mod:`gmem.ops.selfcheck`);
+``GMEM_BACKEND=name`` in the environment overrides "auto".
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import selfcheck as _selfcheck
 
 __all__ = ["Backend", "register_backend", "get_backend", "available_backends", "resolve_backend"]
 
@@ -180,7 +182,8 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str
     _load_optional_backends()
     if backend == "auto":
         for name, (_, b) in sorted(_REGISTRY.items(), key=lambda kv: -kv[1][0]):
-            if b.auto_eligible(device) and b.is_available() and b.supports(device, dtype):
+            usable = b.auto_eligible(device) and b.is_available() and b.supports(device, dtype)
+            if usable and _trusted(name, device, dtype):
                 return name
         return "reference"
     b = get_backend(backend)
@@ -194,6 +197,12 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str
             f" (it runs on {list(b.device_types)})"
         )
     return backend
+
+
+def _trusted(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Trust on first use: a backend passes a tiny check against the reference before "auto" picks it
+    (gmem.ops.selfcheck: cached per build, device and dtype; GMEM_SELFCHECK=0 skips it)."""
+    return name == "reference" or _selfcheck.trusted(name, device, dtype)
 
 
 register_backend(Backend(), priority=0)

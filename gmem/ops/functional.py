@@ -17,9 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import reference
+from . import library, reference
 from .backends import get_backend, resolve_backend
-from . import library
 from .lowrank import LowRank
 
 __all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear"]
@@ -83,6 +82,11 @@ def _pair(op: str, name: str, value: IntPair, minimum: int) -> list[int]:
     return [int(v) for v in value]
 
 
+def _ids_out_of_range(op: str, num_tasks: int) -> str:
+    # one wording for the eager IndexError and the compiled assert (tests match on it); built only when raised or traced
+    return f"{op}: task_ids must lie in [0, {num_tasks}) for {num_tasks} stacked style sets"
+
+
 def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.device) -> Tensor:
     if not isinstance(task_ids, Tensor):
         raise TypeError(f"{op}: task_ids must be a LongTensor [N], got {type(task_ids).__name__}")
@@ -100,18 +104,12 @@ def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.dev
     # RuntimeError naming the range), and the ids are clamped so that no kernel ever reads out of
     # bounds, even where the assert is reported only later (CUDA).
     if torch.compiler.is_compiling():
-        torch._assert_async(
-            ((task_ids >= 0) & (task_ids < num_tasks)).all(),
-            f"{op}: task_ids must lie in [0, {num_tasks}) for {num_tasks} stacked style sets",
-        )
+        torch._assert_async(((task_ids >= 0) & (task_ids < num_tasks)).all(), _ids_out_of_range(op, num_tasks))
         return task_ids.clamp(0, num_tasks - 1)
     if n:
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= num_tasks:
-            raise IndexError(
-                f"{op}: task_ids must lie in [0, {num_tasks}) for {num_tasks} stacked style sets, "
-                f"got values from {lo} to {hi}"
-            )
+            raise IndexError(f"{_ids_out_of_range(op, num_tasks)}, got values from {lo} to {hi}")
     return task_ids
 
 

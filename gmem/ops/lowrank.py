@@ -4,7 +4,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LowRank"]
+__all__ = ["LowRank", "lowrank_dense", "lowrank_factor_grads"]
+
+
+def lowrank_dense(u: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """``u diag(s) v^T``: ``u [*, O, r], s [*, r], v [*, I, r]`` -> ``[*, O, I]``, differentiable."""
+    return (u * s.unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
+def lowrank_factor_grads(dense_grad: Tensor, u: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(du, ds, dv)`` of ``G = u diag(s) v^T`` from ``dG [*, O, I]`` (docs/design.md, section 4;
+    differentiable), shaped like ``u, s, v``."""
+    dg_v = dense_grad @ v  # [*, O, r]
+    du = dg_v * s.unsqueeze(-2)
+    dv = (dense_grad.transpose(-1, -2) @ u) * s.unsqueeze(-2)
+    ds = (dg_v * u).sum(-2)
+    return du, ds, dv
 
 
 class LowRank:
@@ -63,7 +78,7 @@ class LowRank:
 
     def dense(self) -> Tensor:
         """The dense value ``u diag(s) v^T``, differentiable in the factors."""
-        return (self.u * self.s.unsqueeze(-2)) @ self.v.transpose(-1, -2)
+        return lowrank_dense(self.u, self.s, self.v)
 
     @staticmethod
     def concat(*parts: "LowRank") -> "LowRank":

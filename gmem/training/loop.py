@@ -1,5 +1,10 @@
 """The training loop around a :class:`~gmem.training.step.GANStep`: resume, time limit, progress,
-sample grids, atomic checkpoints, a loss log, metrics and callbacks."""
+sample grids, atomic checkpoints, a loss log, metrics and callbacks.
+
+Under torchrun every rank runs the loop; rank 0 alone writes the checkpoint, samples and the log and
+shows progress. Every rank reads the checkpoint to resume (``out_dir`` must be visible to all of
+them), the time limit is one decision for all ranks, and :meth:`TrainLoop.run` returns on every rank
+only once the last checkpoint is written."""
 from __future__ import annotations
 
 import json
@@ -9,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..atomic import atomic_torch_save
+from .. import distributed as dist
 from ..images import save_grid
 from ..models import CheckpointError
 from .progress import Progress
@@ -33,7 +38,7 @@ class TrainLoop:
     an existing one is resumed through ``load_fn(checkpoint)`` only if its fingerprint equals this
     run's (else :class:`~gmem.training.resume.ResumeMismatch`); ``restart=True`` discards it instead,
     ``resume=False`` ignores it (it is overwritten at the next checkpoint).
-    ``callbacks``: ``cb(iteration, losses)`` after every step.
+    ``callbacks``: ``cb(iteration, losses)`` after every step (on every rank under torchrun).
     """
 
     def __init__(self, step: GANStep, iterations: int, *, out_dir=None, state_fn: Optional[Callable[[], dict]] = None,
@@ -64,6 +69,7 @@ class TrainLoop:
         self.resume, self.restart = resume, restart
         self.resume_hint = resume_hint or "Use another output directory, or restart=True to discard it."
         self.elapsed = 0.0
+        self._discard = False
 
     @property
     def checkpoint_path(self) -> Optional[Path]:
@@ -71,6 +77,7 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ pieces
     def _maybe_resume(self) -> None:
+        self._discard = False
         path = self.checkpoint_path
         if path is None or not path.is_file() or not self.resume:
             return
@@ -84,14 +91,16 @@ class TrainLoop:
         except CheckpointError:
             if not self.restart:
                 raise
-            path.unlink()
+            self._discard = True  # unlinked once every rank is past reading it (run())
             return
         self.load_fn(ck)
         self.elapsed = float(ck.get("loop", {}).get("elapsed", 0.0))
 
     def save_checkpoint(self) -> None:
-        state = dict(self.state_fn(), fingerprint=self.fingerprint, loop={"elapsed": self.elapsed})
-        atomic_torch_save(state, self.checkpoint_path)
+        """Rank 0 writes the checkpoint atomically; it holds no per-rank state (any world size resumes it)."""
+        if dist.is_main():
+            state = dict(self.state_fn(), fingerprint=self.fingerprint, loop={"elapsed": self.elapsed})
+            dist.save_on_main(state, self.checkpoint_path)
 
     def _write_samples(self) -> None:
         images = self.sample_fn()
@@ -107,9 +116,15 @@ class TrainLoop:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._maybe_resume()
         step, out = self.step, self.out_dir
+        if not dist.same_on_all_ranks(step.iteration):
+            raise RuntimeError(f"rank {dist.rank()} resumed at iteration {step.iteration} but another rank did not: "
+                               f"every rank must see the same checkpoint in {out} (a directory all of them share)")
+        main = dist.is_main()
+        if self._discard and main:
+            self.checkpoint_path.unlink(missing_ok=True)
         modes = [(m, m.training) for m in step.parts.modules]
-        bar = Progress(self.iterations, step.iteration, self.desc, enabled=self.progress)
-        log = open(out / "log.jsonl", "a") if (out is not None and self.log_every) else None
+        bar = Progress(self.iterations, step.iteration, self.desc, enabled=self.progress and main)
+        log = open(out / "log.jsonl", "a") if (out is not None and self.log_every and main) else None
         t_start, losses, stopped_early = time.time(), {}, False
         try:
             while step.iteration < self.iterations:
@@ -122,8 +137,10 @@ class TrainLoop:
                 if log is not None and (it % self.log_every == 0 or done):
                     log.write(json.dumps({"it": it, **losses, "time": round(self.elapsed, 2)}) + "\n")
                     log.flush()
-                out_of_time = self.max_seconds is not None and time.time() - t_start > self.max_seconds
-                if out is not None and self.sample_fn is not None and (it % self.sample_every == 0 or done or out_of_time):
+                out_of_time = (self.max_seconds is not None  # one decision for all ranks
+                               and dist.any_rank(time.time() - t_start > self.max_seconds))
+                write_samples = out is not None and self.sample_fn is not None and main
+                if write_samples and (it % self.sample_every == 0 or done or out_of_time):
                     self._write_samples()
                 if out is not None and (it % self.checkpoint_every == 0 or done or out_of_time):
                     self.save_checkpoint()
@@ -131,8 +148,10 @@ class TrainLoop:
                     cb(it, losses)
                 if out_of_time and not done:
                     stopped_early = True
-                    bar.write(f"{self.desc}: stopping at iteration {it} of {self.iterations}: time limit of "
-                              f"{self.max_seconds:.0f} s reached" + (" (checkpoint saved)" if out is not None else ""))
+                    if main:
+                        bar.write(f"{self.desc}: stopping at iteration {it} of {self.iterations}: time limit of "
+                                  f"{self.max_seconds:.0f} s reached"
+                                  + (" (checkpoint saved)" if out is not None else ""))
                     break
         finally:
             bar.close()
@@ -140,6 +159,7 @@ class TrainLoop:
                 log.close()
             for m, mode in modes:
                 m.train(mode)
+        dist.barrier()  # the other ranks return once rank 0's last checkpoint is in place
         it = step.iteration
         return {"iterations_done": it, "train_seconds": round(self.elapsed, 2),
                 "it_per_s": round(it / self.elapsed, 3) if self.elapsed > 0 else None,

@@ -47,18 +47,25 @@ def discriminator_losses(d_real: Tensor, d_fake: Tensor) -> tuple[Tensor, Tensor
 
 
 def augment(x: Tensor, gen: torch.Generator, flip: bool = True, noise: float = DEQUANTIZE_NOISE,
-            clamp: bool = False) -> Tensor:
+            clamp: bool = False, part: tuple[int, int] = (0, 1)) -> Tensor:
     """The released code's real-image augmentation on ``x`` ``[N, C, H, W]`` in [-1, 1].
 
     Random horizontal flips (probability 1/2 per image) and dequantisation noise ``U[0, noise)``
     added to every value (GAN_stability adds ``U[0, 1/128)`` after normalising to [-1, 1], about one
     uint8 step, one-sided and not clipped). ``clamp`` clips the result to [-1, 1]. Random numbers come
     from ``gen`` (a CPU generator) so that a resumed run draws the same ones.
+
+    ``part=(r, k)``: ``x`` is block ``r`` of ``k`` equal blocks of a global batch ``[k * N, ...]`` (rank
+    ``r`` of ``k`` processes). The random numbers are drawn for the whole global batch and block ``r``
+    of them is used, so the ranks together augment exactly as one process would, and ``gen`` advances
+    by the same amount whatever ``k`` is (a checkpoint resumes with another number of processes).
     """
+    r, k = part
+    n = x.shape[0]
+    rows = slice(r * n, (r + 1) * n)
     if flip:
-        mask = torch.rand(x.shape[0], generator=gen) < 0.5
+        mask = torch.rand(k * n, generator=gen)[rows] < 0.5
         x = torch.where(mask.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
     if noise:
-        x = x + noise * torch.rand(x.shape, generator=gen).to(x.device, x.dtype)
+        x = x + noise * torch.rand((k * n, *x.shape[1:]), generator=gen)[rows].to(x.device, x.dtype)
     return x.clamp(-1.0, 1.0) if clamp else x
-

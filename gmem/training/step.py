@@ -18,6 +18,17 @@ Update order (``StepConfig.order``), as the released code does it:
   the G update draws z, and the D update trains on that same fake batch (detached).
 
 Both use the real batch's labels for the fakes (conditional models), as the released code does.
+
+Several processes (``torchrun``, :mod:`gmem.distributed`): when a process group is up, each of the
+``N`` ranks takes block ``rank`` of every global batch (``RealBatches``' batch size is the global one,
+``N`` must divide it), draws every random tensor (z, flips, noise) at the global batch size and keeps
+its block, and averages the gradients of ``g_params`` / ``d_params`` over the ranks after each
+update's backward, before the optimiser step. Each rank's losses (R1 included) are means over its
+block, so the averaged gradient is the one-process gradient of the global batch up to the order of the
+float sums; the EMA is then updated identically on every rank. The losses a step returns are averaged
+over the ranks. Without a process group nothing of this runs (one process is unchanged).
+Plugins run on every rank: one that draws random numbers or changes the real batch must do so
+identically on every rank (or shard like the step).
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from ..data import InfiniteSampler, batch
 from .ema import EMA
 from .losses import DEQUANTIZE_NOISE, augment, discriminator_losses, generator_loss, r1_penalty
@@ -56,12 +68,16 @@ class StepConfig:
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         checks = [(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}"),
-                  (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}"),
-                  (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0, f"r1_gamma must be >= 0, got {self.r1_gamma!r}"),
-                  (isinstance(self.r1_every, int) and self.r1_every >= 1, f"r1_every must be an int >= 1, got {self.r1_every!r}"),
+                  (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                   f"betas must be two values in [0, 1), got {self.betas}"),
+                  (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0,
+                   f"r1_gamma must be >= 0, got {self.r1_gamma!r}"),
+                  (isinstance(self.r1_every, int) and self.r1_every >= 1,
+                   f"r1_every must be an int >= 1, got {self.r1_every!r}"),
                   (0.0 <= self.ema_decay <= 1.0, f"ema_decay must lie in [0, 1], got {self.ema_decay!r}"),
                   (self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}"),
-                  (not self.reuse_fake or self.order == "g_first", "reuse_fake needs order='g_first' (the fakes come from the G update)"),
+                  (not self.reuse_fake or self.order == "g_first",
+                   "reuse_fake needs order='g_first' (the fakes come from the G update)"),
                   (math.isfinite(self.noise) and self.noise >= 0, f"noise must be >= 0, got {self.noise!r}")]
         for ok, message in checks:
             if not ok:
@@ -88,13 +104,21 @@ class GANParts:
 
 
 class RealBatches:
-    """Endless seeded batches ``(x [B, C, H, W] on the CPU, y [B] long or None)`` from a dataset."""
+    """Endless seeded batches ``(x [B, C, H, W] on the CPU, y [B] long or None)`` from a dataset.
+
+    ``batch_size`` is the global batch: with a process group of ``N`` ranks each rank gets its block of
+    ``B = batch_size / N`` images (:class:`gmem.distributed.ShardedInfiniteSampler`; ValueError when
+    ``N`` does not divide it), and the sampler's state is that of the global stream.
+    """
 
     def __init__(self, dataset, batch_size: int, seed: int, labels: Optional[Tensor] = None):
         if labels is not None and len(labels) != len(dataset):
             raise ValueError(f"labels has {len(labels)} entries for {len(dataset)} images")
         self.dataset, self.labels = dataset, labels
-        self.sampler = InfiniteSampler(len(dataset), batch_size, seed)
+        if dist.world_size() > 1:
+            self.sampler = dist.ShardedInfiniteSampler(len(dataset), dist.local_batch_size(batch_size), seed)
+        else:
+            self.sampler = InfiniteSampler(len(dataset), batch_size, seed)
 
     def next(self) -> tuple[Tensor, Optional[Tensor]]:
         idx = self.sampler.next_indices()
@@ -189,6 +213,8 @@ class GANStep:
     Everything random (batches, z, flips, noise) comes from generators seeded by ``seed`` whose
     states are in :meth:`state_dict`, so a run resumed from a checkpoint equals an uninterrupted one
     (same machine and thread count). ``ema_shadow``: where the EMA lives (default: copies).
+    Under torchrun (a process group is up) the ranks start from rank 0's parameters and EMA and
+    train as one process would on the global batch (see the module docstring).
     """
 
     def __init__(self, parts: GANParts, data: RealBatches, config: StepConfig, seed: int, *, device="cpu",
@@ -202,10 +228,21 @@ class GANStep:
         self.ema = EMA(parts.g_params, c.ema_decay, c.ema_warmup, shadow=ema_shadow)
         self.rng = torch.Generator().manual_seed(int(seed) + 1)  # z, flips, dequantisation noise
         self.iteration = 0
+        dist.ensure_joined()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        if self.world > 1:  # identical starting points, whatever each rank's initialisation did
+            dist.broadcast_parameters(list(parts.g_params) + list(parts.d_params) + self.ema.shadow)
 
     # ------------------------------------------------------------------ the step
     def _z(self, n: int) -> Tensor:
-        return torch.randn(n, self.parts.z_dim, generator=self.rng).to(self.device)
+        """``[n, z_dim]`` latents: this rank's block of ``n * world`` drawn as one process would."""
+        z = torch.randn(n * self.world, self.parts.z_dim, generator=self.rng)
+        return (z if self.world == 1 else z[self.rank * n:(self.rank + 1) * n]).to(self.device)
+
+    def _sync(self, params) -> None:
+        """Average the gradients over the ranks (after the backward, before the optimiser step)."""
+        if self.world > 1:
+            dist.all_reduce_gradients(params)
 
     @staticmethod
     def _extras(values) -> Optional[Tensor]:
@@ -221,6 +258,7 @@ class GANStep:
         extra = self._extras(pl.g_loss_extra(ctx) for pl in self.plugins)
         self.opt_g.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward(inputs=p.g_params)
+        self._sync(p.g_params)
         self.opt_g.step()
         self.ema.update(ctx.iteration)
         ctx.x_fake = fake.detach()
@@ -243,6 +281,7 @@ class GANStep:
         extra = self._extras(pl.d_loss_extra(ctx) for pl in self.plugins)
         self.opt_d.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward(inputs=p.d_params)
+        self._sync(p.d_params)
         self.opt_d.step()
         losses.update(d_real=loss_real.detach(), d_fake=loss_fake.detach(), r1=r1.detach())
 
@@ -250,7 +289,7 @@ class GANStep:
         """One iteration; returns ``{'g_loss', 'd_real', 'd_fake', 'r1', ...}`` (floats)."""
         c = self.config
         x, y = self.data.next()
-        x = augment(x, self.rng, flip=c.flip, noise=c.noise)
+        x = augment(x, self.rng, flip=c.flip, noise=c.noise, part=(self.rank, self.world))
         ctx = StepContext(self, self.iteration, x.to(self.device), None if y is None else y.to(self.device))
         for plugin in self.plugins:
             ctx.x_real, ctx.y_real = plugin.real_batch(ctx)
@@ -261,6 +300,9 @@ class GANStep:
         for update in updates:
             update(ctx, losses)
         losses = {k: float(v) for k, v in losses.items()}
+        if self.world > 1:  # the global batch's losses; every rank sees the same (and the same non-finite check)
+            mean = dist.average_scalars(losses)
+            losses = {k: mean[k] for k in losses}
         self.iteration += 1
         for plugin in self.plugins:
             plugin.after_step(ctx, losses)

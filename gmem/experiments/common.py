@@ -1,0 +1,55 @@
+"""Pieces both experiments share: the base, thread count, command-line recording, timing."""
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["load_base_pair", "threads", "run_record", "Timer"]
+
+
+def load_base_pair(base: Optional[str] = None):
+    """``(G, D)``: the base in directory ``base`` (``gmem.models.save_base`` layout) or the embedded one."""
+    from ..models import load_base, load_default_base
+
+    return load_base(base) if base else load_default_base()
+
+
+@contextlib.contextmanager
+def threads(n: Optional[int]) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: unchanged); the previous count is restored."""
+    saved = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def run_record(module: str, settings: dict, argv: Optional[list] = None) -> dict:
+    """What a results file says about how it was made (``argv``: the command-line arguments, if any)."""
+    from .. import __version__
+
+    return {"command": None if argv is None else " ".join(["python -m", module] + list(argv)),
+            "settings": settings, "gmem_version": __version__,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
+class Timer:
+    """Accumulated seconds per key: ``with timer("gan_memory"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[key] = round(self.seconds.get(key, 0.0) + time.time() - t0, 2)

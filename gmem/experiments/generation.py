@@ -1,0 +1,200 @@
+"""Lifelong generation: a stream of tasks, GAN memory vs MeRGAN, fine-tuning and joint training.
+
+    python -m gmem.experiments.generation --out DIR [--quick]
+
+Every method starts from the same base and learns the same tasks in the same order with the same
+trainer (:class:`gmem.training.GANStep`), batch size, iterations and seeds. After each stage every task
+learned so far is scored (metric by name, default ``pixfid8``, a pixel-statistics proxy, NOT FID) on
+``--eval-samples`` samples against the task's images. Writes to ``DIR``:
+
+- ``fig5_samples.png``: per method, rows = after stage s, columns = samples of each task (fixed z);
+- ``fig6_left_quality.png``: per task, the score after each stage, one line per method;
+- ``results.json`` / ``results.md``: the scores, whether each task's samples for fixed z stayed
+  bit-identical after later stages, the largest and mean pixel change, timings and the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..baselines import make_learner
+from ..data import as_dataset, batch
+from ..seeding import generator
+from .common import Timer, load_base_pair, run_record, threads
+from .metrics import get_metric
+from .plots import markdown_table, plot_curves, plot_sample_grids, stage_grid, write_json
+
+__all__ = ["run", "main", "DEFAULT_TASKS", "DEFAULT_METHODS", "FULL", "QUICK"]
+
+DEFAULT_TASKS = ("emoji", "oxygen_icons", "fashion_mnist")
+DEFAULT_METHODS = ("gan_memory", "mergan_ra", "mergan_replay", "finetune", "joint")
+# settings of the committed runs (see the README section "Lifelong experiments")
+FULL = dict(iterations=300, batch_size=16, eval_samples=400)
+QUICK = dict(iterations=2, batch_size=4, eval_samples=24, tasks=DEFAULT_TASKS[:2])
+
+
+class _MemoryMethod:
+    """GAN memory behind the learners' interface (``learn`` / ``sample`` by condition = task index)."""
+
+    name = "gan_memory"
+
+    def __init__(self, G, D, tasks: Sequence[str], lr: float):
+        from ..memory import GANMemory
+
+        self.memory, self.tasks, self.lr = GANMemory.from_base(G, D), list(tasks), lr
+
+    def learn(self, dataset, condition: int, *, iterations, batch_size, seed, progress):
+        self.memory.learn(self.tasks[condition], dataset, iterations=iterations, batch_size=batch_size, seed=seed,
+                          lr=self.lr, progress=progress)
+
+    def sample(self, condition: int, z):
+        return self.memory.sample(self.tasks[condition], z=z)
+
+
+class _LearnerMethod:
+    def __init__(self, method: str, G, D, num_tasks: int, lr: float, lambda_ra: float):
+        extra = {"lambda_ra": lambda_ra} if method.startswith("mergan") else {}
+        self.learner = make_learner(method, G, D, num_tasks, lr=lr, **extra)
+        self.name = method
+
+    def learn(self, dataset, condition: int, *, iterations, batch_size, seed, progress):
+        self.learner.learn(dataset, condition, iterations=iterations, batch_size=batch_size, seed=seed,
+                           progress=progress)
+
+    def sample(self, condition: int, z):
+        return self.learner.sample(condition, z)
+
+
+def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = DEFAULT_METHODS,
+        iterations: int = FULL["iterations"], batch_size: int = FULL["batch_size"],
+        eval_samples: int = FULL["eval_samples"], lr_memory: float = 1e-3, lr_baselines: float = 1e-4,
+        lambda_ra: float = 1e-3, metric: str = "pixfid8", seed: int = 0, base: Optional[str] = None,
+        grid_columns: int = 4, progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the experiment; returns (and writes to ``out``) the results dict (see the module docstring)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    if unknown:
+        raise KeyError(f"unknown methods {unknown}; choose from {list(DEFAULT_METHODS)}")
+    score = get_metric(metric)
+    G, D = load_base_pair(base)
+    datasets = [as_dataset(t, G.size, G.channels) for t in tasks]
+    real = [batch(ds, torch.arange(len(ds))) for ds in datasets]
+    z_eval = [torch.randn(eval_samples, G.z_dim, generator=generator(seed + 100 + j)) for j in range(len(tasks))]
+    timer = Timer()
+    scores: dict = {}            # method -> task -> stage (1-based) -> score
+    same: dict = {}              # method -> task -> stage -> bool (samples for fixed z unchanged since learned)
+    change: dict = {}            # method -> task -> stage -> max |pixel change| since learned
+    mean_change: dict = {}       # method -> task -> stage -> mean |pixel change| since learned
+    grids: dict = {}
+    t_start = time.time()
+    for method in methods:
+        with timer(f"{method}_setup"):
+            runner = (_MemoryMethod(G, D, tasks, lr_memory) if method == "gan_memory"
+                      else _LearnerMethod(method, G, D, len(tasks), lr_baselines, lambda_ra))
+        first: dict[int, torch.Tensor] = {}
+        per_stage: dict[int, dict[str, torch.Tensor]] = {}
+        scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))
+        for k, ds in enumerate(datasets):
+            with timer(method):
+                runner.learn(ds, k, iterations=iterations, batch_size=batch_size, seed=seed + k + 1,
+                             progress=progress)
+            stage = k + 1
+            per_stage[stage] = {}
+            for j in range(stage):
+                with timer(f"{method}_eval"):
+                    fake = runner.sample(j, z_eval[j])
+                    if j not in first:
+                        first[j] = fake.clone()
+                    scores[method][tasks[j]][stage] = round(score(real[j], fake), 4)
+                same[method][tasks[j]][stage] = bool(torch.equal(fake, first[j]))
+                change[method][tasks[j]][stage] = float((fake - first[j]).abs().max())
+                mean_change[method][tasks[j]][stage] = round(float((fake - first[j]).abs().mean()), 5)
+                per_stage[stage][tasks[j]] = fake[:grid_columns]
+            print(f"[{method}] after {tasks[k]}: " + ", ".join(
+                f"{tasks[j]} {scores[method][tasks[j]][stage]:.2f}" for j in range(stage)), flush=True)
+        grids[method] = stage_grid(per_stage, tasks, grid_columns)
+    settings = dict(tasks=list(tasks), methods=list(methods), iterations=iterations, batch_size=batch_size,
+                    eval_samples=eval_samples, lr_memory=lr_memory, lr_baselines=lr_baselines,
+                    lambda_ra=lambda_ra, metric=metric, seed=seed, base=base or "embedded")
+    results = {"experiment": "lifelong generation", "metric": {"name": metric, "label": score.label,
+                                                               "higher_is_better": score.higher_is_better},
+               "scores": _str_keys(scores), "bit_identical_since_learned": _str_keys(same),
+               "max_abs_change_since_learned": _str_keys(change),
+               "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
+               "wall_seconds": round(time.time() - t_start, 1),
+               "run": run_record("gmem.experiments.generation", settings, argv)}
+    write_json(results, out / "results.json")
+    (out / "results.md").write_text(_markdown(results, tasks, methods))
+    plot_sample_grids(grids, tasks, out / "fig5_samples.png",
+                      title="samples of every task after each stage (fixed z per task)")
+    plot_curves({m: {t: scores[m][t] for t in tasks} for m in methods}, list(tasks), out / "fig6_left_quality.png",
+                ylabel=score.label + (" (higher is better)" if score.higher_is_better else " (lower is better)"),
+                xticks=list(tasks), title="quality of each task along the stream")
+    return results
+
+
+def _str_keys(d):
+    return {k: _str_keys(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def _markdown(results: dict, tasks, methods) -> str:
+    label = results["metric"]["label"]
+    header = ["method", "task"] + [f"after {t}" for t in tasks] + ["forgetting", "unchanged"]
+    rows = []
+    for m in methods:
+        for j, t in enumerate(tasks):
+            s = results["scores"][m][t]
+            vals = [s.get(str(k + 1), s.get(k + 1)) for k in range(len(tasks))]
+            learned, final = vals[j], vals[-1]
+            checks = results["bit_identical_since_learned"][m][t]
+            later = len(checks) > 1  # the stage a task is learned in compares it with itself
+            rows.append([m, t] + vals + [None if learned is None else round(final - learned, 2),
+                                         ("bit-identical" if all(checks.values()) else "changed") if later else "-"])
+    run = results["run"]
+    return (f"# Lifelong generation ({label}; lower is better)\n\n"
+            f"Command: `{run['command']}`  \nSettings: `{run['settings']}`  \n"
+            f"Wall time: {results['wall_seconds']} s; torch threads {run['threads']}\n\n"
+            + markdown_table(header, rows)
+            + "\n'forgetting' = score after the last stage minus the score right after the task was learned "
+              "(> 0: worse); 'unchanged' = the task's samples for fixed z after every later stage equal those "
+              "right after it was learned, bit for bit.\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gmem.experiments.generation", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--lr-memory", type=float, default=1e-3)
+    p.add_argument("--lr-baselines", type=float, default=1e-4)
+    p.add_argument("--lambda-ra", type=float, default=1e-3)
+    p.add_argument("--metric", default="pixfid8")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, help="a base directory (default: the embedded base)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args(argv)
+    preset = QUICK if a.quick else FULL
+    pick = lambda value, key: value if value is not None else preset[key]
+    with threads(a.threads):
+        run(a.out, tasks=a.tasks or preset.get("tasks", DEFAULT_TASKS), methods=a.methods,
+            iterations=pick(a.iterations, "iterations"), batch_size=pick(a.batch_size, "batch_size"),
+            eval_samples=pick(a.eval_samples, "eval_samples"), lr_memory=a.lr_memory, lr_baselines=a.lr_baselines,
+            lambda_ra=a.lambda_ra, metric=a.metric, seed=a.seed, base=a.base, progress=a.progress,
+            argv=sys.argv[1:] if argv is None else list(argv))
+    print(f"results in {a.out}/ (results.md, fig5_samples.png, fig6_left_quality.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
