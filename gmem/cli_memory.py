@@ -3,7 +3,8 @@
 
 Registered into :data:`gmem.cli.COMMANDS`. A memory lives in a directory (see
 :meth:`gmem.GANMemory.save`); ``learn`` creates it on the embedded base (or ``--base DIR``) when it
-does not exist yet, after checking everything it can before training (:mod:`gmem.cli_checks`). Exit codes: 0 success, 1 an error (message on stderr), 2 bad usage, 3 the demo
+does not exist yet, after checking everything it can before training (:mod:`gmem.cli_checks`). Exit codes: 0
+success, 1 an error (message on stderr), 2 bad usage, 3 the demo
 found forgetting.
 """
 from __future__ import annotations
@@ -190,7 +191,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=_ints, default=None,
                    help="classes for a conditional task, comma-separated, one per sample (default 0,1,2,...)")
     p.add_argument("--out", default="samples.png",
-                   help="image grid to write; the suffix names the format (.png, .jpg, .webp, ...; default samples.png)")
+                   help="image grid to write; the suffix names the format "
+                        "(.png, .jpg, .webp, ...; default samples.png)")
     p.add_argument("--tensor", default=None, metavar="FILE",
                    help="also write the images as a safetensors file (key 'images', [N, C, H, W] in [-1, 1])")
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the PNG (default 2)")
@@ -205,7 +207,8 @@ def _sample_run(args) -> int:
         raise ValueError(f"-n must be >= 1, got {args.n}")
     image_format(args.out)
     if args.tensor and Path(args.tensor).is_dir():
-        raise ValueError(f"--tensor {args.tensor} is a directory; give a file name such as {args.tensor}/samples.safetensors")
+        raise ValueError(f"--tensor {args.tensor} is a directory; give a file name such as "
+                         f"{args.tensor}/samples.safetensors")
     mem = _open(args.memory)
     z = mem.latents(args.n, seed=args.seed)
     if args.labels is not None and len(args.labels) not in (1, args.n):
@@ -300,7 +303,8 @@ def _info_run(args) -> int:
                               "compressed": "compression" in r,
                               "generator_style_ratio": round(c["generator_style_ratio"], 4),
                               "discriminator_style": c["discriminator_style"] + c["discriminator_fc"],
-                              "file": r.get("file"), "training": r.get("training", {}), "metrics": r.get("metrics", {})})
+                              "file": r.get("file"), "training": r.get("training", {}),
+                              "metrics": r.get("metrics", {})})
     if args.layers:
         info["layers"] = mem.layer_names()
     problems = {}

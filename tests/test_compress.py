@@ -7,9 +7,23 @@ from torch import nn
 
 import gmem.nn as gnn
 from gmem.compress import (
-    KnowledgeBase, LowRankStyle, compress_style, compress_tasks, energy_rank, energy_table, express_in_base,
-    fit_coefficients, knowledge_base, nuclear_prior, plot_singular_values, prior_weights, residual_rank,
-    singular_values, storage_table, truncate_energy, width_fraction,
+    KnowledgeBase,
+    LowRankStyle,
+    compress_style,
+    compress_tasks,
+    energy_rank,
+    energy_table,
+    express_in_base,
+    fit_coefficients,
+    knowledge_base,
+    nuclear_prior,
+    plot_singular_values,
+    prior_weights,
+    residual_rank,
+    singular_values,
+    storage_table,
+    truncate_energy,
+    width_fraction,
 )
 from gmem.ops import LowRank, modulated_conv2d, normalize_weight
 

@@ -178,7 +178,8 @@ class KnowledgeBase:
         lam = self._check_lam(lam, "lam")
         _check_matrix(residual, "KnowledgeBase.add_task: residual")
         if residual.shape != self.shape:
-            raise ValueError(f"KnowledgeBase.add_task: residual must be {tuple(self.shape)}, got {tuple(residual.shape)}")
+            raise ValueError(f"KnowledgeBase.add_task: residual must be {tuple(self.shape)}, "
+                             f"got {tuple(residual.shape)}")
         keep = width_fraction(self.shape[0]) if keep is None else _check_keep(keep)
         e = residual.detach().to(device=self.device, dtype=torch.float64)
         u, s, vh = torch.linalg.svd(e, full_matrices=False)

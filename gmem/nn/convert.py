@@ -26,7 +26,7 @@ from torch import nn
 from .. import ops
 from .layers import ModulatedConv2d, ModulatedLayer, ModulatedLinear
 from .per_task import NORM_TYPES, PerTaskModule
-from .tasks import NameFilter, Task, _banks, _matcher, modulated_layers, task_index
+from .tasks import NameFilter, Task, _banks, _matcher, task_index
 
 __all__ = ["Converted", "convert", "export", "unload"]
 
@@ -119,7 +119,8 @@ def convert(
             continue
         reason = direct.get(name)
         if reason is None and type(module) not in (nn.Conv2d, nn.Linear):
-            reason = (f"{type(module).__name__} subclasses {'nn.Conv2d' if isinstance(module, nn.Conv2d) else 'nn.Linear'}"
+            parent_type = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
+            reason = (f"{type(module).__name__} subclasses {parent_type}"
                       " and may compute something else: only exact types are converted")
         if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
             if include is not None:

@@ -282,7 +282,8 @@ class ModulatedLinear(ModulatedLayer):
         if labels.numel() and not torch.compiler.is_compiling():
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= classes:
-                raise IndexError(f"class ids for task {self.task_names[task]!r} must lie in [0, {classes}), got {lo}..{hi}")
+                raise IndexError(f"class ids for task {self.task_names[task]!r} must lie in [0, {classes}), "
+                                 f"got {lo}..{hi}")
         return bias[labels]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -316,7 +317,10 @@ class ModulatedLinear(ModulatedLayer):
         for index, task in enumerate(tasks):
             rows = (local == index).nonzero().squeeze(1)
             bias = self.style(task)[2]
-            value = self._class_rows(sel.class_ids, bias, task, rows) if bias.ndim == 2 else bias.expand(rows.numel(), -1)
+            if bias.ndim == 2:
+                value = self._class_rows(sel.class_ids, bias, task, rows)
+            else:
+                value = bias.expand(rows.numel(), -1)
             per_sample = per_sample.index_put((rows,), value)
         out = ops.modulated_linear(x, self.weight_norm, gamma, beta, self.bias, task_ids=local, backend=self.backend)
         return out + per_sample.to(out.dtype).view(n, *([1] * (x.ndim - 2)), self.out_features)

@@ -127,7 +127,8 @@ def add_task(model: nn.Module, name: str, init: Task = "source", num_classes: Op
         raise TypeError(f"add_task: name must be a non-empty string, got {name!r}")
     if name in banks[0][1].task_names:
         raise ValueError(f"add_task: a task named {name!r} exists already")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+    bad_classes = isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    if num_classes is not None and bad_classes:
         raise ValueError(f"add_task: num_classes must be a positive int, got {num_classes!r}")
     init_index = task_index(model, init)
     # build every entry first: an error leaves the model as it was
@@ -181,7 +182,8 @@ def _as_task_ids(model: nn.Module, task_ids) -> Tensor:
     elif isinstance(task_ids, (list, tuple)):
         ids = torch.tensor([task_index(model, t) for t in task_ids], dtype=torch.long)
     else:
-        raise TypeError(f"use_tasks: task_ids must be a LongTensor [N] or a list of task names/indices, got {type(task_ids).__name__}")
+        raise TypeError("use_tasks: task_ids must be a LongTensor [N] or a list of task names/indices, "
+                        f"got {type(task_ids).__name__}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
         raise IndexError(f"use_tasks: task ids must lie in [0, {len(names)}) for tasks {names}, got {ids.tolist()}")
     return ids
