@@ -43,6 +43,9 @@ def _train_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", default=None, metavar="DIR",
                    help="after training, write the EMA generator + discriminator as a base "
                         "(base.json + base.safetensors, fp16) to DIR; load with gmem.models.load_base(DIR)")
+    p.add_argument("--init", default=None, metavar="BASE_DIR",
+                   help="start from the weights of a saved base (e.g. gmem/assets/base) to train it longer; "
+                        "Adam starts fresh; the architecture flags must match the base")
     p.add_argument("--export-only", action="store_true",
                    help="do not train: export OUT/checkpoint.pt to the --export directory")
 
@@ -68,7 +71,7 @@ def _train_base_run(args: argparse.Namespace) -> int:
                          r1_gamma=args.r1_gamma, ema_decay=args.ema, seed=args.seed,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
                          max_minutes=args.max_minutes, resume=not args.no_resume, restart=args.restart,
-                         device=args.device)
+                         device=args.device, init=args.init)
     print(f"trained to iteration {trainer.iteration}; checkpoint in {args.out}/checkpoint.pt")
     if args.export:
         export_base(f"{args.out}/{CHECKPOINT_NAME}", args.export, info={"data": str(args.data)})

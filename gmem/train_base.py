@@ -87,12 +87,32 @@ class BaseTrainer:
         self.D.load_state_dict(state["discriminator"])
         self.trainer.load_state_dict(state)
 
+    def init_from_base(self, directory) -> dict:
+        """Start from the weights of a saved base (``base.json`` + ``base.safetensors``): ``G`` and
+        ``G_ema`` from its EMA generator, ``D`` from its discriminator; the optimisers start fresh.
+        The architecture must be the one this trainer was built with. Returns the base's ``base.json``."""
+        from .models import load_base
+        from .models.base import base_config
+
+        config = base_config(directory)
+        built = {k: self.config[k] for k in ("size", "nf", "z_dim", "embed_size", "nlabels", "channels")}
+        theirs = {k: config["generator"].get(k) for k in built}
+        if theirs != built:
+            diff = ", ".join(f"{k}={theirs[k]!r} (this run: {built[k]!r})" for k in built if theirs[k] != built[k])
+            raise ValueError(f"--init base {directory} has another architecture: {diff}")
+        G, D = load_base(directory)
+        with torch.no_grad():
+            for target, source in ((self.G, G), (self.G_ema, G), (self.D, D)):
+                target.load_state_dict(source.state_dict())
+        return config
+
 
 def train_base(data, out_dir, *, iterations: int = 10000, size: int = 32, nf: int = 32, z_dim: int = 128,
                embed_size: int = 64, nlabels: int = 1, batch_size: int = 64, lr: float = 1e-4,
                r1_gamma: float = 10.0, ema_decay: float = 0.999, seed: int = 0, sample_every: int = 500,
                checkpoint_every: int = 500, max_minutes: float | None = None, resume: bool = True,
-               restart: bool = False, progress: bool = True, device="cpu", plugins=(), **step_options) -> BaseTrainer:
+               restart: bool = False, progress: bool = True, device="cpu", plugins=(), init=None,
+               **step_options) -> BaseTrainer:
     """Train a base GP-GAN on ``data`` (anything :func:`gmem.data.as_dataset` takes) into ``out_dir``.
 
     Writes ``out_dir/checkpoint.pt`` every ``checkpoint_every`` iterations and at the end (atomically),
@@ -101,6 +121,9 @@ def train_base(data, out_dir, *, iterations: int = 10000, size: int = 32, nf: in
     data, settings and architecture) is continued exactly; a checkpoint of another run is an error
     naming what differs, unless ``restart`` (discard it) or ``resume=False`` (overwrite it).
     ``max_minutes`` stops early (at a checkpoint) once that much wall time has passed in this call.
+    ``init`` (a base directory) starts the networks from that base instead of a fresh initialisation
+    (training a base longer: its optimiser state is not kept in a base, so Adam starts fresh); the
+    base's SHA-256 is part of the run's fingerprint, so resuming checks it is the same base.
     Returns the trainer (``.G``, ``.G_ema``, ``.D``, ``.iteration``).
     """
     out_dir = Path(out_dir)
@@ -116,6 +139,11 @@ def train_base(data, out_dir, *, iterations: int = 10000, size: int = 32, nf: in
             return trainer.G_ema(fixed_z, fixed_y).cpu()
 
     fingerprint = {"kind": "train-base", "config": trainer.config, "data": data_fingerprint(dataset, trainer.labels)}
+    if init is not None:  # the loop's resume (if any) then overwrites these weights with the checkpoint's
+        init_config = trainer.init_from_base(init)
+        fingerprint["init"] = init_config.get("sha256")
+        trainer.config["init"] = {"base": str(init), "sha256": init_config.get("sha256"),
+                                  "iterations": init_config.get("info", {}).get("iterations")}
     loop = TrainLoop(trainer.trainer, iterations, out_dir=out_dir, state_fn=trainer.state_dict,
                      load_fn=trainer.load_state_dict, fingerprint=fingerprint, checkpoint_every=checkpoint_every,
                      sample_every=sample_every, sample_fn=samples, latest_sample=True,
