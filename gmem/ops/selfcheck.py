@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -34,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from ..atomic import atomic_write_bytes
 from ._selfcheck_cases import CASES, TF32_TOLERANCE, TOLERANCES, CaseResult, run_cases, tolerance  # noqa: F401
 
 __all__ = ["CASES", "CaseResult", "Verdict", "cache_dir", "check", "reset", "run_cases", "tolerance", "trusted"]
@@ -199,22 +199,12 @@ def _read(path: Path, key: dict) -> Optional[Verdict]:
 
 
 def _write(path: Path, verdict: Verdict) -> None:
-    """Atomically: a reader sees the old file, the new one or none, never a part."""
+    """Atomically (:mod:`gmem.atomic`): a reader sees the old file, the new one or none, never a part."""
+    data = json.dumps({k: v for k, v in asdict(verdict).items() if k != "source"}, indent=1)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump({k: v for k, v in asdict(verdict).items() if k != "source"}, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data.encode())
     except OSError:  # a read-only cache: the verdict still holds for this process
         pass
-
 
 def check(name: str, device, dtype: torch.dtype, *, use_cache: bool = True) -> Verdict:
     """The verdict on backend ``name`` for ``device``/``dtype``: from the cache, else by running the cases
