@@ -4,7 +4,7 @@ Registered into :data:`gmem.cli.COMMANDS` through :data:`gmem.cli_memory.MEMORY_
 prints the memory's base, a task table (scripts parse it: keep its columns) and the storage table of
 :func:`gmem.cli_compress.storage_lines`; ``verify`` reads every task file and, with ``--repair``,
 drops the unreadable ones; ``remove`` forgets tasks. Files that leave a memory are deleted later by
-the store's garbage collection (:func:`gmem.store_gc.collect_garbage`).
+the store's garbage collection (:mod:`gmem.store_gc`, summarised in ``GC_HELP``).
 """
 from __future__ import annotations
 
@@ -83,7 +83,14 @@ def _info_run(args) -> int:
 
 
 # ---------------------------------------------------------------- verify, remove
+GC_HELP = ("Garbage collection (run by every save and remove, under the memory's lock): task files that left "
+           "the manifest, temporary files of interrupted writes (e.g. runs/TASK/.checkpoint.pt.*.tmp of a killed "
+           "learner) and the runs/TASK folders of tasks not in the manifest are deleted once unchanged for 10 "
+           "minutes; the folder of a task being learned right now (its learner holds the claim) is kept.")
+
+
 def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = GC_HELP
     p.add_argument("memory", help="memory directory")
     p.add_argument("--repair", action="store_true",
                    help="drop the tasks that cannot be read from the manifest (under the memory's lock); "
@@ -110,6 +117,7 @@ def _verify_run(args) -> int:
 
 
 def _remove_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = GC_HELP
     p.add_argument("memory", help="memory directory")
     p.add_argument("tasks", nargs="+", help="task name(s) to forget")
 

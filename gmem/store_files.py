@@ -22,6 +22,7 @@ from .models import CheckpointError
 MANIFEST = "manifest.json"
 TASK_FORMAT = "gmem-task-v1"
 TASKS_DIR = "tasks"
+LOCK_NAME = ".lock"  # the writers' lock of a memory, and a learner's claim in its run folder
 MAX_NAME_LENGTH = 128
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
