@@ -21,6 +21,7 @@ column ranges are described by :meth:`Knowledge.index` (the memory's knowledge-b
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -217,6 +218,21 @@ def begin_task(G, task: str, knowledge: Knowledge, settings: CompressionSettings
     return styles
 
 
+@contextlib.contextmanager
+def _all_or_nothing(task: str, index: int):
+    """Yield ``(added, plan)`` lists to fill: bases ``task`` was added to, ``(layer, entry)`` to set. If the
+    block raises, ``task`` leaves those bases again and no entry changes; else every entry is set."""
+    added, plan = [], []
+    try:
+        yield added, plan
+    except BaseException:
+        for kb in added:
+            kb.remove_task(task)
+        raise
+    for layer, entry in plan:
+        layer.set_entry(index, entry)
+
+
 def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dict:
     """Add ``task`` to the bases with ``matrices(name, layer, entry) -> ((lam, E) gamma, (lam, E) beta, bias)``
     and swap the entries for stored compressed ones; all or nothing."""
@@ -224,8 +240,8 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
     from ..nn.lowrank import CompressedStyle
 
     index = gnn.task_index(G, task)
-    added, plan, info = [], [], {}
-    try:
+    info = {}
+    with _all_or_nothing(task, index) as (added, plan):
         for name, layer in compressed_layers(G, settings_layers):
             got = matrices(name, layer, layer.entry(index))
             if got is None:
@@ -235,12 +251,6 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
                 info[f"{name}.{g}"] = kb.add_task(task, lam, residual, keep)
                 added.append(kb)
             plan.append((layer, CompressedStyle(pair, task, bias)))
-    except BaseException:
-        for kb in added:
-            kb.remove_task(task)
-        raise
-    for layer, entry in plan:
-        layer.set_entry(index, entry)
     return info
 
 
@@ -303,8 +313,7 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
         return rest
     layers = dict(gnn.modulated_layers(G))
     index = gnn.task_index(G, task)
-    added, plan = [], []
-    try:
+    with _all_or_nothing(task, index) as (added, plan):
         for name, groups in lowrank.items():
             if name not in layers or not hasattr(layers[name], "weight_norm") or layers[name].weight_norm.ndim != 4:
                 raise ValueError(f"compressed entry for {name!r}, which is not a modulated conv of this generator")
@@ -321,10 +330,4 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
             if bias is None:
                 raise KeyError(f"{name}.bias is missing")
             plan.append((layer, CompressedStyle(pair, task, torch.zeros_like(layer.weight_std[:, 0]))))
-    except BaseException:
-        for kb in added:
-            kb.remove_task(task)
-        raise
-    for layer, entry in plan:
-        layer.set_entry(index, entry)
     return rest
