@@ -127,6 +127,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                "scores": _str_keys(scores), "bit_identical_since_learned": _str_keys(same),
                "max_abs_change_since_learned": _str_keys(change),
                "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
+               "cpu_seconds": timer.cpu_seconds,
                "wall_seconds": round(time.time() - t_start, 1),
                "run": run_record("gmem.experiments.generation", settings, argv)}
     write_json(results, out / "results.json")
