@@ -1,11 +1,12 @@
 """Is the replay of one conditional GAN-memory task useful? A check of the classification experiment's replay.
 
-    python -m gmem.experiments.replay_check --out DIR [--task 1] [--iterations 300] [--batch-size 16]
+    python -m gmem.experiments.replay_check --out DIR [--task 1] [--iterations N] [--batch-size B]
 
-Learns task ``--task`` of the class-incremental Fashion-MNIST split (2 classes, the same split, seeds
-and learning rate as :mod:`gmem.experiments.classification`) as a conditional task of a GAN memory,
-draws its replay exactly as the experiment does (:class:`gmem.replay.ReplayGenerator` with the
-global class map) and scores it with a classifier trained on the real training images of all 10
+Learns task ``--task`` of the class-incremental Fashion-MNIST split (2 classes; the same split, seeds,
+learning rate and, by default, GAN iterations and batch size as :mod:`gmem.experiments.classification`)
+as a conditional task of a GAN memory, draws its replay exactly as the experiment does
+(:class:`gmem.replay.ReplayGenerator` with the global class map) and scores it with a classifier trained
+on the real training images of all 10
 classes (:func:`gmem.eval.train_classifier`):
 
 - ``accuracy``: the fraction of samples the classifier assigns to the class they were drawn for
@@ -33,7 +34,7 @@ from ..atomic import atomic_write_path
 from ..data import load_demo_dataset
 from ..images import save_grid
 from ..replay import ReplayGenerator
-from .classification import split_tasks
+from .classification import FULL, split_tasks
 from .common import load_base_pair, run_record, threads
 
 __all__ = ["scores", "run", "main"]
@@ -54,9 +55,9 @@ def scores(classifier, images: torch.Tensor, labels: torch.Tensor, classes: Sequ
             "two_way": round(float((two == labels).float().mean()), 4), "n": int(labels.numel())}
 
 
-def run(out, *, task: int = 1, iterations: int = 300, batch_size: int = 16, samples: int = 200, lr: float = 1e-3,
-        seed: int = 0, base: Optional[str] = None, classifier_epochs: int = 10, progress: bool = False,
-        argv: Optional[Sequence[str]] = None) -> dict:
+def run(out, *, task: int = 1, iterations: int = FULL["gan_iterations"], batch_size: int = FULL["gan_batch_size"],
+        samples: int = 200, lr: float = 1e-3, seed: int = 0, base: Optional[str] = None, classifier_epochs: int = 10,
+        progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the check; returns (and writes to ``out``) the scores (see the module docstring)."""
     from ..eval import train_classifier
     from ..memory import GANMemory
@@ -116,8 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmem.experiments.replay_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--task", type=int, default=1)
-    p.add_argument("--iterations", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--iterations", type=int, default=FULL["gan_iterations"])
+    p.add_argument("--batch-size", type=int, default=FULL["gan_batch_size"])
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
