@@ -6,8 +6,7 @@ Learns task ``--task`` of the class-incremental Fashion-MNIST split (2 classes; 
 learning rate and, by default, GAN iterations and batch size as :mod:`gmem.experiments.classification`)
 as a conditional task of a GAN memory, draws its replay exactly as the experiment does
 (:class:`gmem.replay.ReplayGenerator` with the global class map) and scores it with a classifier trained
-on the real training images of all 10
-classes (:func:`gmem.eval.train_classifier`):
+on the real training images of all 10 classes (:func:`gmem.eval.train_classifier`):
 
 - ``accuracy``: the fraction of samples the classifier assigns to the class they were drawn for
   (chance 0.1); ``accuracy_swapped``: the same with the two labels swapped (a label mix-up shows as
