@@ -50,6 +50,8 @@ def test_classification_quick(tmp_path):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert set(res["accuracy_seen_classes"]) == set(classification.DEFAULT_METHODS)
+    assert set(res["cpu_seconds"]) == set(res["seconds"]) and all(v >= 0 for v in res["cpu_seconds"].values())
+    assert res["run"]["settings"]["classifier"] == "small" and len(res["run"]["load_average"]) == 3
     for method, per_stage in res["accuracy_seen_classes"].items():
         assert sorted(per_stage) == ["1", "2"]
         assert all(0.0 <= v <= 1.0 for v in per_stage.values())
