@@ -161,3 +161,43 @@ def test_replay_check_runs_at_tiny_settings(tmp_path):
     assert json.loads((tmp_path / "replay_check.json").read_text())["run"]["settings"]["iterations"] == 1
     with pytest.raises(IndexError, match="task must lie in 1..5"):
         replay_check.run(tmp_path, task=6)
+
+
+def test_replay_of_two_conditional_tasks_draws_each_tasks_classes(monkeypatch):
+    # the classification experiment's replay: one mixed batch over earlier conditional tasks; every
+    # sample must be its own task's image for its local class, labelled with that class's global id
+    from gmem import nn as gnn
+    from gmem.memory import GANMemory
+    from gmem.models import load_default_base
+    from gmem.replay import ReplayGenerator
+
+    memory = GANMemory.from_base(*load_default_base())
+    g = torch.Generator().manual_seed(0)
+    for name in ("task1", "task2"):
+        memory.learn(name, torch.zeros(4, 3, 32, 32), iterations=0, batch_size=4, labels=torch.arange(4) % 2,
+                     num_classes=2, progress=False)
+        # distinct bias rows per task and class (the base's row 0 repeated until trained)
+        state = gnn.style_state_dict(memory.generator, name)
+        state["fc.bias"] = state["fc.bias"] + 0.3 * torch.randn(state["fc.bias"].shape, generator=g)
+        gnn.load_style_state_dict(memory.generator, name, state)
+    class_map = {"task1": [0, 1], "task2": [2, 3]}
+    calls = []
+    original = memory.sample
+
+    def spy(task, n=None, z=None, seed=None, labels=None, batch_size=64):
+        calls.append((list(task), z.clone(), torch.as_tensor(labels).clone()))
+        return original(task, n, z=z, seed=seed, labels=labels, batch_size=batch_size)
+
+    monkeypatch.setattr(memory, "sample", spy)
+    names = ["task1", "task2"] * 4
+    x, y, got_names = ReplayGenerator(memory, class_map=class_map, seed=3).generate_labelled(8, condition=names)
+    monkeypatch.undo()
+    (tasks, z, local), = calls
+    assert got_names == names == tasks
+    assert y.tolist() == [class_map[t][int(c)] for t, c in zip(names, local)]
+    assert set(local.tolist()) == {0, 1}
+    for i, t in enumerate(names):
+        one = memory.sample(t, z=z[i:i + 1], labels=local[i:i + 1])
+        torch.testing.assert_close(x[i:i + 1], one, rtol=0, atol=1e-5)
+        other = memory.sample(t, z=z[i:i + 1], labels=1 - local[i:i + 1])  # the other class differs
+        assert (other - one).abs().max() > 1e-3
