@@ -9,6 +9,7 @@ from gmem.eval import pixel_fid
 from gmem.experiments import classification, generation, metrics
 from gmem.experiments.classification import SmallCNN, split_tasks
 from gmem.experiments.metrics import get_metric, register
+from gmem.seeding import seeded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
 
@@ -43,6 +44,8 @@ def test_classification_quick(tmp_path):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert set(res["accuracy_seen_classes"]) == set(classification.DEFAULT_METHODS)
+    assert set(res["cpu_seconds"]) == set(res["seconds"]) and all(v >= 0 for v in res["cpu_seconds"].values())
+    assert res["run"]["settings"]["classifier"] == "small" and len(res["run"]["load_average"]) == 3
     for method, per_stage in res["accuracy_seen_classes"].items():
         assert sorted(per_stage) == ["1", "2"]
         assert all(0.0 <= v <= 1.0 for v in per_stage.values())
@@ -74,3 +77,121 @@ def test_metrics_by_name():
         assert get_metric("mean_gap") is m and m(real, real) == 0.0
     finally:
         metrics._REGISTRY.pop("mean_gap")
+
+
+# ------------------------------------------------------------------ classifiers
+def test_resnet18_is_adapted_to_32x32_and_matches_torchvision():
+    from gmem.experiments.classifiers import ResNet18, make_classifier
+
+    with seeded(0):
+        own = make_classifier("resnet18", 3, 10, prefer_torchvision=False)
+    assert isinstance(own, ResNet18)
+    assert own.conv1.kernel_size == (3, 3) and own.conv1.stride == (1, 1)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    stem = own.relu(own.bn1(own.conv1(x)))
+    assert own.layer4(own.layer3(own.layer2(own.layer1(stem)))).shape == (2, 512, 4, 4)  # no max-pool
+    assert own(x).shape == (2, 10)
+    assert make_classifier("resnet18", 1, 4, prefer_torchvision=False)(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(KeyError, match="unknown classifier"):
+        make_classifier("vgg")
+    pytest.importorskip("torchvision")
+    with seeded(1):
+        tv = make_classifier("resnet18", 3, 10)
+    assert not isinstance(tv, ResNet18) and isinstance(tv.maxpool, torch.nn.Identity)
+    # the same architecture: the same parameter and buffer names and shapes, and the same function
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes(tv) == shapes(own)
+    own.load_state_dict(tv.state_dict())
+    tv.eval(), own.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(own(x), tv(x))
+
+
+def test_classification_with_resnet18_records_the_choice(tmp_path):
+    out = tmp_path / "cls"
+    assert classification.main(["--out", str(out), "--quick", "--methods", "finetune", "--steps", "1",
+                                "--steps-batch-size", "4", "--classifier", "resnet18", "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["run"]["settings"]["classifier"].startswith("resnet18 (")
+    assert "no max-pool" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        classification.main(["--out", str(out), "--classifier", "vgg"])
+
+
+# ------------------------------------------------------------------ replay check
+class _FixedLogits(torch.nn.Module):
+    """A stand-in classifier: returns the given logits whatever the images."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def prepare(self, images):
+        return images
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_replay_scores_count_hits_swaps_and_two_way_choices():
+    from gmem.experiments.replay_check import scores
+
+    logits = torch.full((4, 10), -5.0)
+    logits[0, 2], logits[1, 3], logits[2, 7] = 9.0, 9.0, 9.0   # hit, swapped, outside the task
+    logits[2, 2], logits[3, 3] = 1.0, 9.0                      # sample 2: among {2, 3} it picks 2
+    labels = torch.tensor([2, 2, 2, 2])                        # all drawn for class 2 of task (2, 3)
+    r = scores(_FixedLogits(logits), torch.zeros(4, 1, 2, 2), labels, [2, 3])
+    assert r == {"accuracy": 0.25, "accuracy_swapped": 0.5, "in_task": 0.75, "two_way": 0.5, "n": 4}
+
+
+def test_replay_check_runs_at_tiny_settings(tmp_path):
+    from gmem.experiments import replay_check
+
+    r = replay_check.run(tmp_path, task=2, iterations=1, batch_size=4, samples=6, classifier_epochs=1)
+    assert r["classes"] == [2, 3] and r["samples"]["n"] == 6 and r["untrained"]["n"] == 6
+    for key in ("real_heldout", "samples", "untrained"):
+        assert all(0.0 <= r[key][k] <= 1.0 for k in ("accuracy", "accuracy_swapped", "in_task", "two_way"))
+    assert (tmp_path / "replay_check.png").stat().st_size > 0
+    assert json.loads((tmp_path / "replay_check.json").read_text())["run"]["settings"]["iterations"] == 1
+    with pytest.raises(IndexError, match="task must lie in 1..5"):
+        replay_check.run(tmp_path, task=6)
+
+
+def test_replay_of_two_conditional_tasks_draws_each_tasks_classes(monkeypatch):
+    # the classification experiment's replay: one mixed batch over earlier conditional tasks; every
+    # sample must be its own task's image for its local class, labelled with that class's global id
+    from gmem import nn as gnn
+    from gmem.memory import GANMemory
+    from gmem.models import load_default_base
+    from gmem.replay import ReplayGenerator
+
+    memory = GANMemory.from_base(*load_default_base())
+    g = torch.Generator().manual_seed(0)
+    for name in ("task1", "task2"):
+        memory.learn(name, torch.zeros(4, 3, 32, 32), iterations=0, batch_size=4, labels=torch.arange(4) % 2,
+                     num_classes=2, progress=False)
+        # distinct bias rows per task and class (the base's row 0 repeated until trained)
+        state = gnn.style_state_dict(memory.generator, name)
+        state["fc.bias"] = state["fc.bias"] + 0.3 * torch.randn(state["fc.bias"].shape, generator=g)
+        gnn.load_style_state_dict(memory.generator, name, state)
+    class_map = {"task1": [0, 1], "task2": [2, 3]}
+    calls = []
+    original = memory.sample
+
+    def spy(task, n=None, z=None, seed=None, labels=None, batch_size=64):
+        calls.append((list(task), z.clone(), torch.as_tensor(labels).clone()))
+        return original(task, n, z=z, seed=seed, labels=labels, batch_size=batch_size)
+
+    monkeypatch.setattr(memory, "sample", spy)
+    names = ["task1", "task2"] * 4
+    x, y, got_names = ReplayGenerator(memory, class_map=class_map, seed=3).generate_labelled(8, condition=names)
+    monkeypatch.undo()
+    (tasks, z, local), = calls
+    assert got_names == names == tasks
+    assert y.tolist() == [class_map[t][int(c)] for t, c in zip(names, local)]
+    assert set(local.tolist()) == {0, 1}
+    for i, t in enumerate(names):
+        one = memory.sample(t, z=z[i:i + 1], labels=local[i:i + 1])
+        torch.testing.assert_close(x[i:i + 1], one, rtol=0, atol=1e-5)
+        other = memory.sample(t, z=z[i:i + 1], labels=1 - local[i:i + 1])  # the other class differs
+        assert (other - one).abs().max() > 1e-3

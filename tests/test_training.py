@@ -114,6 +114,45 @@ def test_g_first_with_reuse_trains_d_on_the_g_updates_fakes():
     assert [k for k, _ in log2] == ["G", "D", "G", "D", "D"] and not torch.equal(log2[4][1], log2[1][1])
 
 
+def test_generator_update_runs_d_with_its_parameters_frozen_and_restores_them():
+    # D's parameters do not require grad while D judges the G update's fakes (so no layer computes their
+    # weight gradients), do while D trains, and are as before after the step; the updates are unchanged
+    seen = []
+    parts, G, D = linear_parts()
+    judge = parts.discriminate
+
+    def discriminate(x, y):
+        seen.append((x.requires_grad, [p.requires_grad for p in D.parameters()]))
+        return judge(x, y)
+
+    parts.discriminate = discriminate
+    step = GANStep(parts, RealBatches(images(), 2, 0), StepConfig(order="g_first", reuse_fake=True), seed=0)
+    step.step()
+    assert seen[0] == (True, [False, False])               # G update: fakes carry grad, D frozen
+    assert seen[1][1] == [True, True] and seen[2][1] == [True, True]  # D update: D trains
+    assert all(p.requires_grad for p in D.parameters())
+    assert all(p.requires_grad for p in G.parameters())
+
+
+def test_frozen_discriminator_gives_the_same_update_as_before():
+    # the reference: the same step with D's parameters never frozen (gradients reach only what is asked)
+    from gmem.training import step as step_module
+
+    results = []
+    for freeze in (True, False):
+        saved = step_module._frozen
+        if not freeze:
+            step_module._frozen = lambda params, keep=(): __import__("contextlib").nullcontext()
+        try:
+            step, G, D = make_step(StepConfig(order="g_first", reuse_fake=True))
+            for _ in range(3):
+                step.step()
+        finally:
+            step_module._frozen = saved
+        results.append([p.detach().clone() for p in list(G.parameters()) + list(D.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_step_trains_only_the_given_parameters_and_updates_the_ema():
     parts, G, D = linear_parts()
     frozen = nn.Parameter(torch.ones(3))

@@ -2,7 +2,8 @@
 
     python -m gmem.experiments.classification --out DIR [--quick]
 
-One small CNN classifier (10-way head) learns the tasks in order. Methods:
+One classifier (10-way head; ``--classifier small``: a small CNN, the default on a CPU, or ``resnet18``:
+ResNet-18 adapted to 32x32, see :mod:`gmem.experiments.classifiers`) learns the tasks in order. Methods:
 
 - ``gan_memory``: each task is also learned by a conditional GAN memory (one task of 2 classes per
   stage); while the classifier learns task t, each batch holds the task's real images plus ``n`` replayed
@@ -34,33 +35,18 @@ from ..data import load_demo_dataset
 from ..images import save_grid
 from ..replay import ReplayGenerator
 from ..seeding import generator, seeded
+from .classifiers import CLASSIFIERS, SmallCNN, make_classifier, resnet18_source
 from .common import Timer, load_base_pair, run_record, threads
 from .plots import markdown_table, plot_curves, write_json
 
 __all__ = ["SmallCNN", "split_tasks", "run", "main", "DEFAULT_METHODS", "FULL", "QUICK"]
 
 DEFAULT_METHODS = ("gan_memory", "mergan_replay", "ewc", "finetune", "joint")
-FULL = dict(num_tasks=5, gan_iterations=300, gan_batch_size=16, steps=300, replay_per_task=16)
+# the largest GAN budget whose run fits in 45 minutes on the 2-core CPU with 1 thread (300 iterations,
+# the paper-like setting, was estimated at ~51 minutes: experiments/results/TIMING.md); pass
+# --gan-iterations 300 where there is time (a GPU)
+FULL = dict(num_tasks=5, gan_iterations=200, gan_batch_size=16, steps=300, replay_per_task=16)
 QUICK = dict(num_tasks=2, gan_iterations=2, gan_batch_size=4, steps=3, replay_per_task=2)
-
-
-class SmallCNN(nn.Module):
-    """``[N, C, 32, 32]`` in [-1, 1] -> logits ``[N, num_classes]``.
-
-    Three 3x3 conv + ReLU + pool stages, then a linear head.
-    """
-
-    def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 16):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.head = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).flatten(1))
 
 
 def split_tasks(labels: Tensor, classes_per_task: int = 2, test_fraction: float = 0.25, seed: int = 0):
@@ -115,8 +101,8 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
         gan_iterations: int = FULL["gan_iterations"], gan_batch_size: int = FULL["gan_batch_size"],
         steps: int = FULL["steps"], replay_per_task: int = FULL["replay_per_task"], batch_size: int = 32,
         lr: float = 1e-3, lr_memory: float = 1e-3, lr_baselines: float = 1e-4, lambda_ra: float = 1e-3,
-        ewc_lambda: float = 1e4, seed: int = 0, base: Optional[str] = None, progress: bool = False,
-        argv: Optional[Sequence[str]] = None) -> dict:
+        ewc_lambda: float = 1e4, seed: int = 0, base: Optional[str] = None, classifier: str = "small",
+        progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the experiment; returns (and writes to ``out``) the results (see the module docstring)."""
     from ..memory import GANMemory
 
@@ -125,6 +111,8 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown:
         raise KeyError(f"unknown methods {unknown}; choose from {list(DEFAULT_METHODS)}")
+    if classifier not in CLASSIFIERS:
+        raise KeyError(f"unknown classifier {classifier!r}; choose from {list(CLASSIFIERS)}")
     G, D = load_base_pair(base)
     data = load_demo_dataset("fashion_mnist", G.size, G.channels)
     x_all, y_all = data.images, data.labels
@@ -136,7 +124,7 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
     t_start = time.time()
     for method in methods:
         with seeded(seed):  # the classifier's initial weights: the same for every method
-            model = SmallCNN(G.channels, num_classes)
+            model = make_classifier(classifier, G.channels, num_classes)
         memory = GANMemory.from_base(G, D) if method == "gan_memory" else None
         mergan = MeRGAN(G, D, num_classes, mode="ra", lambda_ra=lambda_ra, lr=lr_baselines) \
             if method == "mergan_replay" else None
@@ -192,9 +180,11 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
                     gan_iterations=gan_iterations, gan_batch_size=gan_batch_size, steps=steps,
                     batch_size=batch_size, replay_per_task=replay_per_task, lr=lr, lr_memory=lr_memory,
                     lr_baselines=lr_baselines, lambda_ra=lambda_ra, ewc_lambda=ewc_lambda, seed=seed,
-                    base=base or "embedded")
+                    base=base or "embedded", classifier=classifier if classifier == "small"
+                    else f"{classifier} ({resnet18_source()}, 3x3 stride-1 stem, no max-pool)")
     results = {"experiment": "lifelong classification with replay", "accuracy_seen_classes": acc_seen,
-               "accuracy_per_task": acc_task, "seconds": timer.seconds, "wall_seconds": round(time.time() - t_start, 1),
+               "accuracy_per_task": acc_task, "seconds": timer.seconds,
+               "cpu_seconds": timer.cpu_seconds, "wall_seconds": round(time.time() - t_start, 1),
                "run": run_record("gmem.experiments.classification", settings, argv)}
     write_json(results, out / "results.json")
     (out / "results.md").write_text(_markdown(results, methods, len(splits)))
@@ -241,6 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ewc-lambda", type=float, default=1e4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None)
+    p.add_argument("--classifier", choices=CLASSIFIERS, default="small",
+                   help="small: a 3-layer CNN (CPU); resnet18: ResNet-18 for 32x32 inputs (meant for a GPU)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
@@ -249,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with threads(a.threads):
         run(a.out, methods=a.methods, batch_size=a.batch_size, lr=a.lr, lr_memory=a.lr_memory,
             lr_baselines=a.lr_baselines, lambda_ra=a.lambda_ra, ewc_lambda=a.ewc_lambda, seed=a.seed, base=a.base,
-            progress=a.progress, argv=sys.argv[1:] if argv is None else list(argv), **sizes)
+            classifier=a.classifier, progress=a.progress, argv=sys.argv[1:] if argv is None else list(argv), **sizes)
     print(f"results in {a.out}/ (results.md, fig6_right_accuracy.png, fig12_per_task.png)")
     return 0
 

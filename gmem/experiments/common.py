@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import time
 from typing import Iterator, Optional
@@ -37,19 +38,27 @@ def run_record(module: str, settings: dict, argv: Optional[list] = None) -> dict
     return {"command": None if argv is None else " ".join(["python -m", module] + list(argv)),
             "settings": settings, "gmem_version": __version__,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
 class Timer:
-    """Accumulated seconds per key: ``with timer("gan_memory"): ...``."""
+    """Accumulated seconds per key: ``with timer("gan_memory"): ...``.
+
+    ``seconds``: wall time; ``cpu_seconds``: this process's CPU time (all threads), which other
+    processes on a busy machine inflate far less than the wall time (with one thread it estimates
+    the wall time on a quiet machine).
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, key: str) -> Iterator[None]:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         try:
             yield
         finally:
             self.seconds[key] = round(self.seconds.get(key, 0.0) + time.time() - t0, 2)
+            self.cpu_seconds[key] = round(self.cpu_seconds.get(key, 0.0) + time.process_time() - c0, 2)

@@ -32,6 +32,7 @@ identically on every rank (or shard like the step).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -207,6 +208,25 @@ class LossTerm(Plugin):
             losses[self.name] = ctx.extra[self.name]
 
 
+@contextlib.contextmanager
+def _frozen(params, keep=()):
+    """``params`` do not require gradients inside the block (except those in ``keep``), restored after.
+
+    The generator update backpropagates through D only to reach G: with D's parameters frozen while D
+    runs, no layer computes their weight gradients (custom autograd Functions, e.g. the modulated
+    convs, decide from ``requires_grad`` what to compute, not from ``backward(inputs=...)``).
+    """
+    keep_ids = {id(q) for q in keep}
+    changed = [q for q in params if q.requires_grad and id(q) not in keep_ids]
+    for q in changed:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q in changed:
+            q.requires_grad_(True)
+
+
 class GANStep:
     """Optimisers, EMA, randomness and one :meth:`step` of GP-GAN training of ``parts``.
 
@@ -253,7 +273,9 @@ class GANStep:
         p = self.parts
         ctx.z = self._z(ctx.x_real.shape[0])
         fake = p.generate(ctx.z, ctx.y_real)
-        loss = generator_loss(p.discriminate(fake, ctx.y_real))
+        with _frozen(p.d_params, p.g_params):
+            d_fake = p.discriminate(fake, ctx.y_real)
+        loss = generator_loss(d_fake)
         losses["g_loss"] = loss.detach()
         extra = self._extras(pl.g_loss_extra(ctx) for pl in self.plugins)
         self.opt_g.zero_grad(set_to_none=True)
