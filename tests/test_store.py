@@ -266,6 +266,18 @@ def test_missing_sha256_is_an_error(tmp_path):
     assert "sha256" in report["a"] and report["b"] is None
 
 
+def test_damaged_when_one_hex_digit_of_the_sha256_differs(tmp_path):
+    _saved(tmp_path)
+
+    def last_digit_changed(m):
+        digest = m["tasks"][0]["sha256"]
+        m["tasks"][0]["sha256"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+
+    _edit_manifest(tmp_path, last_digit_changed)
+    report = GANMemory.load(tmp_path).verify()
+    assert "damaged" in report["a"] and report["b"] is None
+
+
 @pytest.mark.parametrize("edit,field", [
     (lambda m: m.update(tasks={}), "tasks"),
     (lambda m: m["tasks"][0].update(name="../x"), "tasks[0].name"),

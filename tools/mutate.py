@@ -37,7 +37,7 @@ STORE_FILES = ["gmem/store_files.py", "gmem/atomic.py", "gmem/store_gc.py", "gme
                "gmem/persist.py"]  # the store's modules (the first containing the pattern is mutated)
 STORE_TESTS = ["tests/test_mutations.py", "tests/test_store_gc.py", "tests/test_memory.py", "tests/test_store.py",
                "-k", "save or load or damaged or crash or rewrites or other_base or replaces or garbage or grace "
-                     "or collect or content or atomic or tmp"]
+                     "or collect or content or atomic or tmp or gc or young or stale or run_folder"]
 
 
 @dataclass
