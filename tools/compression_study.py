@@ -84,7 +84,7 @@ def truncation_run(args, mem, name, images) -> dict:
 
     t0 = time.time()
     out = truncation_study(mem, name, lambda fake: pixel_fid(images, fake),
-                           layers=WITH_FC if args.compress_fc else DEFAULT_LAYERS, n=args.samples, seed=0)
+                           layers=WITH_FC if args.compress_fc else DEFAULT_LAYERS, n=args.truncation_samples, seed=0)
     out["seconds"] = round(time.time() - t0, 1)
     print(f"truncation study of {name}: {out['seconds']} s", flush=True)
     return out
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
                    help="also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--truncation", action="store_true",
                    help="per-block truncation study of the first naive task (Figure 4b)")
+    p.add_argument("--truncation-samples", type=int, default=128, help="samples per cell of the truncation study")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,11 +165,11 @@ def main(argv=None) -> int:
     if result["truncation"] is not None:
         from gmem.compress.truncation import plot_truncation, truncation_table
 
-        (out / "truncation.md").write_text(f"Command: `{command}`\n\nPer-block truncation (Figure 4b): one block's "
-                                           "Gamma/B truncated to a kept energy fraction f at a time, the others "
-                                           "intact; pixFID8 is a proxy (8x8-pooled pixels, not the Inception "
-                                           "FID), lower is better, same latents for every cell.\n\n"
-                                           + truncation_table(result["truncation"]))
+        note = ("Per-block truncation (Figure 4b): one block's Gamma/B truncated to a kept energy fraction f at a "
+                "time, the others intact; pixFID8 is a proxy (8x8-pooled pixels, not the Inception FID), lower is "
+                f"better, {args.truncation_samples} samples with the same latents in every cell.")
+        text = f"Command: `{command}`\n\n{note}\n\n" + truncation_table(result["truncation"])
+        (out / "truncation.md").write_text(text)
         plot_truncation(result["truncation"], out / "fig4b_truncation.png")
     print(table(result, command))
     return 0
