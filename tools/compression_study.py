@@ -98,6 +98,7 @@ def table(result: dict, command: str) -> str:
              f"Settings: {a['tasks']} tasks, {a['iterations']} iterations x batch {a['batch_size']} per task, "
              f"keep = {a['keep'] if a['keep'] is not None else 'by layer width (released code)'}, prior weight "
              f"{a['prior_weight']} every {a['prior_every']} iterations, compressed layers: {which}.", "",
+             machine_line(result), "",
              "Quality: pixFID8 (a proxy: Frechet distance of 8x8-pooled pixels, not the Inception FID; lower is "
              f"better), {a['samples']} samples vs the task's 160 images.", "",
              "Stored = generator style values of the task (`parameter_counts()['generator_stored']`); the "
@@ -115,6 +116,15 @@ def table(result: dict, command: str) -> str:
                      f"({100 * c['convs_stored'] / max(c['convs_dense'], 1):.1f}%){dense} | "
                      f"{r['naive']['pixfid8']} | {r['compressed']['pixfid8']} |")
     return "\n".join(lines) + "\n"
+
+
+def machine_line(result: dict) -> str:
+    m = result.get("machine")
+    if not m:
+        return "Machine: not recorded."
+    return (f"Machine: {m['cpus']} CPUs ({m['platform']}), torch threads {m['torch_threads']}; load average "
+            f"(1/5/15 min) {m['load_start']} at the start, {m['load_end']} at the end (other jobs share the CPUs); "
+            f"wall time {m['wall_seconds'] / 60:.1f} minutes.")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -150,8 +160,15 @@ def main(argv=None) -> int:
     p.add_argument("--truncation", action="store_true",
                    help="per-block truncation study of the first naive task (Figure 4b)")
     p.add_argument("--truncation-samples", type=int, default=128, help="samples per cell of the truncation study")
+    p.add_argument("--rewrite", action="store_true",
+                   help="only render table.md and the plots again from --out's results.json (no training)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.rewrite:
+        result = json.loads((out / "results.json").read_text())
+        command = (out / "table.md").read_text().split("`")[1]
+        write_outputs(result, out, command)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.time(), os.getloadavg()
     result = run(args)
@@ -160,6 +177,14 @@ def main(argv=None) -> int:
                          "load_end": [round(x, 2) for x in os.getloadavg()], "wall_seconds": round(time.time() - t0)}
     command = "python tools/compression_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_outputs(result, out, command)
+    print(table(result, command))
+    return 0
+
+
+def write_outputs(result: dict, out: Path, command: str) -> None:
+    """table.md and storage_quality.png; with a truncation study, truncation.md and fig4b_truncation.png."""
+    args = result["args"]
     (out / "table.md").write_text(table(result, command))
     plot(result, out / "storage_quality.png")
     if result["truncation"] is not None:
@@ -167,12 +192,10 @@ def main(argv=None) -> int:
 
         note = ("Per-block truncation (Figure 4b): one block's Gamma/B truncated to a kept energy fraction f at a "
                 "time, the others intact; pixFID8 is a proxy (8x8-pooled pixels, not the Inception FID), lower is "
-                f"better, {args.truncation_samples} samples with the same latents in every cell.")
+                f"better, {args['truncation_samples']} samples with the same latents in every cell.")
         text = f"Command: `{command}`\n\n{note}\n\n" + truncation_table(result["truncation"])
         (out / "truncation.md").write_text(text)
         plot_truncation(result["truncation"], out / "fig4b_truncation.png")
-    print(table(result, command))
-    return 0
 
 
 if __name__ == "__main__":
