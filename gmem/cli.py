@@ -84,7 +84,8 @@ COMMANDS = {
                    _train_base_args, _train_base_run),
 }
 
-# the GAN-memory commands (learn, sample, interpolate, info, demo) live in gmem/cli_memory.py
+# the GAN-memory commands: learn, sample, interpolate, demo in gmem/cli_memory.py, info, verify, remove in
+# gmem/cli_info.py (registered through cli_memory), compress in gmem/cli_compress.py
 from .cli_compress import COMPRESS_COMMANDS  # noqa: E402
 from .cli_memory import MEMORY_COMMANDS  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Checks the ``gmem`` commands run before any work (preflight), and image output by suffix.
+"""Checks the ``gmem`` commands run before any work (preflight), opening a memory, and image output by suffix.
 
 Every check raises ValueError (or an OSError with an errno) with a message meant for one line of
 ``gmem <command>: error: ...``, so a user mistake is reported before training starts, not after.
@@ -23,6 +23,19 @@ def check_number(value, option: str, low: float = -math.inf, high: float = math.
     if not ok:
         span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise ValueError(f"{option} must be a finite number in {span}, got {value!r}")
+
+
+def open_memory(memory: str):
+    """The :class:`gmem.GANMemory` in directory ``memory``; FileNotFoundError saying how to create one if
+    there is none, ValueError if ``memory`` is a file."""
+    from .memory import MANIFEST, GANMemory
+
+    if Path(memory).exists() and not Path(memory).is_dir():
+        raise ValueError(f"{memory} is a file, not a memory directory")
+    if not (Path(memory) / MANIFEST).is_file():
+        raise FileNotFoundError(f"no GAN memory at {memory!r} ({MANIFEST} not found); create one with "
+                                f"`gmem learn {memory} NAME DATA`")
+    return GANMemory.load(memory)
 
 
 def check_device(name: str):

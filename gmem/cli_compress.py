@@ -44,12 +44,11 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
 
 def _compress_run(args) -> int:
     from . import cli_checks
-    from .cli_memory import _open
     from .compress.memory_ops import is_compressed
 
     if args.keep is not None:
         cli_checks.check_number(args.keep, "--keep", 0, 1)
-    mem = _open(args.memory)
+    mem = cli_checks.open_memory(args.memory)
     names = args.tasks or [t for t in mem.tasks if not is_compressed(mem, t)]
     for name in names:
         mem._name(name)  # unknown names fail before anything changes

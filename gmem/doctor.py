@@ -68,6 +68,7 @@ def extension() -> dict:
     """The compiled extension: how it was loaded, the library file, its ops and device code, flags."""
     import torch
 
+    from .hashing import cached_file_digest
     from .ops import _cpp_backend, _ext_build, selfcheck
 
     info = {"loaded": _cpp_backend.extension_loaded(), "how": _cpp_backend._state.get("how"),
@@ -81,7 +82,7 @@ def extension() -> dict:
         info["path"] = str(lib)
         info["size_bytes"] = stat.st_size
         info["mtime"] = datetime.datetime.fromtimestamp(stat.st_mtime).isoformat(timespec="seconds")
-        info["sha256"] = selfcheck._sha256_file(lib)
+        info["sha256"] = cached_file_digest(lib)
         data = lib.read_bytes()
         # nvcc keeps each cubin's ptxas command line ("-arch sm_90 ...") in the fatbin
         archs = re.findall(rb"-arch (sm_\d+a?) ", data)

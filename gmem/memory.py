@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
-from . import store
+from . import persist, store
 from .compress import memory_ops
-from .models import CheckpointError, Discriminator, Generator, load_base, load_default_base, save_base
+from .models import Discriminator, Generator, load_default_base
+from .persist import state_hash
 from .registry import D_MODULATED, G_MODULATED, TaskRegistry
-from .registry import base_state as _base_state
 from .sampling import TaskSampler
 from .store import FORMAT, MANIFEST, TASK_FORMAT, TaskFileError  # noqa: F401  (re-exported)
 
@@ -45,26 +42,14 @@ CHECKPOINT = "checkpoint.pt"
 TaskRef = Union[str, int]
 
 
-# ------------------------------------------------------------------------------------- helpers
-def state_hash(*named_states: tuple[str, dict]) -> str:
-    """SHA-256 of state dicts' float32 contents (keys, shapes and values), independent of file format."""
-    h = hashlib.sha256()
-    for prefix, state in named_states:
-        for key in sorted(state):
-            t = state[key].detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{prefix}{key}:{tuple(t.shape)};".encode())
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-
 # ------------------------------------------------------------------------------------- memory
 class GANMemory:
     """A converted GP-GAN pair with a bank of tasks. See the module docstring for the workflow.
 
     The facade over three parts: :attr:`registry` (:class:`gmem.registry.TaskRegistry`: networks,
     tasks, per-task discriminator heads), :attr:`sampler` (:class:`gmem.sampling.TaskSampler`) and
-    the trainer (:func:`gmem.learning.train_task` on :mod:`gmem.training`); persistence is below.
+    the trainer (:func:`gmem.learning.train_task` on :mod:`gmem.training`); persistence (:meth:`save`,
+    :meth:`load`, :meth:`verify`) is :mod:`gmem.persist` on the rules of :mod:`gmem.store`.
 
     Attributes: ``generator`` / ``discriminator`` (the converted networks; :mod:`gmem.nn` functions
     apply to them), ``tasks`` (learned task names in order, without ``"source"``), ``base_hash``
@@ -186,9 +171,7 @@ class GANMemory:
         A compressed task whose basis columns later compressed tasks use cannot be removed
         (ValueError naming them); remove those first.
         """
-        if memory_ops.is_compressed(self, task):
-            memory_ops.load_all_compressed(self)  # the bases must be complete to see who uses the columns
-            self._knowledge_dirty = True
+        memory_ops.before_remove(self, task)
         self.registry.remove(task)
 
     def compress(self, task: TaskRef, keep: Optional[float] = None, layers=None) -> dict:
@@ -200,9 +183,7 @@ class GANMemory:
         Returns the task's ``compression`` record (``stored_values``, ``new_ranks``, ``max_rel_error``);
         :meth:`parameter_counts` then reports ``generator_stored``. Save to keep it.
         """
-        from .compress.knowledge import DEFAULT_LAYERS
-
-        return memory_ops.compress_task(self, task, keep=keep, layers=DEFAULT_LAYERS if layers is None else layers)
+        return memory_ops.compress_task(self, task, keep=keep, layers=layers)
 
     # ------------------------------------------------------------------ sampling (gmem.sampling)
     def latents(self, n: int, seed: Optional[int] = None) -> Tensor:
@@ -311,12 +292,7 @@ class GANMemory:
         from .learning import learn_task
 
         store.validate_task_name(name)
-        from .compress.knowledge import CompressionSettings
-
-        compress = CompressionSettings.coerce(compress)
-        if compress is not None:
-            memory_ops.load_all_compressed(self)
-
+        compress = memory_ops.prepare_learning(self, compress)
         return learn_task(self, name, data, iterations=iterations, batch_size=batch_size, seed=seed, labels=labels,
                           num_classes=num_classes, lr=lr, betas=betas, r1_gamma=r1_gamma, ema_decay=ema_decay,
                           ema_warmup=ema_warmup, out_dir=out_dir, sample_every=sample_every,
@@ -341,63 +317,11 @@ class GANMemory:
         stays as it is and the other tasks are saved); saving it to another directory copies its
         checked file. A memory on a custom base also stores the base once in ``base/``.
         """
-        directory = store.prepare_directory(directory)
-        same = self._directory is not None and self._directory.resolve() == directory.resolve()
-        known = dict(getattr(self, "_on_disk", {})) if same else {}
-        base_entry = {"kind": self.base_source.get("kind", "custom"), "sha256": self.base_hash,
-                      "generator": self._G.config(), "discriminator": self._D.config()}
-        if base_entry["kind"] == "default":
-            base_entry["file_sha256"] = self.base_source.get("file_sha256")
-        else:
-            base_entry["path"] = "base"
-        put, refresh = [], []
-        for task in self._order:
-            record = self.records[task]
-            counts = {"style_parameters": self.parameter_counts(task)["total"]}
-            if same and task in self._pending:  # untouched since it was read from here: never read it
-                refresh.append({**record, **counts})
-                continue
-            if task in self._pending:
-                data = store.read_task_bytes(self._directory, task, record)
-            else:
-                data = store.task_bytes(self._task_tensors(task), task)
-            rel, digest = store.write_task_file(directory, task, data)
-            entry = {k: v for k, v in record.items() if k not in ("file", "sha256")}
-            entry.update({"file": rel, "sha256": digest, **counts})
-            put.append(entry)
-        write_base = None if base_entry["kind"] == "default" else (lambda: self._save_base(directory / "base"))
-        knowledge = memory_ops.knowledge_entry_for_save(self, same)
-        if callable(knowledge):
-            knowledge = knowledge(directory)
-        known_kb = getattr(self, "_knowledge_entry", None) if same else None
-        manifest = store.commit(directory, base_entry, self.conversion, put, refresh=refresh,
-                                removed=set(known) - set(self._order), known=known, before_write=write_base,
-                                version=_version(), knowledge=knowledge, known_knowledge=known_kb)
-        for entry in put:
-            self.records[entry["name"]].update({"file": entry["file"], "sha256": entry["sha256"]})
-        for task in self._pending:
-            self._pending[task] = store.entry_path(directory, self.records[task])
-        stored = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
-        self._on_disk = {t: stored[t] for t in self._order if t in stored}
-        self._directory = directory
-        self._knowledge_entry, self._knowledge_dirty = manifest.get("knowledge"), False
-        return directory
+        return persist.save_memory(self, directory)
 
     def _save_base(self, base_dir: Path) -> None:
-        from .models.base import base_config
-
-        if (base_dir / "base.json").is_file():
-            try:
-                if base_config(base_dir).get("info", {}).get("state_sha256") == self.base_hash:
-                    return  # saved once already
-            except CheckpointError:
-                pass
-        G = Generator(**self._G.config())
-        D = Discriminator(**self._D.config())
-        G.load_state_dict(_base_state(self._G))
-        with self._d_head("source"):
-            D.load_state_dict(_base_state(self._D))
-        save_base(G, D, base_dir, dtype=torch.float32, info={"state_sha256": self.base_hash})
+        """Store a custom base once in ``base_dir`` (:func:`gmem.persist.save_base_once`)."""
+        persist.save_base_once(self, base_dir)
 
     @staticmethod
     def _read_manifest(directory: Path) -> dict:
@@ -415,56 +339,14 @@ class GANMemory:
         raises :class:`TaskFileError` naming it, for that task only. ``lazy=False`` reads every task
         now and warns (naming the file) about those that cannot be read, which stay unusable.
         """
-        directory = Path(directory)
-        manifest = cls._read_manifest(directory)
-        base = manifest["base"]
-        if base.get("kind") == "default":
-            G, D = load_default_base()
-            source = {"kind": "default", "file_sha256": base.get("file_sha256")}
-        else:
-            G, D = load_base(store.inside(directory, base.get("path", "base"), "base.path"))
-            source = {"kind": "custom"}
-        conv = manifest.get("conversion", {})
-        mem = cls(G, D, g_include=conv.get("generator", G_MODULATED), d_include=conv.get("discriminator", D_MODULATED),
-                  d_fc_per_task=conv.get("discriminator_fc_per_task", True), base_source=source)
-        if mem.base_hash != base["sha256"]:
-            raise CheckpointError(f"{directory / MANIFEST}: this memory was learned on a base with sha256 "
-                                  f"{base['sha256'][:12]}..., but the base found ({base.get('kind')}) has "
-                                  f"{mem.base_hash[:12]}...; its tasks would not fit")
-        for entry in manifest["tasks"]:
-            name = entry["name"]
-            mem._order.append(name)
-            mem.records[name] = dict(entry, metrics=dict(entry.get("metrics", {})))
-            mem._pending[name] = store.entry_path(directory, entry)
-        mem._directory = directory
-        mem._on_disk = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
-        mem._knowledge_entry = manifest.get("knowledge")
-        if not lazy:
-            for name in mem.tasks:
-                try:
-                    mem._ensure_loaded(name)
-                except TaskFileError as e:
-                    warnings.warn(str(e), stacklevel=2)
-        return mem
+        return persist.load_memory(cls, directory, lazy=lazy)
 
     def verify(self) -> dict[str, Optional[str]]:
         """Read every task not read yet; ``{task: None or the error message}``."""
-        out = {}
-        for name in self.tasks:
-            try:
-                self._ensure_loaded(name)
-                out[name] = None
-            except TaskFileError as e:
-                out[name] = str(e)
-        return out
+        return persist.verify_tasks(self)
 
     @property
     def loaded_tasks(self) -> list[str]:
         """Tasks whose weights are in memory (the others are read on first use)."""
         return [t for t in self._order if t not in self._pending]
 
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -194,11 +194,7 @@ class TaskRegistry:
                     if b is not None:
                         fc.bias.copy_(b)
         except BaseException:
-            if task in self.knowledge:
-                self.knowledge.remove_task(task)
-            gnn.remove_task(self.G, task)
-            gnn.remove_task(self.D, task)
-            self.heads.remove(task)
+            self._uninstall(task)
             raise
 
     def task_tensors(self, task: str) -> dict[str, Tensor]:
@@ -218,21 +214,22 @@ class TaskRegistry:
         ``keep_record``: only take a loaded task out of the networks again (a task file that did not fit).
         """
         self.record(task)
+        self._uninstall(task, from_networks=keep_record or task not in self.pending)
         if keep_record:
-            if task in self.knowledge:
-                self.knowledge.remove_task(task)
-            gnn.remove_task(self.G, task)
-            gnn.remove_task(self.D, task)
-            self.heads.remove(task)
             return
-        if task in self.knowledge:  # refused (ValueError naming them) while later tasks use its columns
+        self.pending.pop(task, None)
+        self.order.remove(task)
+
+    def _uninstall(self, task: str, from_networks: bool = True) -> None:
+        """Take ``task`` out of the knowledge bases, the networks' banks (``from_networks``; a task never
+        read is not in them) and the heads. The bases go first: they refuse (ValueError naming them)
+        while later tasks use the task's columns, and then nothing has changed."""
+        if task in self.knowledge:
             self.knowledge.remove_task(task)
-        if task not in self.pending:
+        if from_networks:
             gnn.remove_task(self.G, task)
             gnn.remove_task(self.D, task)
-        self.pending.pop(task, None)
         self.heads.remove(task)
-        self.order.remove(task)
         del self.records[task]
 
     # ------------------------------------------------------------------ running a task

@@ -11,9 +11,20 @@ from . import nn as gnn
 from .registry import TaskRegistry
 from .seeding import generator
 
-__all__ = ["TaskSampler"]
+__all__ = ["TaskSampler", "label_vector"]
 
 TaskRef = Union[str, int]
+
+
+def label_vector(labels, n: int, what: str = "labels", per: str = "sample") -> Tensor:
+    """``labels`` (a number, a sequence or a tensor) as a LongTensor ``[n]`` (a number repeats); ValueError
+    naming ``what`` unless they are integers, one per ``per``. The range is the caller's to check."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim == 0:
+        labels = labels.expand(n)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
+        raise ValueError(f"{what} must be integers, one per {per} [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    return labels.long()
 
 
 class TaskSampler:
@@ -54,12 +65,7 @@ class TaskSampler:
             if not any(classes):
                 return None
             return torch.tensor([i % c if c else 0 for i, c in enumerate(classes)], dtype=torch.long)
-        labels = torch.as_tensor(labels)
-        if labels.ndim == 0:
-            labels = labels.expand(n)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
-            raise ValueError(f"labels must be integers, one per sample [{n}], got {labels.dtype} {tuple(labels.shape)}")
-        labels = labels.long()
+        labels = label_vector(labels, n)
         for i, (t, c, y) in enumerate(zip(names, classes, labels.tolist())):
             if t == "source":
                 continue

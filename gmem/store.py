@@ -6,7 +6,8 @@ A memory directory holds::
     tasks/<stem>-<sha16>.safetensors     one immutable file per task, named by the SHA-256 of its bytes
     base/                                the base of a memory on a custom base (gmem.models.save_base)
     .lock                                locked (flock) by writers while they update the manifest
-    runs/<stem>-<hash8>/                 progress files of ``gmem learn`` (samples, checkpoint)
+    runs/<stem>-<hash8>/                 progress files of ``gmem learn`` (samples, checkpoint, .lock: the
+                                         learner's claim on the task name)
     knowledge/knowledge-<sha16>.json     with compressed tasks: the knowledge bases' layout (which task
                                          added which basis columns of which matrix, in order), named
                                          by the manifest's ``knowledge`` entry (file + sha256); the
@@ -30,8 +31,13 @@ The rules, after git's object store:
   the memory directory, symlinks included (:func:`inside`); a task entry without a SHA-256 cannot
   be read.
 
+- Garbage collection (:mod:`gmem.store_gc`, run by every manifest update) also tidies ``runs/``:
+  stale temporary files, and the run folders of tasks that are not in the manifest and that nobody
+  is learning (the learner's claim is a lock in the folder).
+
 ``flock`` needs a local file system (or NFSv4 with working locks). Names, paths and task files are
-in :mod:`gmem.store_files` (re-exported here); the manifest, locking, merging and GC are here.
+in :mod:`gmem.store_files`, garbage collection in :mod:`gmem.store_gc` (both re-exported here); the
+manifest, locking and merging are here.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from .store_files import (  # noqa: F401
     _HEX64,
     KNOWLEDGE_DIR,
     KNOWLEDGE_FORMAT,
+    LOCK_NAME,
     MANIFEST,
     MAX_NAME_LENGTH,
     TASK_FORMAT,
@@ -76,11 +83,10 @@ from .store_files import (  # noqa: F401
     write_knowledge_file,
     write_task_file,
 )
+from .store_gc import GC_GRACE_SECONDS, RUNS_DIR, collect_garbage  # noqa: F401  (re-exported)
 
 FORMAT = "gmem-memory-v1"
-LOCK_NAME = ".lock"
 LOCK_TIMEOUT = 60.0          # seconds a writer waits for another one to finish its manifest update
-GC_GRACE_SECONDS = 600.0     # unreferenced files younger than this are kept (a reader may still need them)
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -200,16 +206,24 @@ def claim(directory, name: str):
     A second process claiming the same name while the first holds it gets TaskConflictError at once,
     before it trains anything. The claim file lives in the task's run directory.
     """
-    run = Path(directory) / "runs" / run_dir_name(validate_task_name(name))
-    run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    run = Path(directory) / RUNS_DIR / run_dir_name(validate_task_name(name))
+    while True:  # garbage collection may delete an abandoned run folder, claim file included, meanwhile
+        run.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise TaskConflictError(f"task {name!r} is being learned into {directory} by another process "
                                     f"(pid {holder}) right now; wait for it or pick another name") from None
+        if os.fstat(fd).st_nlink:  # still the folder's claim file, not one just collected
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield run
@@ -295,39 +309,6 @@ def _touch_unreferenced(directory: Path, files: list[str], manifest: dict) -> No
             continue
         with contextlib.suppress(ManifestError, OSError):
             os.utime(inside(directory, rel))
-
-
-def collect_garbage(directory, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS) -> list[Path]:
-    """Delete task files and temporary files that the manifest does not reference and that are older than ``grace``.
-
-    Call it under :func:`lock` (``commit`` does). Young files are spared: another writer may be about
-    to reference them, or a reader may still read a file that left the manifest a moment ago.
-    Returns the deleted paths.
-    """
-    directory = Path(directory)
-    manifest = manifest if manifest is not None else read_manifest(directory)
-    try:
-        tasks_dir = inside(directory, TASKS_DIR, "tasks directory")
-    except ManifestError:
-        return []
-    referenced = set()
-    for e in manifest["tasks"] + ([manifest["knowledge"]] if manifest.get("knowledge") else []):
-        with contextlib.suppress(ManifestError):
-            referenced.add(inside(directory, e.get("file"), "file"))
-    now, deleted = time.time(), []
-    candidates = list(tasks_dir.glob("*.safetensors")) + list(tasks_dir.glob(".*.tmp")) + list(directory.glob(".*.tmp"))
-    with contextlib.suppress(ManifestError):
-        kb_dir = inside(directory, KNOWLEDGE_DIR, "knowledge directory")
-        candidates += list(kb_dir.glob("knowledge-*.json")) + list(kb_dir.glob(".*.tmp"))
-    for path in candidates:
-        try:
-            if path.resolve() in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
-                continue
-            path.unlink()
-            deleted.append(path)
-        except OSError:
-            continue
-    return deleted
 
 
 # ------------------------------------------------------------------------------------- maintenance

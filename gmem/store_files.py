@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_write_bytes
+from .hashing import file_digest
 from .models import CheckpointError
 
 MANIFEST = "manifest.json"
 TASK_FORMAT = "gmem-task-v1"
 TASKS_DIR = "tasks"
+LOCK_NAME = ".lock"  # the writers' lock of a memory, and a learner's claim in its run folder
 MAX_NAME_LENGTH = 128
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -131,11 +133,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def prepare_directory(directory) -> Path:
@@ -167,25 +165,32 @@ def write_task_file(directory, name: str, data: bytes) -> tuple[str, str]:
     return rel, digest
 
 
-def read_task_bytes(directory, name: str, entry: dict) -> bytes:
-    """The checked bytes of a task file (inside the memory, SHA-256 as the manifest says); TaskFileError if not."""
+def _read_checked(directory, entry: dict, field: str, owner: str, error: type) -> bytes:
+    """The bytes of the file ``entry`` names (``file``, ``sha256``), confined to the memory and checked
+    against its SHA-256; ``error`` (a TaskFileError) starting with ``owner`` and naming the file if not.
+    ``field``: the entry's place in the manifest (``""`` for a task, ``"knowledge."``)."""
     shown = entry_path(directory, entry)
     try:
-        path = inside(directory, entry.get("file"), "file")
+        path = inside(directory, entry.get("file"), f"{field}file")
     except ManifestError as e:
-        raise TaskFileError(f"task {name!r}: unusable manifest entry: {e}") from None
+        raise error(f"{owner}: unusable manifest entry: {e}") from None
     expected = entry.get("sha256")
     if not isinstance(expected, str) or not _HEX64.fullmatch(expected):
-        raise TaskFileError(f"task {name!r}: manifest field 'sha256' is missing or not a SHA-256 "
-                            f"({expected!r}), so {shown} cannot be checked")
+        raise error(f"{owner}: manifest field '{field}sha256' is missing or not a SHA-256 "
+                    f"({expected!r}), so {shown} cannot be checked")
     if not path.is_file():
-        raise TaskFileError(f"task {name!r}: file missing: {shown}")
+        raise error(f"{owner}: file missing: {shown}")
     data = path.read_bytes()
     digest = sha256_bytes(data)
     if digest != expected:
-        raise TaskFileError(f"task {name!r}: damaged file {shown} (sha256 {digest[:12]}... does not match "
-                            f"{expected[:12]}... in {MANIFEST})")
+        raise error(f"{owner}: damaged file {shown} (sha256 {digest[:12]}... does not match "
+                    f"{expected[:12]}... in {MANIFEST})")
     return data
+
+
+def read_task_bytes(directory, name: str, entry: dict) -> bytes:
+    """The checked bytes of a task file (inside the memory, SHA-256 as the manifest says); TaskFileError if not."""
+    return _read_checked(directory, entry, "", f"task {name!r}", TaskFileError)
 
 
 def read_task(directory, name: str, entry: dict) -> dict[str, Tensor]:
@@ -258,21 +263,7 @@ def read_knowledge(directory, entry: dict) -> dict:
     shown = entry_path(directory, entry if isinstance(entry, dict) else {})
     if not isinstance(entry, dict):
         raise KnowledgeFileError(f"knowledge base: manifest field 'knowledge' must be an object, got {entry!r}")
-    try:
-        path = inside(directory, entry.get("file"), "knowledge.file")
-    except ManifestError as e:
-        raise KnowledgeFileError(f"knowledge base: unusable manifest entry: {e}") from None
-    expected = entry.get("sha256")
-    if not isinstance(expected, str) or not _HEX64.fullmatch(expected):
-        raise KnowledgeFileError(f"knowledge base: manifest field 'knowledge.sha256' is missing or not a SHA-256, "
-                                 f"so {shown} cannot be checked")
-    if not path.is_file():
-        raise KnowledgeFileError(f"knowledge base: file missing: {shown}")
-    data = path.read_bytes()
-    digest = sha256_bytes(data)
-    if digest != expected:
-        raise KnowledgeFileError(f"knowledge base: damaged file {shown} (sha256 {digest[:12]}... does not match "
-                                 f"{expected[:12]}... in {MANIFEST})")
+    data = _read_checked(directory, entry, "knowledge.", "knowledge base", KnowledgeFileError)
     try:
         index = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:

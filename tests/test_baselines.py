@@ -20,14 +20,7 @@ from gmem.replay import ReplayGenerator
 from gmem.seeding import generator, seeded
 from gmem.training import Plugin
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP overhead on a busy machine (the count is restored)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")

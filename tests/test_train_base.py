@@ -120,3 +120,23 @@ def test_paper_configuration_one_step_256():
     losses = trainer.step()
     assert trainer.iteration == 1 and all(torch.isfinite(torch.tensor(list(losses.values()))))
     assert not torch.equal(before, trainer.G.conv_img.weight)
+
+
+def test_init_starts_from_a_saved_base_and_checks_its_architecture(tmp_path, images):
+    first = train_base(images, tmp_path / "a", iterations=2, **TINY)
+    from gmem.train_base import export_base
+    export_base(tmp_path / "a" / "checkpoint.pt", tmp_path / "base")
+    G0, D0 = load_base(tmp_path / "base")
+    cont = BaseTrainer(images, **{k: v for k, v in TINY.items() if k not in ("sample_every", "checkpoint_every",
+                                                                           "progress")})
+    cont.init_from_base(tmp_path / "base")
+    for mine, theirs in ((cont.G, G0), (cont.G_ema, G0), (cont.D, D0)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert not torch.equal(cont.G.fc.weight, first.G.fc.weight)  # the base holds the fp16 EMA generator
+    longer = train_base(images, tmp_path / "b", iterations=2, init=tmp_path / "base", **TINY)
+    assert longer.config["init"]["iterations"] == 2
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["init"]["sha256"] == json.loads((tmp_path / "base" / "base.json").read_text())["sha256"]
+    with pytest.raises(ValueError, match="nf=2 .this run: 4."):
+        train_base(images, tmp_path / "c", iterations=1, init=tmp_path / "base", **{**TINY, "nf": 4})

@@ -33,9 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 _SLOW = "not test_gradcheck_single_and_mixed and not test_lowrank_matches_dense_and_trains_factors"
 OPS_TESTS = ["tests/test_ops.py", "tests/test_op_paths.py", "-k", _SLOW]
 LOWRANK_TESTS = ["tests/test_op_paths.py", "tests/test_ops.py", "-k", _SLOW]
-STORE_FILES = ["gmem/store.py", "gmem/memory.py"]  # the store may live in either (first match wins)
-STORE_TESTS = ["tests/test_mutations.py", "tests/test_memory.py", "-k",
-               "save or load or damaged or crash or rewrites or other_base or replaces"]
+STORE_FILES = ["gmem/store_files.py", "gmem/atomic.py", "gmem/store_gc.py", "gmem/store.py",
+               "gmem/persist.py"]  # the store's modules (the first containing the pattern is mutated)
+STORE_TESTS = ["tests/test_mutations.py", "tests/test_store_gc.py", "tests/test_memory.py", "tests/test_store.py",
+               "-k", "save or load or damaged or crash or rewrites or other_base or replaces or garbage or grace "
+                     "or collect or content or atomic or tmp"]
 
 
 @dataclass
@@ -112,19 +114,24 @@ MUTATIONS = [
     Mutation("lowrank: s squared", ["gmem/ops/lowrank.py"], "(self.u * self.s.unsqueeze(-2))",
              "(self.u * self.s.square().unsqueeze(-2))", LOWRANK_TESTS),
     # -- the store ----------------------------------------------------------------------------------
-    Mutation("store: load skips the hash check", STORE_FILES,
-             "if record.get(\"sha256\") and digest != record[\"sha256\"]:", "if False:", STORE_TESTS),
-    Mutation("store: load compares a truncated hash", STORE_FILES, "digest != record[\"sha256\"]",
-             "digest[:2] != record[\"sha256\"][:2]", STORE_TESTS),
-    Mutation("store: save reuses a file without checking its hash", STORE_FILES,
-             "if not (path.is_file() and _sha256_file(path) == digest):", "if not path.is_file():", STORE_TESTS),
+    Mutation("store: a read skips the hash check", STORE_FILES, "if digest != expected:", "if False:",
+             STORE_TESTS),
+    Mutation("store: a read compares a truncated hash", STORE_FILES, "if digest != expected:",
+             "if digest[:2] != expected[:2]:", STORE_TESTS),
+    Mutation("store: save reuses a task file without checking its hash", STORE_FILES,
+             "    if path.is_file() and sha256_file(path) == digest:\n", "    if path.is_file():\n", STORE_TESTS),
     Mutation("store: atomic write straight into the target", STORE_FILES,
-             "tmp = path.with_name(path.name + \".tmp\")", "tmp = path", STORE_TESTS),
-    Mutation("store: atomic write leaves its temporary file", STORE_FILES,
-             "        if tmp.exists():\n            tmp.unlink()", "        pass", STORE_TESTS),
+             "    tmp = temporary_name(path)\n", "    tmp = path\n", STORE_TESTS),
+    Mutation("store: a failed atomic write leaves its temporary file", STORE_FILES,
+             "        with contextlib.suppress(FileNotFoundError):\n            tmp.unlink()",
+             "        pass", STORE_TESTS),
     Mutation("store: task file name ignores the content hash", STORE_FILES,
-             "rel = f\"tasks/{_safe_name(task)}-{digest[:12]}.safetensors\"",
-             "rel = f\"tasks/{_safe_name(task)}.safetensors\"", STORE_TESTS),
+             'return f"{TASKS_DIR}/{_stem(name)}-{digest[:16]}.safetensors"',
+             'return f"{TASKS_DIR}/{_stem(name)}.safetensors"', STORE_TESTS),
+    Mutation("store: garbage collection ignores the grace period", STORE_FILES,
+             "or now - path.stat().st_mtime < grace:", "or False:", STORE_TESTS),
+    Mutation("store: garbage collection deletes referenced files", STORE_FILES,
+             "if path.resolve() in referenced or not path.is_file()", "if not path.is_file()", STORE_TESTS),
 ]
 
 

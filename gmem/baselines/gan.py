@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..data import TensorImages, batch
 from ..learning import LEARN_DEFAULTS
 from ..models import Discriminator, Generator
+from ..sampling import label_vector
 from ..seeding import generator, seeded
 from ..training import GANParts, GANStep, Plugin, RealBatches, StepConfig, StepContext, TrainLoop
 
@@ -61,12 +62,7 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 
 def _conditions(labels, n: int, num_labels: int) -> Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.ndim == 0:
-        labels = labels.expand(n)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
-        raise ValueError(f"conditions must be integers, one per image [{n}], got {labels.dtype} {tuple(labels.shape)}")
-    labels = labels.long()
+    labels = label_vector(labels, n, "conditions", "image")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
         raise IndexError(f"conditions must lie in [0, {num_labels}), got [{int(labels.min())}, {int(labels.max())}]")
     return labels.clone()

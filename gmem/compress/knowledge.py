@@ -21,6 +21,7 @@ column ranges are described by :meth:`Knowledge.index` (the memory's knowledge-b
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -221,6 +222,21 @@ def begin_task(G, task: str, knowledge: Knowledge, settings: CompressionSettings
     return styles
 
 
+@contextlib.contextmanager
+def _all_or_nothing(task: str, index: int):
+    """Yield ``(added, plan)`` lists to fill: bases ``task`` was added to, ``(layer, entry)`` to set. If the
+    block raises, ``task`` leaves those bases again and no entry changes; else every entry is set."""
+    added, plan = [], []
+    try:
+        yield added, plan
+    except BaseException:
+        for kb in added:
+            kb.remove_task(task)
+        raise
+    for layer, entry in plan:
+        layer.set_entry(index, entry)
+
+
 def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dict:
     """Add ``task`` to the bases with ``matrices(name, layer, entry) -> ((lam, E) gamma, (lam, E) beta, bias)``
     and swap the entries for stored compressed ones; all or nothing.
@@ -233,8 +249,8 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
     from ..nn.lowrank import CompressedStyle, entry_kind
 
     index = gnn.task_index(G, task)
-    added, plan, info = [], [], {}
-    try:
+    info = {}
+    with _all_or_nothing(task, index) as (added, plan):
         for name, layer, shape in select_layers(G, settings_layers):
             entry = layer.entry(index)
             got = matrices(name, layer, entry)
@@ -256,12 +272,6 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
             else:
                 plan.append((layer, CompressedStyle(pair, task, bias, flat=isinstance(layer, ModulatedLinear))))
             info.update(mine)
-    except BaseException:
-        for kb in added:
-            kb.remove_task(task)
-        raise
-    for layer, entry in plan:
-        layer.set_entry(index, entry)
     return info
 
 
@@ -328,8 +338,7 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
 
     layers = dict(gnn.modulated_layers(G))
     index = gnn.task_index(G, task)
-    added, plan = [], []
-    try:
+    with _all_or_nothing(task, index) as (added, plan):
         for name, groups in lowrank.items():
             layer = layers.get(name)
             if not isinstance(layer, (ModulatedConv2d, ModulatedLinear)):
@@ -355,10 +364,4 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
                 raise KeyError(f"{name}.bias is missing")
             plan.append((layer, CompressedStyle(pair, task, torch.zeros_like(layer.entry(index).bias),
                                                 flat=isinstance(layer, ModulatedLinear))))
-    except BaseException:
-        for kb in added:
-            kb.remove_task(task)
-        raise
-    for layer, entry in plan:
-        layer.set_entry(index, entry)
     return rest

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .knowledge import DEFAULT_LAYERS, compress_dense_task, index_order
+from .knowledge import DEFAULT_LAYERS, CompressionSettings, compress_dense_task, index_order
 
 __all__ = ["is_compressed", "knowledge_index", "load_dependencies", "load_all_compressed", "check_installed",
-           "knowledge_entry_for_save", "compress_task", "compression_record"]
+           "before_remove", "prepare_learning", "knowledge_entry_for_save", "compress_task", "compression_record"]
 
 
 def is_compressed(mem, task: str) -> bool:
@@ -72,6 +72,23 @@ def load_all_compressed(mem) -> None:
             mem._ensure_loaded(task)
 
 
+def before_remove(mem, task: str) -> None:
+    """Before :meth:`GANMemory.remove` drops a compressed ``task``: load every compressed task (the bases
+    must be complete to see who uses its columns) and mark the knowledge-base file for rewriting."""
+    if is_compressed(mem, task):
+        load_all_compressed(mem)
+        mem._knowledge_dirty = True
+
+
+def prepare_learning(mem, compress):
+    """The :class:`CompressionSettings` of :meth:`GANMemory.learn`'s ``compress`` argument (None: learn
+    naive); learning compressed first loads every compressed task (the bases are about to grow)."""
+    settings = CompressionSettings.coerce(compress)
+    if settings is not None:
+        load_all_compressed(mem)
+    return settings
+
+
 def knowledge_entry_for_save(mem, same_directory: bool):
     """What :meth:`GANMemory.save` passes as ``knowledge`` to :func:`gmem.store.commit`: ``()`` to keep the
     directory's file, else a callable writing the current index (None if nothing is compressed)."""
@@ -101,8 +118,12 @@ def compression_record(mem, task: str, settings: dict, info: dict) -> dict:
             "max_rel_error": max((round(i["rel_error"], 6) for i in info.values()), default=0.0)}
 
 
-def compress_task(mem, task: str, keep: Optional[float] = None, layers=DEFAULT_LAYERS) -> dict:
-    """:meth:`GANMemory.compress`: store the naive ``task`` compressed; returns its ``compression`` record."""
+def compress_task(mem, task: str, keep: Optional[float] = None, layers=None) -> dict:
+    """:meth:`GANMemory.compress`: store the naive ``task`` compressed; returns its ``compression`` record.
+
+    ``layers``: globs of the generator convs to compress (None: :data:`DEFAULT_LAYERS`, blocks B0-B3).
+    """
+    layers = DEFAULT_LAYERS if layers is None else layers
     name = mem._name(task)
     if name == "source":
         raise ValueError("compress: the source is the frozen base; name a learned task")

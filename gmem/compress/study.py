@@ -1,14 +1,13 @@
 """Study outputs: singular-value spectra per layer (the paper's Figures 4a and 14) and small tables."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_write_path
 from .base import KnowledgeBase
 from .energy import energy_rank
 
@@ -57,18 +56,7 @@ def plot_singular_values(spectra: Mapping[str, Tensor], path, normalise: bool = 
         ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is meant for secrets, not for a plot
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
+    atomic_write_path(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 def energy_table(spectra: Mapping[str, Tensor], keeps: Sequence[float] = (0.8, 0.9, 0.95, 0.99)) -> str:
     """A Markdown table: per layer the number of singular values ``J`` and the rank kept at each ``keep``."""

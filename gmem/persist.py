@@ -1,0 +1,162 @@
+"""Saving and loading a :class:`gmem.GANMemory` (the facade's persistence; the file rules are :mod:`gmem.store`).
+
+:func:`save_memory` turns the memory's tasks into content-addressed task files and merges them into
+the directory's manifest (:func:`gmem.store.commit`); :func:`load_memory` opens a directory with every
+task pending (read lazily on first use); :func:`verify_tasks` reads the pending ones. The state a
+memory keeps about its directory: ``_directory`` (where it was loaded from / saved to), ``_on_disk``
+(``{task: sha256}`` as last read or written there), ``_knowledge_entry`` / ``_knowledge_dirty`` (the
+knowledge-base file of compressed tasks, and whether the bases changed since).
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import store
+from .compress import memory_ops
+from .models import CheckpointError, Discriminator, Generator, load_base, load_default_base, save_base
+from .registry import D_MODULATED, G_MODULATED
+from .registry import base_state as _base_state
+from .store import MANIFEST, TaskFileError
+
+__all__ = ["state_hash", "save_memory", "save_base_once", "load_memory", "verify_tasks"]
+
+
+def state_hash(*named_states: tuple[str, dict]) -> str:
+    """SHA-256 of state dicts' float32 contents (keys, shapes and values), independent of file format.
+
+    The identity of a base in the manifest (``base.sha256``): a memory's tasks load only on that base.
+    """
+    h = hashlib.sha256()
+    for prefix, state in named_states:
+        for key in sorted(state):
+            t = state[key].detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{prefix}{key}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _base_entry(mem) -> dict:
+    """The manifest's ``base`` entry of ``mem``: kind, hash, architecture (and where a custom base is stored)."""
+    entry = {"kind": mem.base_source.get("kind", "custom"), "sha256": mem.base_hash,
+             "generator": mem.generator.config(), "discriminator": mem.discriminator.config()}
+    if entry["kind"] == "default":
+        entry["file_sha256"] = mem.base_source.get("file_sha256")
+    else:
+        entry["path"] = "base"
+    return entry
+
+
+def save_memory(mem, directory) -> Path:
+    """:meth:`GANMemory.save`: write the task files, then merge them into the manifest under the lock."""
+    directory = store.prepare_directory(directory)
+    same = mem._directory is not None and mem._directory.resolve() == directory.resolve()
+    known = dict(getattr(mem, "_on_disk", {})) if same else {}
+    base_entry = _base_entry(mem)
+    put, refresh = [], []
+    for task in mem._order:
+        record = mem.records[task]
+        counts = {"style_parameters": mem.parameter_counts(task)["total"]}
+        if same and task in mem._pending:  # untouched since it was read from here: never read it
+            refresh.append({**record, **counts})
+            continue
+        if task in mem._pending:
+            data = store.read_task_bytes(mem._directory, task, record)
+        else:
+            data = store.task_bytes(mem._task_tensors(task), task)
+        rel, digest = store.write_task_file(directory, task, data)
+        entry = {k: v for k, v in record.items() if k not in ("file", "sha256")}
+        entry.update({"file": rel, "sha256": digest, **counts})
+        put.append(entry)
+    write_base = None if base_entry["kind"] == "default" else (lambda: mem._save_base(directory / "base"))
+    knowledge = memory_ops.knowledge_entry_for_save(mem, same)
+    if callable(knowledge):
+        knowledge = knowledge(directory)
+    known_kb = getattr(mem, "_knowledge_entry", None) if same else None
+    manifest = store.commit(directory, base_entry, mem.conversion, put, refresh=refresh,
+                            removed=set(known) - set(mem._order), known=known, before_write=write_base,
+                            version=_version(), knowledge=knowledge, known_knowledge=known_kb)
+    for entry in put:
+        mem.records[entry["name"]].update({"file": entry["file"], "sha256": entry["sha256"]})
+    for task in mem._pending:
+        mem._pending[task] = store.entry_path(directory, mem.records[task])
+    stored = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
+    mem._on_disk = {t: stored[t] for t in mem._order if t in stored}
+    mem._directory = directory
+    mem._knowledge_entry, mem._knowledge_dirty = manifest.get("knowledge"), False
+    return directory
+
+
+def save_base_once(mem, base_dir: Path) -> None:
+    """Store the custom base of ``mem`` in ``base_dir`` (float32), unless the same base is there already."""
+    from .models.base import base_config
+
+    if (base_dir / "base.json").is_file():
+        try:
+            if base_config(base_dir).get("info", {}).get("state_sha256") == mem.base_hash:
+                return  # saved once already
+        except CheckpointError:
+            pass
+    G = Generator(**mem.generator.config())
+    D = Discriminator(**mem.discriminator.config())
+    G.load_state_dict(_base_state(mem.generator))
+    with mem._d_head("source"):
+        D.load_state_dict(_base_state(mem.discriminator))
+    save_base(G, D, base_dir, dtype=torch.float32, info={"state_sha256": mem.base_hash})
+
+
+def load_memory(cls, directory, *, lazy: bool = True):
+    """:meth:`GANMemory.load`: a ``cls`` on the manifest's base (hash checked) with every task pending."""
+    directory = Path(directory)
+    manifest = cls._read_manifest(directory)
+    base = manifest["base"]
+    if base.get("kind") == "default":
+        G, D = load_default_base()
+        source = {"kind": "default", "file_sha256": base.get("file_sha256")}
+    else:
+        G, D = load_base(store.inside(directory, base.get("path", "base"), "base.path"))
+        source = {"kind": "custom"}
+    conv = manifest.get("conversion", {})
+    mem = cls(G, D, g_include=conv.get("generator", G_MODULATED), d_include=conv.get("discriminator", D_MODULATED),
+              d_fc_per_task=conv.get("discriminator_fc_per_task", True), base_source=source)
+    if mem.base_hash != base["sha256"]:
+        raise CheckpointError(f"{directory / MANIFEST}: this memory was learned on a base with sha256 "
+                              f"{base['sha256'][:12]}..., but the base found ({base.get('kind')}) has "
+                              f"{mem.base_hash[:12]}...; its tasks would not fit")
+    for entry in manifest["tasks"]:
+        name = entry["name"]
+        mem._order.append(name)
+        mem.records[name] = dict(entry, metrics=dict(entry.get("metrics", {})))
+        mem._pending[name] = store.entry_path(directory, entry)
+    mem._directory = directory
+    mem._on_disk = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
+    mem._knowledge_entry = manifest.get("knowledge")
+    if not lazy:
+        for name in mem.tasks:
+            try:
+                mem._ensure_loaded(name)
+            except TaskFileError as e:
+                warnings.warn(str(e), stacklevel=3)  # the caller of GANMemory.load
+    return mem
+
+
+def verify_tasks(mem) -> dict[str, Optional[str]]:
+    """:meth:`GANMemory.verify`: read every task not read yet; ``{task: None or the error message}``."""
+    out = {}
+    for name in mem.tasks:
+        try:
+            mem._ensure_loaded(name)
+            out[name] = None
+        except TaskFileError as e:
+            out[name] = str(e)
+    return out
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
