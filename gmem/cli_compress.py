@@ -12,11 +12,23 @@ def storage_lines(tasks: list[dict]) -> list[str]:
     for t in tasks:  # no index column: the task table above has it (and scripts parse it)
         naive, stored = t["generator_style"], t["generator_stored"]
         naive_total, stored_total = naive_total + naive, stored_total + stored
+        dense = (t.get("compression") or {}).get("dense_layers")
         lines.append(f"    {t['name']:<18}{naive:>11,}{stored:>11,}{100 * stored / naive:>13.1f}%  "
-                     f"{'compressed' if t.get('compressed') else 'naive'}")
+                     f"{'compressed' if t.get('compressed') else 'naive'}"
+                     + (f" (stored dense, factors would cost more: {', '.join(dense)})" if dense else ""))
     lines.append(f"    {'all tasks':<18}{naive_total:>11,}{stored_total:>11,}"
                  f"{100 * stored_total / max(naive_total, 1):>13.1f}%")
     return lines
+
+
+def compress_layers(layers, fc: bool):
+    """The layer selection of ``--layers GLOB...`` / ``--compress-fc`` (None: the defaults, B0-B3)."""
+    from .compress.knowledge import DEFAULT_LAYERS, FC_LAYER
+
+    if not fc:
+        return layers
+    layers = list(layers or DEFAULT_LAYERS)
+    return layers if FC_LAYER in layers else layers + [FC_LAYER]
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +38,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    help="energy fraction kept (default: by layer width, as the released code)")
     p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
                    help="generator conv layers to compress (default: blocks B0-B3, resnet_0_0 .. resnet_3_0)")
+    p.add_argument("--compress-fc", action="store_true",
+                   help="also compress the generator fc's mFiLM gamma/beta, viewed as (16 nf) x (s0*s0) matrices")
 
 
 def _compress_run(args) -> int:
@@ -43,12 +57,15 @@ def _compress_run(args) -> int:
     if not names:
         print(f"{args.memory}: no naive task to compress")
         return 0
+    layers = compress_layers(args.layers, args.compress_fc)
     for name in names:
-        rec = mem.compress(name, keep=args.keep, layers=args.layers)
+        rec = mem.compress(name, keep=args.keep, layers=layers)
         c = mem.parameter_counts(name)
+        dense = rec.get("dense_layers") or []
         print(f"compressed {name!r}: generator stores {c['generator_stored']:,} of {c['generator_style']:,} values "
               f"({100 * c['generator_stored'] / c['generator_style']:.1f}%), max relative error "
-              f"{rec['max_rel_error']:.3g}")
+              f"{rec['max_rel_error']:.3g}" + (f"; stored dense (factors would cost more): {', '.join(dense)}"
+                                               if dense else ""))
     mem.save(args.memory)
     print(f"memory saved to {args.memory}")
     return 0

@@ -39,7 +39,7 @@ def _info_run(args) -> int:
         r = mem.records[t]
         info["tasks"].append({"name": t, "classes": mem.num_classes(t), "class_names": r.get("classes"),
                               "generator_style": c["generator_style"], "generator_stored": c["generator_stored"],
-                              "compressed": "compression" in r,
+                              "compressed": "compression" in r, "compression": r.get("compression"),
                               "generator_style_ratio": round(c["generator_style_ratio"], 4),
                               "discriminator_style": c["discriminator_style"] + c["discriminator_fc"],
                               "file": r.get("file"), "training": r.get("training", {}),

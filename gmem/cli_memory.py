@@ -67,6 +67,8 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=float, default=None,
                    help="with --compress: energy fraction kept after the task (default: by layer width, "
                         "1.0 below 256 channels, as the released code)")
+    p.add_argument("--compress-fc", action="store_true",
+                   help="with --compress: also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -90,6 +92,8 @@ def _learn_preflight(args):
     if getattr(args, "keep", None) is not None:
         if not getattr(args, "compress", False):
             raise ValueError("--keep applies with --compress only")
+    if getattr(args, "compress_fc", False) and not getattr(args, "compress", False):
+        raise ValueError("--compress-fc applies with --compress only")
         cli_checks.check_number(args.keep, "--keep", 0, 1)
     if args.background is not None:
         from .data import _background
@@ -141,9 +145,11 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
     import torch
 
     from . import distributed as dist
+    from .compress.knowledge import DEFAULT_LAYERS, WITH_FC
     from .data import batch
     from .eval import pixel_fid
 
+    layers = WITH_FC if getattr(args, "compress_fc", False) else DEFAULT_LAYERS
     try:
         mem.learn(args.name, dataset, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                   labels=True if args.conditional else None, lr=args.lr, r1_gamma=args.r1_gamma,
@@ -151,7 +157,8 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
                   checkpoint_every=args.checkpoint_every,
                   max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
                   progress=not args.no_progress,
-                  compress={"keep": getattr(args, "keep", None)} if getattr(args, "compress", False) else False)
+                  compress={"keep": getattr(args, "keep", None), "layers": layers}
+                  if getattr(args, "compress", False) else False)
     except KeyboardInterrupt:
         import sys
 

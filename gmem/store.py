@@ -65,6 +65,7 @@ from .store_files import (  # noqa: F401
     TaskConflictError,
     TaskFileError,
     atomic_write_bytes,
+    columns_lost,
     entry_path,
     index_without,
     inside,
@@ -370,6 +371,20 @@ def repair(directory, *, also: Optional[dict] = None, timeout: Optional[float] =
                     bad[entry["name"]] = "contents do not fit the memory"
             except TaskFileError as e:
                 bad[entry["name"]] = str(e)
+        if bad and manifest.get("knowledge"):  # compressed: the knowledge-base file must follow
+            try:
+                index = read_knowledge(directory, manifest["knowledge"])
+            except KnowledgeFileError:
+                index = None  # a damaged knowledge file is reported by verify; leave it as it is
+            if index is not None:
+                bad.update(columns_lost(index, bad))
+                dropped = manifest.pop("knowledge")["file"]
+                index = index_without(index, bad)
+                if index["matrices"]:
+                    rel, digest = write_knowledge_file(directory, knowledge_bytes(index))
+                    manifest["knowledge"] = {"file": rel, "sha256": digest}
+                if manifest.get("knowledge", {}).get("file") != dropped:
+                    _touch_unreferenced(directory, [dropped], manifest)
         if bad:
             manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in bad]
             _write_manifest(directory, manifest)

@@ -271,6 +271,30 @@ def read_knowledge(directory, entry: dict) -> dict:
     return _check_index(index, shown)
 
 
+def columns_lost(index: dict, names) -> dict[str, str]:
+    """``{task: reason}`` of the compressed tasks that cannot be read without the tasks ``names``.
+
+    A task's basis columns are stored in its own file, and every later task of a matrix uses all the
+    columns before its own: dropping a task that added columns (rank > 0) loses them for the later
+    tasks of that matrix too. Tasks that added no columns are no loss to anyone.
+    """
+    lost: dict[str, str] = {}
+    gone = set(names)
+    changed = True
+    while changed:  # a lost task may itself have added columns that later tasks of another matrix use
+        changed = False
+        for key, mat in index["matrices"].items():
+            rows = mat["tasks"]
+            for i, (name, _, rank) in enumerate(rows):
+                if name in gone and rank > 0:
+                    for later in rows[i + 1:]:
+                        if later[0] not in gone:
+                            lost[later[0]] = f"uses the basis columns of dropped task {name!r} ({key})"
+                            gone.add(later[0])
+                            changed = True
+    return lost
+
+
 def index_without(index: dict, names) -> dict:
     """``index`` without the tasks ``names``; ValueError naming the tasks that use their columns."""
     names = set(names)

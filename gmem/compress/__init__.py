@@ -10,12 +10,16 @@ The pieces, lowest first (none imports :mod:`gmem.nn` or anything above it at im
   (``G = L diag(lam) R^T + E``), and :func:`nuclear_prior`, the weighted nuclear norm on ``E``.
 - :mod:`.base`: :class:`KnowledgeBase`, the growing basis of one style matrix and the tasks stored in it.
 - :mod:`.study`: singular-value plots and tables. :mod:`.posthoc`: truncating a naive task's dense
-  matrices directly (no training-time prior).
+  matrices directly (no training-time prior). :mod:`.truncation`: the per-block truncation study
+  (quality vs kept energy, one block at a time: the paper's Figure 4b).
+- :mod:`.layers`: the layer selection (globs, or ``(glob, (rows, cols))`` for a linear layer) and each
+  selected layer's matrices: a conv's ``[O, I]``, the GP-GAN fc's mFiLM vectors as ``(16 nf) x (s0^2)``.
 
 In a memory (phase B): :mod:`.knowledge` (the bases of a generator's compressed convs, the task life
 cycle: training-time entries, the prior plug-in, storing, post-hoc compression, installing from a file;
 ``CompressionSettings`` with the released code's defaults: blocks B0-B3, width fractions, weight 0.01
-every 10 iterations) and :mod:`.memory_ops` (loading order, the knowledge-base file, ``mem.compress``);
+every 10 iterations; ``WITH_FC`` adds the fc; a layer whose factors would cost more than its dense
+matrices is stored dense) and :mod:`.memory_ops` (loading order, the knowledge-base file, ``mem.compress``);
 the bank entries are :mod:`gmem.nn.lowrank`. ``GANMemory.learn(..., compress=True)``,
 ``GANMemory.compress(task)``, ``parameter_counts(task)["generator_stored"]``.
 

@@ -30,20 +30,25 @@ from torch import Tensor
 
 from .base import KnowledgeBase, fit_coefficients
 from .energy import _check_keep
+from .layers import FC_LAYER, normalise_layers, select_layers
 from .prior import PRIOR_EVERY, PRIOR_WEIGHT, LowRankStyle, nuclear_prior
 
-__all__ = ["DEFAULT_LAYERS", "CompressionSettings", "Knowledge", "make_prior", "index_order", "compressed_layers",
+__all__ = ["DEFAULT_LAYERS", "WITH_FC", "FC_LAYER", "CompressionSettings",
+           "Knowledge", "make_prior", "index_order", "compressed_layers",
            "begin_task", "finish_task", "compress_dense_task", "install_task", "INDEX_FORMAT"]
 
 #: Generator blocks B0-B3 (both convs of each), the released code's compressed layers.
 DEFAULT_LAYERS = ("resnet_0_0.conv_*", "resnet_1_0.conv_*", "resnet_2_0.conv_*", "resnet_3_0.conv_*")
+#: The default layers plus the GP-GAN ``fc`` (its mFiLM ``gamma``/``beta`` as ``(16 nf) x (s0 * s0)`` matrices).
+WITH_FC = DEFAULT_LAYERS + (FC_LAYER,)
 INDEX_FORMAT = "gmem-knowledge-v1"
 GROUPS = ("gamma", "beta")
 
 
 @dataclass
 class CompressionSettings:
-    """How a task is compressed. ``layers``: globs over generator layer names (modulated convs only);
+    """How a task is compressed. ``layers``: globs over generator layer names, or ``(glob, (rows, cols))``
+    pairs for linear layers (see :mod:`gmem.compress.layers`; ``WITH_FC`` adds the GP-GAN fc);
     ``keep``: kept energy fraction after a task (None: :func:`width_fraction` of each layer's width);
     ``prior_weight`` / ``prior_every``: the nuclear-norm prior's weight and period; ``weighted``:
     weighted (``eta_j``) or plain nuclear norm."""
@@ -55,9 +60,7 @@ class CompressionSettings:
     weighted: bool = True
 
     def __post_init__(self):
-        self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-        if not self.layers or not all(isinstance(g, str) for g in self.layers):
-            raise ValueError(f"compression layers must be glob strings, got {self.layers!r}")
+        self.layers = normalise_layers(self.layers)
         if self.keep is not None:
             self.keep = _check_keep(self.keep, "compression keep")
         if not (isinstance(self.prior_weight, (int, float)) and self.prior_weight >= 0):
@@ -81,22 +84,14 @@ class CompressionSettings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["layers"] = list(self.layers)
+        d["layers"] = [g if isinstance(g, str) else [g[0], list(g[1])] for g in self.layers]
         return d
 
 
 def compressed_layers(G, layers=DEFAULT_LAYERS) -> list:
-    """``[(name, ModulatedConv2d)]`` of ``G`` that ``layers`` (globs) select; ValueError if none."""
-    from .. import nn as gnn
-    from ..nn.layers import ModulatedConv2d
-    from ..nn.tasks import _matcher
-
-    match = _matcher(list(layers), "compression layers")
-    out = [(n, m) for n, m in gnn.modulated_layers(G) if isinstance(m, ModulatedConv2d) and match(n)]
-    if not out:
-        convs = [n for n, m in gnn.modulated_layers(G) if isinstance(m, ModulatedConv2d)]
-        raise ValueError(f"compression layers {list(layers)} select no modulated conv; the generator's are {convs}")
-    return out
+    """``[(name, layer)]`` of ``G`` that ``layers`` select (convs, and linear layers with a matrix view);
+    ValueError if none. :func:`gmem.compress.layers.select_layers` also gives each one's matrix shape."""
+    return [(n, m) for n, m, _ in select_layers(G, layers)]
 
 
 class Knowledge:
@@ -105,8 +100,13 @@ class Knowledge:
     def __init__(self):
         self.bases: dict[str, KnowledgeBase] = {}
 
-    def pair(self, name: str, layer, create: bool = True) -> tuple[KnowledgeBase, KnowledgeBase]:
-        """The ``(gamma, beta)`` bases of conv ``name`` (created empty on the layer's device/dtype)."""
+    def pair(self, name: str, layer, create: bool = True, shape=None) -> tuple[KnowledgeBase, KnowledgeBase]:
+        """The ``(gamma, beta)`` bases of layer ``name`` (created empty on the layer's device/dtype).
+
+        ``shape``: the matrices' ``(rows, cols)`` (default ``(out_channels, in_channels)`` of a conv);
+        ValueError if existing bases have another shape."""
+        if shape is None:
+            shape = (layer.out_channels, layer.in_channels)
         out = []
         for g in GROUPS:
             key = f"{name}.{g}"
@@ -114,7 +114,10 @@ class Knowledge:
                 if not create:
                     raise KeyError(f"no knowledge base {key!r}")
                 w = layer.weight_std
-                self.bases[key] = KnowledgeBase(layer.out_channels, layer.in_channels, w.dtype, w.device)
+                self.bases[key] = KnowledgeBase(int(shape[0]), int(shape[1]), w.dtype, w.device)
+            elif tuple(self.bases[key].shape) != tuple(shape):
+                raise ValueError(f"knowledge base {key!r} holds {tuple(self.bases[key].shape)} matrices, "
+                                 f"not {tuple(shape)}")
             out.append(self.bases[key])
         return out[0], out[1]
 
@@ -202,16 +205,17 @@ def begin_task(G, task: str, knowledge: Knowledge, settings: CompressionSettings
 
     index = gnn.task_index(G, task)
     styles, plan = [], []
-    for name, layer in compressed_layers(G, settings.layers):
+    for name, layer, shape in select_layers(G, settings.layers):
         gamma, beta, bias = layer.dense_style(index)
-        pair = knowledge.pair(name, layer)
+        pair = knowledge.pair(name, layer, shape=shape)
+        flat = gamma.ndim == 1  # a linear layer: its vectors as [rows, cols] matrices (row-major)
         made = []
-        for kb, init in zip(pair, (gamma, beta)):
+        for kb, init in zip(pair, (gamma.reshape(shape), beta.reshape(shape))):
             if kb.rank == 0:  # nothing to share yet: E carries the whole initial matrix
                 made.append(LowRankStyle(*kb.columns(), residual=init.detach()))
             else:
                 made.append(LowRankStyle.from_base(kb))
-        plan.append((layer, TrainingLowRankStyle(made[0], made[1], bias)))
+        plan.append((layer, TrainingLowRankStyle(made[0], made[1], bias, flat=flat)))
         styles += made
     for layer, entry in plan:
         layer.set_entry(index, entry)
@@ -235,22 +239,39 @@ def _all_or_nothing(task: str, index: int):
 
 def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dict:
     """Add ``task`` to the bases with ``matrices(name, layer, entry) -> ((lam, E) gamma, (lam, E) beta, bias)``
-    and swap the entries for stored compressed ones; all or nothing."""
+    and swap the entries for stored compressed ones; all or nothing.
+
+    Never more than naive: a layer whose kept coefficients and columns (both matrices) would cost more
+    values than its dense ``Gamma``/``B`` stays dense (a plain style set, not in the bases; its infos
+    get ``"dense": True``, e.g. full-rank factors at keep 1.0 cost ``r (O + I + 1) > O I``)."""
     from .. import nn as gnn
-    from ..nn.lowrank import CompressedStyle
+    from ..nn.layers import ModulatedLinear
+    from ..nn.lowrank import CompressedStyle, entry_kind
 
     index = gnn.task_index(G, task)
     info = {}
     with _all_or_nothing(task, index) as (added, plan):
-        for name, layer in compressed_layers(G, settings_layers):
-            got = matrices(name, layer, layer.entry(index))
+        for name, layer, shape in select_layers(G, settings_layers):
+            entry = layer.entry(index)
+            got = matrices(name, layer, entry)
             if got is None:
                 continue
-            pair, (gamma, beta, bias, keep) = knowledge.pair(name, layer), got
+            pair, (gamma, beta, bias, keep) = knowledge.pair(name, layer, shape=shape), got
+            mine = {}
             for g, kb, (lam, residual) in zip(GROUPS, pair, (gamma, beta)):
-                info[f"{name}.{g}"] = kb.add_task(task, lam, residual, keep)
+                mine[f"{name}.{g}"] = kb.add_task(task, lam, residual, keep)
                 added.append(kb)
-            plan.append((layer, CompressedStyle(pair, task, bias)))
+            if sum(kb.stored_values(task) for kb in pair) > sum(kb.shape.numel() for kb in pair):
+                for kb in pair:  # the factors cost more than the dense matrices: store this layer dense
+                    kb.remove_task(task)
+                    added.remove(kb)
+                mine = {k: {**v, "dense": True, "rel_error": 0.0} for k, v in mine.items()}
+                if entry_kind(entry) != "dense":
+                    dense = (t.detach().clone() for t in (entry.gamma, entry.beta, entry.bias))
+                    plan.append((layer, layer.style_cls(*dense)))
+            else:
+                plan.append((layer, CompressedStyle(pair, task, bias, flat=isinstance(layer, ModulatedLinear))))
+            info.update(mine)
     return info
 
 
@@ -278,13 +299,15 @@ def compress_dense_task(G, task: str, knowledge: Knowledge, layers=DEFAULT_LAYER
     def matrices(name, layer, entry):
         if getattr(entry, "kind", "dense") != "dense":
             return None
-        pair = knowledge.pair(name, layer)
-        fits = [fit_coefficients(kb, getattr(entry, g).detach()) for kb, g in zip(pair, GROUPS)]
+        pair = knowledge.pair(name, layer, shape=shapes[name])
+        fits = [fit_coefficients(kb, getattr(entry, g).detach().reshape(kb.shape)) for kb, g in zip(pair, GROUPS)]
         return fits[0], fits[1], entry.bias, keep
+
+    shapes = {n: shape for n, _, shape in select_layers(G, layers)}
 
     info = _store(G, task, knowledge, layers, matrices)
     if not info:
-        raise ValueError(f"task {task!r} has no dense conv style set in the layers {list(layers)} to compress")
+        raise ValueError(f"task {task!r} has no dense style set in the layers {list(layers)} to compress")
     return info
 
 
@@ -311,23 +334,34 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
             rest[key] = value
     if not lowrank:
         return rest
+    from ..nn.layers import ModulatedConv2d, ModulatedLinear
+
     layers = dict(gnn.modulated_layers(G))
     index = gnn.task_index(G, task)
     with _all_or_nothing(task, index) as (added, plan):
         for name, groups in lowrank.items():
-            if name not in layers or not hasattr(layers[name], "weight_norm") or layers[name].weight_norm.ndim != 4:
-                raise ValueError(f"compressed entry for {name!r}, which is not a modulated conv of this generator")
-            layer = layers[name]
-            pair = knowledge.pair(name, layer)
-            for g, kb in zip(GROUPS, pair):
-                f = groups.get(g, {})
-                missing = [x for x in LOWRANK_FIELDS if x not in f]
+            layer = layers.get(name)
+            if not isinstance(layer, (ModulatedConv2d, ModulatedLinear)):
+                raise ValueError(f"compressed entry for {name!r}, which is not a modulated layer of this generator")
+            for g in GROUPS:
+                missing = [x for x in LOWRANK_FIELDS if x not in groups.get(g, {})]
                 if missing:
                     raise KeyError(f"{name}.lowrank.{g}: missing {missing}")
+            shape = None
+            if isinstance(layer, ModulatedLinear):  # the matrix view is the stored columns' [rows, r], [cols, r]
+                u, v = groups["gamma"]["u"], groups["gamma"]["v"]
+                shape = (u.shape[0], v.shape[0]) if u.ndim == 2 and v.ndim == 2 else None
+                if shape is None or shape[0] * shape[1] != layer.out_features:
+                    raise ValueError(f"{name}.lowrank.gamma: columns u {tuple(u.shape)}, v {tuple(v.shape)} do not "
+                                     f"view the layer's {layer.out_features} outputs as a [rows, cols] matrix")
+            pair = knowledge.pair(name, layer, shape=shape)
+            for g, kb in zip(GROUPS, pair):
+                f = groups[g]
                 kb.add_task_factors(task, f["lam"], f["u"], f["s"], f["v"])
                 added.append(kb)
             bias = rest.get(f"{name}.bias")
             if bias is None:
                 raise KeyError(f"{name}.bias is missing")
-            plan.append((layer, CompressedStyle(pair, task, torch.zeros_like(layer.weight_std[:, 0]))))
+            plan.append((layer, CompressedStyle(pair, task, torch.zeros_like(layer.entry(index).bias),
+                                                flat=isinstance(layer, ModulatedLinear))))
     return rest

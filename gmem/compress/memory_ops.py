@@ -111,8 +111,10 @@ def knowledge_entry_for_save(mem, same_directory: bool):
 def compression_record(mem, task: str, settings: dict, info: dict) -> dict:
     """The ``compression`` entry of a task's record (manifest): settings, stored values and ranks."""
     k = mem.registry.knowledge
+    dense = sorted({key.rsplit(".", 1)[0] for key, i in info.items() if i.get("dense")})
     return {**settings, "stored_values": k.stored_values(task), "dense_values": k.dense_values(task),
-            "new_ranks": {key: i["new_rank"] for key, i in info.items()},
+            "new_ranks": {key: i["new_rank"] for key, i in info.items() if not i.get("dense")},
+            "dense_layers": dense,  # selected, but stored dense: their factors would cost more than naive
             "max_rel_error": max((round(i["rel_error"], 6) for i in info.values()), default=0.0)}
 
 
@@ -130,7 +132,10 @@ def compress_task(mem, task: str, keep: Optional[float] = None, layers=None) -> 
     load_all_compressed(mem)
     mem._ensure_loaded(name)
     info = compress_dense_task(mem.generator, name, mem.registry.knowledge, layers=layers, keep=keep)
-    record = compression_record(mem, name, {"mode": "post-hoc", "layers": list(layers), "keep": keep}, info)
+    from .knowledge import CompressionSettings
+
+    layers = CompressionSettings(layers=layers).to_dict()["layers"]  # checked; JSON (shapes as lists)
+    record = compression_record(mem, name, {"mode": "post-hoc", "layers": layers, "keep": keep}, info)
     mem.records[name]["compression"] = record
     mem._knowledge_dirty = True
     return record

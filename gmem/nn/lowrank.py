@@ -1,6 +1,6 @@
 """Low-rank task entries of a modulated conv's bank (the paper's compression, Section 4.3).
 
-A conv's bank entry for one task is one of three kinds (:func:`entry_kind`):
+A conv's (or a compressed linear layer's) bank entry for one task is one of three kinds (:func:`entry_kind`):
 
 - ``"dense"``: :class:`gmem.nn.layers.ConvStyle`, ``gamma, beta [O, I]`` stored as they are;
 - ``"lowrank-training"``: :class:`TrainingLowRankStyle`, while a compressed task learns:
@@ -32,26 +32,33 @@ LOWRANK_FIELDS = ("lam", "u", "s", "v")
 
 
 class TrainingLowRankStyle(nn.Module):
-    """A compressed conv's style set while its task trains: ``gamma_style``, ``beta_style``
-    (:class:`~gmem.compress.LowRankStyle`, each ``[O, I]``) and ``bias [O]``."""
+    """A compressed layer's style set while its task trains: ``gamma_style``, ``beta_style``
+    (:class:`~gmem.compress.LowRankStyle`, each ``[O, I]``) and ``bias`` (``[O]`` of a conv).
+
+    ``flat``: the layer is linear (mFiLM); ``gamma``/``beta`` read as the vectors ``[rows * cols]``
+    (the row-major flattening of the ``[rows, cols]`` matrices), the bias is the layer's as it is.
+    """
 
     kind = "lowrank-training"
 
-    def __init__(self, gamma_style: LowRankStyle, beta_style: LowRankStyle, bias: Tensor):
+    def __init__(self, gamma_style: LowRankStyle, beta_style: LowRankStyle, bias: Tensor, flat: bool = False):
         super().__init__()
         if gamma_style.shape != beta_style.shape:
             raise ValueError(f"TrainingLowRankStyle: gamma {tuple(gamma_style.shape)} and beta "
                              f"{tuple(beta_style.shape)} differ")
         self.gamma_style, self.beta_style = gamma_style, beta_style
+        self.flat = bool(flat)
         self.bias = nn.Parameter(bias.detach().clone())
 
     @property
     def gamma(self) -> Tensor:
-        return self.gamma_style.dense()
+        g = self.gamma_style.dense()
+        return g.reshape(-1) if self.flat else g
 
     @property
     def beta(self) -> Tensor:
-        return self.beta_style.dense()
+        b = self.beta_style.dense()
+        return b.reshape(-1) if self.flat else b
 
     def state(self) -> dict[str, Tensor]:
         return {"gamma": self.gamma.detach().clone(), "beta": self.beta.detach().clone(),
@@ -65,17 +72,21 @@ class TrainingLowRankStyle(nn.Module):
 
 
 class CompressedStyle(nn.Module):
-    """A stored compressed task of a conv: its name in the layer's knowledge bases and its ``bias [O]``.
+    """A stored compressed task of a layer: its name in the layer's knowledge bases and its bias.
 
     ``bases = (gamma_base, beta_base)``: the layer's :class:`~gmem.compress.KnowledgeBase` objects
     (shared by every compressed task of the layer; held by reference, not as submodules, so the
-    module's ``state_dict`` holds only the bias).
+    module's ``state_dict`` holds only the bias). A conv reads ``gamma``/``beta`` as LowRank factors
+    (the op rebuilds them). ``flat`` (a linear layer): they read as dense vectors ``[rows * cols]``,
+    rebuilt from the factors on every read (``KnowledgeBase.dense`` flattened: the layer's natural
+    size, and exactly the densified value).
     """
 
     kind = "lowrank"
 
-    def __init__(self, bases, task: str, bias: Tensor):
+    def __init__(self, bases, task: str, bias: Tensor, flat: bool = False):
         super().__init__()
+        self.flat = bool(flat)
         gamma_base, beta_base = bases
         for what, base in (("gamma", gamma_base), ("beta", beta_base)):
             if task not in base:
@@ -85,12 +96,12 @@ class CompressedStyle(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
-    def gamma(self) -> LowRank:
-        return self._bases[0].express(self.task)
+    def gamma(self) -> Union[LowRank, Tensor]:
+        return self._bases[0].dense(self.task).reshape(-1) if self.flat else self._bases[0].express(self.task)
 
     @property
-    def beta(self) -> LowRank:
-        return self._bases[1].express(self.task)
+    def beta(self) -> Union[LowRank, Tensor]:
+        return self._bases[1].dense(self.task).reshape(-1) if self.flat else self._bases[1].express(self.task)
 
     def state(self) -> dict[str, Tensor]:
         out = {"bias": self.bias.detach().clone()}
