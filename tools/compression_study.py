@@ -183,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--prior-every", type=int, default=10)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine more threads only contend)")
     p.add_argument("--compress-fc", action="store_true",
                    help="also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--truncation", action="store_true",
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
         write_outputs(result, out, command)
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)  # a script entry point: the only place that sets global state
     t0, load0 = time.time(), os.getloadavg()
     result = run(args)
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
