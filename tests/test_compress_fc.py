@@ -9,45 +9,21 @@ from __future__ import annotations
 import json
 import shutil
 
+import compress_tasks
 import pytest
 import torch
+from compress_tasks import add_naive
 from torch import nn
 
 import gmem
 from gmem import store
-from gmem.compress import knowledge, memory_ops
+from gmem.compress import knowledge
 from gmem.compress.knowledge import DEFAULT_LAYERS, WITH_FC, CompressionSettings
 from gmem.compress.layers import parse_layers, select_layers
 
 
-def _record(name):
-    return {"name": name, "num_classes": None, "training": {}, "metrics": {}}
-
-
-def add_naive(mem, name, seed):
-    mem.registry.add(name, None, _record(name))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in gmem.nn.style_parameters(mem.generator, name):
-            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
-
-
 def add_compressed(mem, name, seed, keep=0.9, layers=WITH_FC, rank=2):
-    """What ``learn(compress=...)`` does around training, with a random rank-``rank`` change for the training."""
-    settings = CompressionSettings(keep=keep, layers=layers)
-    memory_ops.load_all_compressed(mem)
-    mem.registry.add(name, None, _record(name))
-    styles = knowledge.begin_task(mem.generator, name, mem.registry.knowledge, settings)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in styles:
-            o, i = s.residual.shape
-            s.residual.add_(0.05 * torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g))
-            s.lam.mul_(1 + 0.05 * torch.randn(s.lam.shape, generator=g))
-    info = knowledge.finish_task(mem.generator, name, mem.registry.knowledge, settings)
-    mem.records[name]["compression"] = memory_ops.compression_record(mem, name, {"mode": "test"}, info)
-    mem._knowledge_dirty = True
-    return info
+    return compress_tasks.add_compressed(mem, name, seed, keep, layers, rank)
 
 
 def _layer(mem, name):
@@ -212,7 +188,7 @@ def test_layers_whose_factors_cost_more_are_stored_dense():
 def test_training_path_falls_back_to_the_trained_dense_values():
     mem = gmem.GANMemory.default()
     settings = CompressionSettings(keep=1.0)
-    mem.registry.add("t", None, _record("t"))
+    mem.registry.add("t", None, compress_tasks.record("t"))
     styles = knowledge.begin_task(mem.generator, "t", mem.registry.knowledge, settings)
     with torch.no_grad():
         for s in styles:

@@ -10,45 +10,14 @@ import json
 
 import pytest
 import torch
+from compress_tasks import add_compressed, add_naive
 
 import gmem
 from gmem import store
-from gmem.compress import knowledge, memory_ops
-from gmem.compress.knowledge import CompressionSettings
 from gmem.nn.lowrank import stack_styles
 from gmem.ops import LowRank
 
 TASKS = ["naive", "first", "second"]
-
-
-def _record(name):
-    return {"name": name, "num_classes": None, "training": {}, "metrics": {}}
-
-
-def add_naive(mem, name, seed):
-    mem.registry.add(name, None, _record(name))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in gmem.nn.style_parameters(mem.generator, name):
-            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
-
-
-def add_compressed(mem, name, seed, keep=0.9):
-    """What ``learn(compress=...)`` does around training, with a random low-rank change for the training."""
-    settings = CompressionSettings(keep=keep)
-    memory_ops.load_all_compressed(mem)
-    mem.registry.add(name, None, _record(name))
-    styles = knowledge.begin_task(mem.generator, name, mem.registry.knowledge, settings)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in styles:
-            o, i = s.residual.shape
-            s.residual.add_(0.05 * torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g))
-            s.lam.mul_(1 + 0.05 * torch.randn(s.lam.shape, generator=g))
-    info = knowledge.finish_task(mem.generator, name, mem.registry.knowledge, settings)
-    mem.records[name]["compression"] = memory_ops.compression_record(mem, name, {"mode": "test"}, info)
-    mem._knowledge_dirty = True
-    return info
 
 
 @pytest.fixture(scope="module")
