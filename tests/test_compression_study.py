@@ -19,9 +19,10 @@ def test_study_writes_consistent_outputs_and_rewrite_reproduces_them(tmp_path, m
     monkeypatch.setattr(compression_study.torch, "set_num_threads", lambda n: None)  # the fixture owns threads
     out = tmp_path / "study"
     args = ["--out", str(out), "--tasks", "2", "--iterations", "1", "--batch-size", "4", "--samples", "8",
-            "--keep", "0.6", "--compress-fc", "--truncation", "--truncation-samples", "4"]
+            "--keep", "0.6", "--compress-fc", "--truncation", "--truncation-samples", "4", "--spectra"]
     assert compression_study.main(args) == 0
-    for name in ("table.md", "results.json", "storage_quality.png", "truncation.md", "fig4b_truncation.png"):
+    for name in ("table.md", "results.json", "storage_quality.png", "truncation.md", "fig4b_truncation.png",
+                 "fig4a_spectra.png", "fig14_spectra.png", "spectra.md"):
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "results.json").read_text())
     assert [r["task"] for r in result["rows"]] == ["fmnist_01", "fmnist_23"]
@@ -34,6 +35,10 @@ def test_study_writes_consistent_outputs_and_rewrite_reproduces_them(tmp_path, m
     blocks = {line.split("|")[1].strip() for line in (out / "truncation.md").read_text().splitlines()
               if line.startswith("| fc") or line.startswith("| resnet_")}
     assert blocks == {"fc", "resnet_0_0", "resnet_1_0", "resnet_2_0", "resnet_3_0"}
+    spectra = result["spectra"]["fmnist_01"]
+    assert len(spectra["resnet_0_0.conv_0.gamma"]) == 128 and len(spectra["fc.gamma"]) == 16  # min(O, I)
+    assert all(a >= b for a, b in zip(spectra["fc.beta"], spectra["fc.beta"][1:]))  # descending
+    assert "| fc.gamma | 16 |" in (out / "spectra.md").read_text()
     (out / "storage_quality.png").unlink()
     assert compression_study.main(["--out", str(out), "--rewrite"]) == 0
     assert (out / "table.md").read_text() == table and (out / "storage_quality.png").is_file()

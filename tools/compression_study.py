@@ -11,7 +11,9 @@ Inception FID) of 256 samples against the task's images. Writes ``table.md``, ``
 
 ``--compress-fc`` also compresses the generator fc's mFiLM ``gamma``/``beta`` (as ``(16 nf) x (s0^2)``
 matrices); ``--truncation`` adds the per-block truncation study of the first naive task (the paper's
-Figure 4b: ``fig4b_truncation.png`` and ``truncation.md``).
+Figure 4b: ``fig4b_truncation.png`` and ``truncation.md``); ``--spectra`` the singular values of every
+naive task's style matrices (Figures 4a and 14: ``fig4a_spectra.png``, ``fig14_spectra.png``, ``spectra.md``).
+The experiment of ``experiments/results/compression/`` is the command in its ``table.md``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 import gmem
+from gmem.compress.study import energy_table, plot_singular_values, singular_values, style_matrices
 from gmem.data import as_dataset, batch
 from gmem.eval import pixel_fid
 
@@ -50,7 +53,8 @@ def run(args) -> dict:
         from gmem.compress.knowledge import WITH_FC
 
         settings["layers"] = WITH_FC
-    truncation = None
+    truncation, spectra = None, {}
+    layers = settings.get("layers")
     for name, images in stream:
         row = {"task": name, "images": int(images.shape[0])}
         for mode, mem in mems.items():
@@ -67,14 +71,18 @@ def run(args) -> dict:
                 row[mode]["max_rel_error"] = rec["max_rel_error"]
                 row[mode]["convs_stored"], row[mode]["convs_dense"] = rec["stored_values"], rec["dense_values"]
                 row[mode]["dense_layers"] = rec.get("dense_layers", [])
-            elif args.truncation and truncation is None:
-                truncation = truncation_run(args, mem, name, images)
+            else:
+                if args.truncation and truncation is None:
+                    truncation = truncation_run(args, mem, name, images)
+                if args.spectra:
+                    spectra[name] = {k: [round(float(x), 6) for x in v]
+                                     for k, v in singular_values(style_matrices(mem, name, layers)).items()}
         row["ratio"] = row["compressed"]["stored"] / row["naive"]["stored"]
         rows.append(row)
         print(f"{name}: naive {row['naive']['stored']:,} pixFID8 {row['naive']['pixfid8']}, compressed "
               f"{row['compressed']['stored']:,} ({100 * row['ratio']:.1f}%) pixFID8 {row['compressed']['pixfid8']}",
               flush=True)
-    return {"args": vars(args), "rows": rows, "truncation": truncation}
+    return {"args": vars(args), "rows": rows, "truncation": truncation, "spectra": spectra or None}
 
 
 def truncation_run(args, mem, name, images) -> dict:
@@ -189,6 +197,9 @@ def main(argv=None) -> int:
                    help="also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--truncation", action="store_true",
                    help="per-block truncation study of the first naive task (Figure 4b)")
+    p.add_argument("--spectra", action="store_true",
+                   help="also the singular values of every naive task's style matrices: fig4a_spectra.png (the "
+                        "first task, Gamma per layer), fig14_spectra.png (every task) and spectra.md")
     p.add_argument("--truncation-samples", type=int, default=128, help="samples per cell of the truncation study")
     p.add_argument("--rewrite", action="store_true",
                    help="only render table.md and the plots again from --out's results.json (no training)")
@@ -214,7 +225,8 @@ def main(argv=None) -> int:
 
 
 def write_outputs(result: dict, out: Path, command: str) -> None:
-    """table.md and storage_quality.png; with a truncation study, truncation.md and fig4b_truncation.png."""
+    """table.md and storage_quality.png; with a truncation study, truncation.md and fig4b_truncation.png; with
+    spectra, fig4a_spectra.png, fig14_spectra.png and spectra.md."""
     args = result["args"]
     (out / "table.md").write_text(table(result, command))
     plot(result, out / "storage_quality.png")
@@ -228,6 +240,26 @@ def write_outputs(result: dict, out: Path, command: str) -> None:
         text = f"Command: `{command}`\n\n{note}\n\n" + truncation_table(result["truncation"])
         (out / "truncation.md").write_text(text)
         plot_truncation(result["truncation"], out / "fig4b_truncation.png")
+    if result.get("spectra"):
+        write_spectra(result["spectra"], out, command)
+
+
+def write_spectra(spectra: dict, out: Path, command: str) -> None:
+    """Figures 4a and 14 and their energy tables, from ``{task: {matrix: singular values}}``."""
+    tensors = {task: {k: torch.tensor(v, dtype=torch.float64) for k, v in m.items()} for task, m in spectra.items()}
+    first, last = next(iter(tensors)), list(tensors)[-1]
+    plot_singular_values({k.removesuffix(".gamma"): v for k, v in tensors[first].items() if k.endswith(".gamma")},
+                         out / "fig4a_spectra.png", title=f"Gamma singular values, naive task {first}")
+    per_task = {f"{task} {k.removesuffix('.conv_0.gamma')}": v for task, m in tensors.items()
+                for k, v in m.items() if k.endswith("conv_0.gamma")}
+    plot_singular_values(per_task, out / "fig14_spectra.png", title="conv_0 Gamma per block, every naive task")
+    text = [f"Command: `{command}`", "",
+            "Singular values of the naive tasks' style matrices (Figures 4a and 14): the rank the energy rule keeps "
+            "at each kept-energy fraction (of J singular values). Convs: Gamma/B [C_out, C_in]; fc: gamma/beta "
+            "seen as [16 nf, s0^2].", ""]
+    for task in dict.fromkeys((first, last)):
+        text += [f"Task {task}:", "", energy_table(tensors[task], keeps=(0.6, 0.8, 0.9, 0.95, 0.99)), ""]
+    (out / "spectra.md").write_text("\n".join(text))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ for FID). Nothing of the memory changes: each block's entries are restored after
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Callable, Sequence
 
+from ..atomic import atomic_write_path
 from .energy import _check_keep, truncate_energy
 from .knowledge import DEFAULT_LAYERS
 from .layers import select_layers
@@ -110,13 +109,4 @@ def plot_truncation(result: dict, path, metric: str = "pixFID8 (proxy, lower is 
     ax.set_title(f"per-block truncation, task {result['task']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_path(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
