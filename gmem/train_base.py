@@ -140,8 +140,7 @@ def train_base(data, out_dir, *, iterations: int = 10000, size: int = 32, nf: in
 
     fingerprint = {"kind": "train-base", "config": trainer.config, "data": data_fingerprint(dataset, trainer.labels)}
     if init is not None:  # the loop's resume (if any) then overwrites these weights with the checkpoint's
-        init_config = trainer.init_from_base(init)
-        fingerprint["init"] = init_config.get("sha256")
+        init_config = trainer.init_from_base(init)  # config is in the fingerprint: the base's sha256 is too
         trainer.config["init"] = {"base": str(init), "sha256": init_config.get("sha256"),
                                   "iterations": init_config.get("info", {}).get("iterations")}
     loop = TrainLoop(trainer.trainer, iterations, out_dir=out_dir, state_fn=trainer.state_dict,

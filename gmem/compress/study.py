@@ -77,6 +77,7 @@ def plot_singular_values(spectra: Mapping[str, Tensor], path, normalise: bool = 
     fig.tight_layout()
     atomic_write_path(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
+
 def energy_table(spectra: Mapping[str, Tensor], keeps: Sequence[float] = (0.8, 0.9, 0.95, 0.99)) -> str:
     """A Markdown table: per layer the number of singular values ``J`` and the rank kept at each ``keep``."""
     head = "| layer | J | " + " | ".join(f"rank @ {k:g}" for k in keeps) + " |"
