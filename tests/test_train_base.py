@@ -140,3 +140,19 @@ def test_init_starts_from_a_saved_base_and_checks_its_architecture(tmp_path, ima
     assert ckpt["config"]["init"]["sha256"] == json.loads((tmp_path / "base" / "base.json").read_text())["sha256"]
     with pytest.raises(ValueError, match="nf=2 .this run: 4."):
         train_base(images, tmp_path / "c", iterations=1, init=tmp_path / "base", **{**TINY, "nf": 4})
+
+
+def test_init_run_resumes_only_from_the_same_base(tmp_path, images):
+    """A --init run stopped early continues from its checkpoint when started again with the same base;
+    with another base (other weights, so another sha256) the checkpoint is refused, naming the base."""
+    from gmem.train_base import export_base
+    for name, seed in (("base", 0), ("other", 1)):
+        train_base(images, tmp_path / f"run_{name}", iterations=1, seed=seed, **TINY)
+        export_base(tmp_path / f"run_{name}" / "checkpoint.pt", tmp_path / name)
+    train_base(images, tmp_path / "b", iterations=2, init=tmp_path / "base", **TINY)
+    resumed = train_base(images, tmp_path / "b", iterations=4, init=tmp_path / "base", **TINY)
+    assert resumed.iteration == 4
+    assert [json.loads(line)["it"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+            if '"it"' in line][-1] <= 4
+    with pytest.raises(ValueError, match="sha256"):
+        train_base(images, tmp_path / "b", iterations=6, init=tmp_path / "other", **TINY)
