@@ -18,6 +18,10 @@ min(data size, 10,000)).
     python tools/eval_base.py --data gmem/assets/source/crawl_tiles.npz --base gmem/assets/base
     python tools/eval_base.py --data ... --checkpoint /work/base_run/run/checkpoint.pt
     python tools/eval_base.py --data ... --base gmem/assets/base --inception-n 6350   # slow on a CPU
+    python tools/eval_base.py --data ... --base gmem/assets/base --n 0 --figures gmem/assets/base
+
+``--figures DIR`` writes ``DIR/samples.png`` (64 samples of the scored generator, z seed 0) and
+``DIR/real.png`` (64 training images, seed 0), 8x8 grids upscaled 2x, to be looked at side by side.
 """
 from __future__ import annotations
 
@@ -80,6 +84,17 @@ def evaluate(G, real: torch.Tensor, n: int = 2000, seed: int = 0, inception_n: i
     return out
 
 
+def write_figures(G, real: torch.Tensor, directory: Path) -> None:
+    """64 samples (z seed 0) and 64 training images (seed 0) as 8x8 grids, 2x nearest upscaled."""
+    from gmem.images import save_grid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:64]
+    save_grid(generate(G, 64, 0), directory / "samples.png", nrow=8, scale=2)
+    save_grid(real[pick], directory / "real.png", nrow=8, scale=2)
+    print(f"wrote {directory / 'samples.png'} and {directory / 'real.png'}", file=sys.stderr)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -89,19 +104,27 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--inception-n", type=int, default=0,
                    help="also the standard FID from this many real images and samples (0: skip)")
+    p.add_argument("--figures", metavar="DIR",
+                   help="write DIR/samples.png (64 samples, z seed 0) and DIR/real.png (64 training images)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from gmem.data import as_dataset
     from gmem.models import Generator, load_base, load_gan_stability
 
     real = as_dataset(args.data, 32).images
-    out = {}
+    out, G = {}, None
     if args.base:
         G, _ = load_base(args.base)
-        out["base"] = evaluate(G, real, args.n, inception_n=args.inception_n)
+        if args.n:
+            out["base"] = evaluate(G, real, args.n, inception_n=args.inception_n)
     if args.checkpoint:
         G, _ = load_gan_stability(args.checkpoint)
-        out["checkpoint"] = evaluate(G, real, args.n, inception_n=args.inception_n)
+        if args.n:
+            out["checkpoint"] = evaluate(G, real, args.n, inception_n=args.inception_n)
+    if args.figures:
+        if G is None:
+            p.error("--figures needs --base or --checkpoint")
+        write_figures(G, real, Path(args.figures))
     if args.untrained:
         ref = G if (args.base or args.checkpoint) else Generator(32, 32, 128, 64)
         torch.manual_seed(0)

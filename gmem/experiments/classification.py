@@ -211,6 +211,7 @@ def _markdown(results: dict, methods, num_tasks: int) -> str:
              for m in methods for k in results["accuracy_per_task"][m]]
     return (f"# Lifelong classification with replay (Fashion-MNIST, tasks of 2 classes)\n\n"
             f"Command: `{run['command']}`  \nSettings: `{run['settings']}`  \n"
+            f"Base weights SHA-256: `{run.get('base_sha256')}`  \n"
             f"Wall time: {results['wall_seconds']} s; torch threads {run['threads']}\n\n"
             "## Test accuracy on all classes seen so far (Figure 6 right)\n\n" + markdown_table(header, rows)
             + "\n## Test accuracy per task over time (Figure 12)\n\n" + markdown_table(per_task, rows2))

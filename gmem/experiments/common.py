@@ -31,12 +31,23 @@ def threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def base_sha256(base: Optional[str] = None) -> Optional[str]:
+    """The SHA-256 of the weights of base directory ``base`` (None or "embedded": the embedded base), as
+    recorded in its ``base.json``; results name the base they were measured on by it."""
+    from ..models.base import DEFAULT_BASE_DIR, base_config
+
+    directory = DEFAULT_BASE_DIR if base in (None, "embedded") else base
+    return base_config(directory).get("sha256")
+
+
 def run_record(module: str, settings: dict, argv: Optional[list] = None) -> dict:
-    """What a results file says about how it was made (``argv``: the command-line arguments, if any)."""
+    """What a results file says about how it was made (``argv``: the command-line arguments, if any),
+    including the SHA-256 of the base when ``settings`` name one (key ``base``)."""
     from .. import __version__
 
     return {"command": None if argv is None else " ".join(["python -m", module] + list(argv)),
             "settings": settings, "gmem_version": __version__,
+            "base_sha256": base_sha256(settings["base"]) if "base" in settings else None,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "python": platform.python_version(),
             "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}

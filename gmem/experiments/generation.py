@@ -161,6 +161,7 @@ def _markdown(results: dict, tasks, methods) -> str:
     run = results["run"]
     return (f"# Lifelong generation ({label}; lower is better)\n\n"
             f"Command: `{run['command']}`  \nSettings: `{run['settings']}`  \n"
+            f"Base weights SHA-256: `{run.get('base_sha256')}`  \n"
             f"Wall time: {results['wall_seconds']} s; torch threads {run['threads']}\n\n"
             + markdown_table(header, rows)
             + "\n'forgetting' = score after the last stage minus the score right after the task was learned "
