@@ -31,6 +31,7 @@ import gmem
 from gmem.compress.study import energy_table, plot_singular_values, singular_values, style_matrices
 from gmem.data import as_dataset, batch
 from gmem.eval import pixel_fid
+from gmem.experiments.common import base_sha256
 
 
 def tasks(n_tasks: int):
@@ -107,6 +108,7 @@ def table(result: dict, command: str) -> str:
              f"keep = {a['keep'] if a['keep'] is not None else 'by layer width (released code)'}, prior weight "
              f"{a['prior_weight']} every {a['prior_every']} iterations, compressed layers: {which}.", "",
              machine_line(result), "",
+             f"Base: the embedded base, weights SHA-256 `{result.get('base_sha256', 'not recorded')}`.", "",
              "Quality: pixFID8 (a proxy: Frechet distance of 8x8-pooled pixels, not the Inception FID; lower is "
              f"better), {a['samples']} samples vs the task's 160 images.", "",
              "Stored = generator style values of the task (`parameter_counts()['generator_stored']`); the "
@@ -214,6 +216,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # a script entry point: the only place that sets global state
     t0, load0 = time.time(), os.getloadavg()
     result = run(args)
+    result["base_sha256"] = base_sha256()  # the embedded base the tasks were learned on
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "platform": platform.platform(), "load_start": [round(x, 2) for x in load0],
                          "load_end": [round(x, 2) for x in os.getloadavg()], "wall_seconds": round(time.time() - t0)}
