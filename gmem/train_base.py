@@ -138,11 +138,12 @@ def train_base(data, out_dir, *, iterations: int = 10000, size: int = 32, nf: in
         with torch.no_grad():
             return trainer.G_ema(fixed_z, fixed_y).cpu()
 
-    fingerprint = {"kind": "train-base", "config": trainer.config, "data": data_fingerprint(dataset, trainer.labels)}
     if init is not None:  # the loop's resume (if any) then overwrites these weights with the checkpoint's
-        init_config = trainer.init_from_base(init)  # config is in the fingerprint: the base's sha256 is too
+        init_config = trainer.init_from_base(init)
         trainer.config["init"] = {"base": str(init), "sha256": init_config.get("sha256"),
                                   "iterations": init_config.get("info", {}).get("iterations")}
+    # the config (with the init base's sha256, if any) identifies the run: resuming another base is refused
+    fingerprint = {"kind": "train-base", "config": trainer.config, "data": data_fingerprint(dataset, trainer.labels)}
     loop = TrainLoop(trainer.trainer, iterations, out_dir=out_dir, state_fn=trainer.state_dict,
                      load_fn=trainer.load_state_dict, fingerprint=fingerprint, checkpoint_every=checkpoint_every,
                      sample_every=sample_every, sample_fn=samples, latest_sample=True,

@@ -32,8 +32,8 @@ def test_study_writes_consistent_outputs_and_rewrite_reproduces_them(tmp_path, m
         assert row["ratio"] == pytest.approx(row["compressed"]["stored"] / row["naive"]["stored"])
     table = (out / "table.md").read_text()
     assert f"{result['rows'][1]['compressed']['stored']:,}" in table
-    from gmem.models.base import DEFAULT_BASE_DIR, base_config
-    sha = base_config(DEFAULT_BASE_DIR)["sha256"]  # the table names the base it was measured on
+    from gmem.models.base import default_base_info
+    sha = default_base_info()["sha256"]  # the table names the base it was measured on
     assert result["base_sha256"] == sha and sha in table
     blocks = {line.split("|")[1].strip() for line in (out / "truncation.md").read_text().splitlines()
               if line.startswith("| fc") or line.startswith("| resnet_")}

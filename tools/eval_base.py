@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     p.add_argument("--base", help="a base directory (base.json + base.safetensors)")
     p.add_argument("--checkpoint", help="a train-base checkpoint (EMA generator)")
     p.add_argument("--untrained", action="store_true", help="also score an untrained generator")
-    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--n", type=int, default=2000, help="samples (and real images) per score (0: no scores)")
     p.add_argument("--inception-n", type=int, default=0,
                    help="also the standard FID from this many real images and samples (0: skip)")
     p.add_argument("--figures", metavar="DIR",
@@ -112,23 +112,21 @@ def main(argv=None) -> None:
     from gmem.models import Generator, load_base, load_gan_stability
 
     real = as_dataset(args.data, 32).images
-    out, G = {}, None
+    scored = {}  # name -> generator; --figures draws the last of --base / --checkpoint
     if args.base:
-        G, _ = load_base(args.base)
-        if args.n:
-            out["base"] = evaluate(G, real, args.n, inception_n=args.inception_n)
+        scored["base"] = load_base(args.base)[0]
     if args.checkpoint:
-        G, _ = load_gan_stability(args.checkpoint)
-        if args.n:
-            out["checkpoint"] = evaluate(G, real, args.n, inception_n=args.inception_n)
+        scored["checkpoint"] = load_gan_stability(args.checkpoint)[0]
     if args.figures:
-        if G is None:
+        if not scored:
             p.error("--figures needs --base or --checkpoint")
-        write_figures(G, real, Path(args.figures))
+        write_figures(list(scored.values())[-1], real, Path(args.figures))
     if args.untrained:
-        ref = G if (args.base or args.checkpoint) else Generator(32, 32, 128, 64)
+        ref = list(scored.values())[-1] if scored else Generator(32, 32, 128, 64)
         torch.manual_seed(0)
-        out["untrained"] = evaluate(Generator(**ref.config()).eval(), real, args.n, inception_n=args.inception_n)
+        scored["untrained"] = Generator(**ref.config()).eval()
+    out = {name: evaluate(G, real, args.n, inception_n=args.inception_n)
+           for name, G in scored.items()} if args.n else {}
     print(json.dumps(out, indent=2))
 
 

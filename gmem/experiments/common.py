@@ -34,10 +34,9 @@ def threads(n: Optional[int]) -> Iterator[None]:
 def base_sha256(base: Optional[str] = None) -> Optional[str]:
     """The SHA-256 of the weights of base directory ``base`` (None or "embedded": the embedded base), as
     recorded in its ``base.json``; results name the base they were measured on by it."""
-    from ..models.base import DEFAULT_BASE_DIR, base_config
+    from ..models.base import base_config, default_base_info
 
-    directory = DEFAULT_BASE_DIR if base in (None, "embedded") else base
-    return base_config(directory).get("sha256")
+    return (default_base_info() if base in (None, "embedded") else base_config(base)).get("sha256")
 
 
 def run_record(module: str, settings: dict, argv: Optional[list] = None) -> dict:
