@@ -13,8 +13,9 @@
 # site-packages puts, in this order, the clone's root (relative to the .pth file, so the clone may
 # be moved) and the shared environment's site-packages on sys.path: `import gmem` is this clone's
 # gmem, and `DIR/bin/python -m pip install X` installs into DIR only. DIR/bin holds the console
-# scripts of pyproject.toml (`gmem`) running DIR's python, and links to the shared environment's
-# native executables (ninja, ruff). `make install` then builds the extension in place (gmem/_C*.so).
+# scripts of pyproject.toml (`gmem`) and every console script of the shared environment (`torchrun`,
+# `pytest`, `pytorch-fid`, ...), all running DIR's python, and links to its native executables (ninja,
+# ruff). `make install` then builds the extension in place (gmem/_C*.so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -44,8 +45,10 @@ mkdir -p "$cache_root"
 
 # DIR/.gmem-shared names the shared environment DIR was made over; it is written last, and only
 # when DIR is (re)made, so `make` sees a new environment by its time stamp.
+# Its second line is the layout of DIR/bin: a clone made by an older layout is remade.
 marker="$venv/.gmem-shared"
-if [ -f "$marker" ] && [ "$(cat "$marker")" = "$shared" ] && [ -x "$venv/bin/python" ]; then
+stamp=$(printf '%s\nbin-layout 2' "$shared")
+if [ -f "$marker" ] && [ "$(cat "$marker")" = "$stamp" ] && [ -x "$venv/bin/python" ]; then
     exit 0
 fi
 
@@ -88,9 +91,22 @@ for name, target in scripts.items():
     path.write_text(f"#!{bin_dir / 'python'}\nimport sys\n\nfrom {module} import {func}\n\n"
                     f"if __name__ == \"__main__\":\n    sys.exit({func}())\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-for exe in (shared / "bin").iterdir():  # native programs only: scripts would run the shared python
-    if exe.is_file() and os.access(exe, os.X_OK) and exe.open("rb").read(2) != b"#!" \
-            and not exe.name.startswith("python") and not (bin_dir / exe.name).exists():
-        (bin_dir / exe.name).symlink_to(exe)
+# The shared environment's programs: native ones are linked; Python console scripts (torchrun, pytest,
+# pytorch-fid, ...) are rewritten to run DIR's python, which sees this clone's gmem (the shared python
+# does not: `torchrun -m gmem.cli` would start ranks that cannot import gmem).
+shared_pythons = {str(shared / "bin" / n) for n in ("python", "python3", f"python3.{sys.version_info[1]}")}
+for exe in sorted((shared / "bin").iterdir()):
+    target = bin_dir / exe.name
+    if not exe.is_file() or not os.access(exe, os.X_OK) or exe.name.startswith("python") or target.exists():
+        continue
+    head = exe.open("rb").read(2)
+    if head != b"#!":
+        target.symlink_to(exe)
+        continue
+    shebang, _, body = exe.read_text().partition("\n")
+    if shebang[2:].strip() not in shared_pythons:
+        continue  # a script for another interpreter (none today): leave it out rather than guess
+    target.write_text(f"#!{bin_dir / 'python'}\n{body}")
+    target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 PY
-echo "$shared" > "$marker"
+echo "$stamp" > "$marker"
