@@ -96,6 +96,10 @@ from . import doctor as _doctor  # noqa: E402
 
 COMMANDS["doctor"] = (_doctor.DESCRIPTION, _doctor.add_arguments, _doctor.run)
 
+from . import cli_serve as _serve  # noqa: E402
+
+COMMANDS["serve"] = (_serve.DESCRIPTION, _serve.add_arguments, _serve.run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmem", description="GAN memory with no forgetting")
