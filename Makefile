@@ -18,7 +18,7 @@ endif
 
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo venv install lint test-cpp bench-quick clean FORCE
+.PHONY: test demo venv install lint test-cpp browser bench-quick clean FORCE
 
 # .venv is this clone's own small environment over the shared cached one; tools/venv.sh leaves it
 # (and this file's time stamp) alone when it is up to date, and remakes it when the pins change.
@@ -38,8 +38,13 @@ build/.installed: setup.py pyproject.toml gmem/ops/_ext_build.py $(shell find cs
 
 install: $(ENV_STAMP)
 
-test: install lint test-cpp
+test: install lint test-cpp browser
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Headless Chromium for the browser test of `gmem serve` (installed when missing, if this user may)
+browser:
+	@mkdir -p build
+	@bash tools/chromium.sh
 
 # Part of `make test`. With VENV=system a python without ruff skips it, saying so.
 lint: $(if $(ENV_STAMP),venv)

@@ -65,7 +65,7 @@ class SampleBatcher:
         self.memory = memory
         self.window_s, self.max_rows, self.min_rows = float(window_s), int(max_rows), int(min_rows)
         self.batching = bool(batching)
-        self.batching_off_reason = None if batching else "turned off"
+        self.batching_off_reason = None if batching else "batching off"
         self.forwards = 0      # forwards run so far
         self.requests = 0      # requests answered so far
         self._queue: Optional[asyncio.Queue] = None
