@@ -360,3 +360,26 @@ def test_conditional_task_from_class_folders_keeps_class_names(mem, tmp_path):
     assert mem.num_classes("pets") == 2 and mem.records["pets"]["classes"] == ["cats", "dogs"]
     mem.save(tmp_path / "mem")
     assert GANMemory.load(tmp_path / "mem").records["pets"]["classes"] == ["cats", "dogs"]
+
+
+# The names gmem.nn and GANMemory must both accept (one task-name codec, gmem.nn.bank.encode_task):
+# attributes of nn.Module / nn.ModuleDict, a state-dict separator, the codec's escape, unicode.
+AWKWARD_NAMES = ["keys", "training", "forward", "state_dict", "a.b", "100%", "ünïcødé", "white space"]
+
+
+def test_awkward_task_names_work_in_gmem_nn_and_in_a_memory(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    gnn.convert(net)
+    mem = GANMemory.from_base(*tiny_base())
+    for k, name in enumerate(AWKWARD_NAMES, 1):
+        assert gnn.add_task(net, name) == k
+        assert mem.learn(name, images(), iterations=1, batch_size=4, seed=k, progress=False) == k
+    assert gnn.list_tasks(net) == ["source", *AWKWARD_NAMES]
+    assert mem.tasks == AWKWARD_NAMES and mem.registry.heads.names() == AWKWARD_NAMES
+    samples = {name: mem.sample(name, 2, seed=0) for name in AWKWARD_NAMES}
+    mem.save(tmp_path / "m")
+    again = GANMemory.load(tmp_path / "m")
+    assert again.tasks == AWKWARD_NAMES
+    assert all(torch.equal(again.sample(name, 2, seed=0), x) for name, x in samples.items())
+    again.remove("keys")
+    assert again.tasks == [n for n in AWKWARD_NAMES if n != "keys"] and "keys" not in again.registry.heads
