@@ -1,4 +1,4 @@
-"""Baselines (gmem.baselines) and the replay adapter (gmem.replay): closed forms and behaviour on tiny models."""
+"""Baselines (gmem.baselines) and the replay adapter (gmem.memory.replay): closed forms and behaviour on tiny models."""
 import pytest
 import torch
 from torch import nn
@@ -15,8 +15,8 @@ from gmem.baselines import (
     fisher_diagonal,
     make_learner,
 )
+from gmem.memory.replay import ReplayGenerator
 from gmem.models import Discriminator, Generator
-from gmem.replay import ReplayGenerator
 from gmem.seeding import generator, seeded
 from gmem.training import Plugin
 

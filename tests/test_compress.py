@@ -8,7 +8,6 @@ from torch import nn
 import gmem.nn as gnn
 from gmem.compress import (
     KnowledgeBase,
-    LowRankStyle,
     compress_style,
     compress_tasks,
     energy_rank,
@@ -16,15 +15,14 @@ from gmem.compress import (
     express_in_base,
     fit_coefficients,
     knowledge_base,
-    nuclear_prior,
     plot_singular_values,
-    prior_weights,
     residual_rank,
     singular_values,
     storage_table,
     truncate_energy,
     width_fraction,
 )
+from gmem.lowrank import LowRankStyle, nuclear_prior, prior_weights
 from gmem.ops import LowRank, modulated_conv2d, normalize_weight
 
 F64 = torch.float64

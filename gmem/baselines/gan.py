@@ -18,12 +18,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data import TensorImages, batch
-from ..learning import LEARN_DEFAULTS
+from ..data import TensorImages, batch, label_vector
 from ..models import Discriminator, Generator
-from ..sampling import label_vector
 from ..seeding import generator, seeded
-from ..training import GANParts, GANStep, Plugin, RealBatches, StepConfig, StepContext, TrainLoop
+from ..training import LEARN_DEFAULTS, GANParts, GANStep, Plugin, RealBatches, StepConfig, StepContext, TrainLoop
 
 __all__ = ["conditional_copy", "GANLearner", "FineTune", "MeRGAN", "Joint", "ReplayAlignment", "ReplayMix",
            "METHODS", "make_learner"]

@@ -83,7 +83,7 @@ class KnowledgeBase:
     def __repr__(self) -> str:
         return f"KnowledgeBase(shape={tuple(self.shape)}, rank={self.rank}, tasks={self.tasks}, dtype={self.dtype})"
 
-    def _get(self, task: str) -> _Task:
+    def entry(self, task: str) -> "_Task":
         if task not in self._tasks:
             raise KeyError(f"KnowledgeBase: no task {task!r}; tasks are {self.tasks}")
         return self._tasks[task]
@@ -101,7 +101,7 @@ class KnowledgeBase:
 
     def coefficients(self, task: str) -> Tensor:
         """``q_t [K_t] = [lam_t; s_t]``: the task's coefficients over the columns it uses."""
-        t = self._get(task)
+        t = self.entry(task)
         return torch.cat([t.lam, t.s])
 
     def next_coefficients(self) -> Tensor:
@@ -112,7 +112,7 @@ class KnowledgeBase:
 
     def express(self, task: str) -> LowRank:
         """``G_t`` as ``LowRank(P_t [O, K_t], q_t [K_t], Q_t [I, K_t])`` with ``P_t = [L_used | U_t]``."""
-        t = self._get(task)
+        t = self.entry(task)
         return LowRank(self._L[:, : t.end], self.coefficients(task), self._R[:, : t.end])
 
     def express_stack(self, tasks: Iterable[str]) -> LowRank:
@@ -124,7 +124,7 @@ class KnowledgeBase:
         names = list(tasks)
         if not names:
             raise ValueError("KnowledgeBase.express_stack: need at least one task")
-        k = max(self._get(n).end for n in names)
+        k = max(self.entry(n).end for n in names)
         q = self._L.new_zeros(len(names), k)
         for row, n in enumerate(names):
             c = self.coefficients(n)
@@ -143,7 +143,7 @@ class KnowledgeBase:
         A naive task stores ``O * I`` values.
         """
         names = self.tasks if task is None else [task]
-        return sum(sum(x.numel() for x in (t.lam, t.u, t.s, t.v)) for t in map(self._get, names))
+        return sum(sum(x.numel() for x in (t.lam, t.u, t.s, t.v)) for t in map(self.entry, names))
 
     def tasks_using(self, columns: Iterable[int]) -> list[str]:
         """The tasks whose expression uses any of the column indices ``columns`` (each in ``0..K-1``)."""
@@ -216,7 +216,7 @@ class KnowledgeBase:
 
     def remove_task(self, name: str) -> None:
         """Remove a task; refused (ValueError naming them) while later tasks use its columns."""
-        t = self._get(name)
+        t = self.entry(name)
         users = [n for n in self.tasks_using(range(t.start, t.end)) if n != name]
         if users:
             raise ValueError(f"KnowledgeBase: cannot remove task {name!r}: its basis columns "

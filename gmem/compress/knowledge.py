@@ -28,14 +28,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..lowrank import PRIOR_WEIGHT, LowRankStyle, nuclear_prior
 from .base import KnowledgeBase, fit_coefficients
 from .energy import _check_keep
 from .layers import FC_LAYER, normalise_layers, select_layers
-from .prior import PRIOR_EVERY, PRIOR_WEIGHT, LowRankStyle, nuclear_prior
 
 __all__ = ["DEFAULT_LAYERS", "WITH_FC", "FC_LAYER", "CompressionSettings",
            "Knowledge", "make_prior", "index_order", "compressed_layers",
            "begin_task", "finish_task", "compress_dense_task", "install_task", "INDEX_FORMAT"]
+
+#: The prior is added on iterations ``it`` with ``it % PRIOR_EVERY == 0`` (the released code's schedule).
+PRIOR_EVERY = 10
 
 #: Generator blocks B0-B3 (both convs of each), the released code's compressed layers.
 DEFAULT_LAYERS = ("resnet_0_0.conv_*", "resnet_1_0.conv_*", "resnet_2_0.conv_*", "resnet_3_0.conv_*")
@@ -136,7 +139,7 @@ class Knowledge:
         users: dict[str, None] = {}
         for kb in self.bases.values():
             if task in kb:
-                t = kb._get(task)
+                t = kb.entry(task)
                 users.update(dict.fromkeys(n for n in kb.tasks_using(range(t.start, t.end)) if n != task))
         return list(users)
 
@@ -166,7 +169,7 @@ class Knowledge:
         for key, kb in sorted(self.bases.items()):
             rows = []
             for name in kb.tasks:
-                t = kb._get(name)
+                t = kb.entry(name)
                 rows.append([name, t.start, t.end - t.start])
             mats[key] = {"shape": list(kb.shape), "dtype": str(kb.dtype).replace("torch.", ""), "tasks": rows}
         return {"format": INDEX_FORMAT, "matrices": mats}

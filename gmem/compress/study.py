@@ -22,7 +22,7 @@ def style_matrices(mem, task: str, layers=None) -> dict[str, Tensor]:
     from .knowledge import DEFAULT_LAYERS
     from .layers import select_layers
 
-    index = task_index(mem.generator, mem._name(task))
+    index = task_index(mem.generator, mem.task_name(task))
     out = {}
     for name, layer, shape in select_layers(mem.generator, DEFAULT_LAYERS if layers is None else layers):
         if layer.entry_kind(index) != "dense":

@@ -46,8 +46,8 @@ def truncation_study(mem, task: str, score: Callable, fractions: Sequence[float]
     fractions = [_check_keep(f, "truncation fraction") for f in fractions]
     if not fractions:
         raise ValueError("truncation_study: need at least one fraction")
-    name = mem._name(task)
-    mem._ensure_loaded(name)
+    name = mem.task_name(task)
+    mem.ensure_loaded(name)
     G = mem.generator
     index = task_index(G, name)
     if index == 0:

@@ -7,7 +7,7 @@ ResNet-18 adapted to 32x32, see :mod:`gmem.experiments.classifiers`) learns the 
 
 - ``gan_memory``: each task is also learned by a conditional GAN memory (one task of 2 classes per
   stage); while the classifier learns task t, each batch holds the task's real images plus ``n`` replayed
-  samples per earlier task, drawn as ONE mixed-task batch (:class:`gmem.replay.ReplayGenerator`, i.e.
+  samples per earlier task, drawn as ONE mixed-task batch (:class:`gmem.memory.replay.ReplayGenerator`, i.e.
   ``GANMemory.sample(list of task names, labels=...)``);
 - ``mergan_replay``: the same, replay from a MeRGAN (replay alignment) class-conditional generator
   trained with the same GAN trainer, iterations and batch size;
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..baselines import EWC, MeRGAN
 from ..data import load_demo_dataset
 from ..images import save_grid
-from ..replay import ReplayGenerator
+from ..memory.replay import ReplayGenerator
 from ..seeding import generator, seeded
 from .classifiers import CLASSIFIERS, SmallCNN, make_classifier, resnet18_source
 from .common import Timer, load_base_pair, run_record, threads

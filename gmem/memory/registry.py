@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import nn as gnn
-from .compress.knowledge import Knowledge, install_task
-from .models import Discriminator, Generator
-from .nn.bank import TaskBank
+from .. import nn as gnn
+from ..compress.knowledge import Knowledge, install_task
+from ..models import Discriminator, Generator
+from ..nn.bank import TaskBank
 
 __all__ = ["TaskRegistry", "DiscriminatorHeads", "G_MODULATED", "D_MODULATED"]
 
@@ -180,6 +180,12 @@ class TaskRegistry:
             self.heads.add(task, num_classes)
         self.order.append(task)
         self.records[task] = record
+
+    def add_pending(self, task: str, record: dict, file: Path) -> None:
+        """A task of a store, known by its ``record`` (manifest entry), read from ``file`` on first use."""
+        self.order.append(task)
+        self.records[task] = record
+        self.pending[task] = file
 
     def install(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
         """Add ``task`` to the networks' banks and fill it from ``tensors`` (the task file's layout)."""
