@@ -45,13 +45,13 @@ The core API, per compressed conv (two matrices: ``Gamma`` and ``B``)::
 from __future__ import annotations
 
 from .base import KnowledgeBase, fit_coefficients
-from .energy import WIDTH_FRACTIONS, energy_rank, residual_rank, truncate_energy, width_fraction
+from .energy import WIDTH_FRACTIONS, EnergyRule, RankRule, energy_rank, residual_rank, truncate_energy, width_fraction
 from .knowledge import DEFAULT_LAYERS, PRIOR_EVERY, CompressionSettings, Knowledge
 from .posthoc import compress_style, compress_tasks, express_in_base, knowledge_base
 from .study import energy_table, plot_singular_values, singular_values, storage_table
 
 __all__ = [
-    "truncate_energy", "energy_rank", "residual_rank", "width_fraction", "WIDTH_FRACTIONS",
+    "truncate_energy", "energy_rank", "residual_rank", "width_fraction", "WIDTH_FRACTIONS", "RankRule", "EnergyRule",
     "PRIOR_EVERY",
     "KnowledgeBase", "fit_coefficients",
     "singular_values", "plot_singular_values", "energy_table", "storage_table",

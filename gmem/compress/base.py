@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..ops import LowRank
-from .energy import _check_keep, _check_matrix, residual_rank, width_fraction
+from .energy import EnergyRule, RankRule, _check_matrix, rank_rule
 
 __all__ = ["KnowledgeBase", "fit_coefficients"]
 
@@ -157,11 +157,12 @@ class KnowledgeBase:
         return [name for name, t in self._tasks.items() if t.end > first]
 
     # ---- growing and shrinking -------------------------------------------------------------------
-    def add_task(self, name: str, lam: Tensor, residual: Tensor, keep: Optional[float] = None) -> dict:
+    def add_task(self, name: str, lam: Tensor, residual: Tensor, keep: Union[None, float, RankRule] = None) -> dict:
         """Store a trained task: truncate its residual and append the kept columns.
 
         ``lam [K]``: the task's trained coefficients on the current base; ``residual [O, I]``: its
-        trained ``E_t``. ``keep`` defaults to :func:`width_fraction` of ``O``. The rule (the released
+        trained ``E_t``. ``keep``: a :class:`gmem.compress.energy.RankRule`, or a fraction (None:
+        :func:`width_fraction` of ``O``) for the energy rule, :class:`EnergyRule`. The energy rule (the released
         code's): with ``s`` the singular values of ``E_t`` and ``b = sum |lam_t|`` the energy the base
         already holds for this task, keep the fewest ``r`` with ``b + s[:r].sum() >= keep * (b + s.sum())``
         (:func:`residual_rank`); ``r = 0`` when the base alone reaches ``keep``. Truncating the residual
@@ -180,11 +181,14 @@ class KnowledgeBase:
         if residual.shape != self.shape:
             raise ValueError(f"KnowledgeBase.add_task: residual must be {tuple(self.shape)}, "
                              f"got {tuple(residual.shape)}")
-        keep = width_fraction(self.shape[0]) if keep is None else _check_keep(keep)
+        rule = rank_rule(keep)
         e = residual.detach().to(device=self.device, dtype=torch.float64)
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
         base_energy = float(lam.double().abs().sum())
-        r = residual_rank(s, keep, base_energy)
+        r = int(rule(s, base_energy, self.shape[0]))
+        if not 0 <= r <= s.numel():
+            raise ValueError(f"KnowledgeBase.add_task: the rank rule {rule!r} returned {r}, not in 0..{s.numel()}")
+        keep = rule.fraction(self.shape[0]) if isinstance(rule, EnergyRule) else rule.describe()
         g = (self._L.double() * lam.double()) @ self._R.double().T + e
         self.add_task_factors(name, lam, u[:, :r].to(self.dtype), s[:r].to(self.dtype), vh[:r].T.to(self.dtype))
         total = base_energy + float(s.sum())

@@ -31,7 +31,9 @@ import torch
 
 from ..atomic import atomic_write_path
 from ..data import load_demo_dataset
+from ..eval import train_classifier
 from ..images import save_grid
+from ..memory import GANMemory
 from ..memory.replay import ReplayGenerator
 from .classification import FULL, split_tasks
 from .common import load_base_pair, run_record, threads
@@ -58,8 +60,6 @@ def run(out, *, task: int = 1, iterations: int = FULL["gan_iterations"], batch_s
         samples: int = 200, lr: float = 1e-3, seed: int = 0, base: Optional[str] = None, classifier_epochs: int = 10,
         progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the check; returns (and writes to ``out``) the scores (see the module docstring)."""
-    from ..eval import train_classifier
-    from ..memory import GANMemory
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

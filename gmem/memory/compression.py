@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..compress.energy import rank_rule
 from ..compress.knowledge import DEFAULT_LAYERS, CompressionSettings, compress_dense_task, index_order
 from ..store.files import knowledge_bytes
 
@@ -131,6 +132,7 @@ def compress_task(mem, task: str, keep: Optional[float] = None, layers=None) -> 
     mem.ensure_loaded(name)
     info = compress_dense_task(mem.generator, name, mem.registry.knowledge, layers=layers, keep=keep)
     layers = CompressionSettings(layers=layers).to_dict()["layers"]  # checked; JSON (shapes as lists)
+    keep = rank_rule(keep).describe()  # the record is JSON: a fraction, or the rule's description
     record = compression_record(mem, name, {"mode": "post-hoc", "layers": layers, "keep": keep}, info)
     mem.records[name]["compression"] = record
     mem.link.knowledge_dirty = True
