@@ -2,7 +2,7 @@
 #
 #   make test               makes .venv (see tools/venv.sh), builds the extension in place, runs every test
 #   make demo               same environment, then the GAN memory demo (outputs in runs/demo/)
-#   make lint               ruff check (configuration in pyproject.toml)
+#   make lint               ruff check and the import-linter layering contract (both configured in pyproject.toml)
 #   make test VENV=system   no environment, no installs, no network: uses the python on PATH as it is
 #                           (torch etc. preinstalled); the C++ extension is JIT-built if possible.
 VENV ?= .venv
@@ -46,11 +46,17 @@ browser:
 	@mkdir -p build
 	@bash tools/chromium.sh
 
-# Part of `make test`. With VENV=system a python without ruff skips it, saying so.
+# Part of `make test`: ruff, then import-linter's layering contract (docs/design.md section 5). With
+# VENV=system a python without ruff or import-linter skips that check, saying so.
+LINT_IMPORTS := import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())
+
 lint: $(if $(ENV_STAMP),venv)
 	@if [ "$(VENV)" = system ] && ! $(PY) -m ruff --version >/dev/null 2>&1; then \
-		echo "gmem: ruff is not installed for $(PY): lint skipped (VENV=system)"; \
+		echo "gmem: ruff is not installed for $(PY): ruff skipped (VENV=system)"; \
 	else $(PY) -m ruff check .; fi
+	@if [ "$(VENV)" = system ] && ! $(PY) -c "import importlinter" >/dev/null 2>&1; then \
+		echo "gmem: import-linter is not installed for $(PY): layering check skipped (VENV=system)"; \
+	else $(PY) -c "$(LINT_IMPORTS)"; fi
 
 # C++ unit tests of the CPU kernels (ctest) and an nvcc compile of every CUDA source (nothing runs)
 test-cpp:

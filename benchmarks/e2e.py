@@ -35,7 +35,7 @@ from .providers import compiled_backends
 E2E_QUICK = timing.Budget(warmup=1, warmup_s=0.0, min_reps=3, max_reps=5, min_time_s=0.0)
 
 try:  # the configuration GANMemory uses, when it is there
-    from gmem.registry import D_MODULATED, G_MODULATED
+    from gmem.memory.registry import D_MODULATED, G_MODULATED
 except Exception:  # noqa: BLE001 - the paper's configuration
     G_MODULATED = ("fc", "resnet_*.conv_0", "resnet_*.conv_1")
     D_MODULATED = ("resnet_*.conv_0", "resnet_*.conv_1")
@@ -88,11 +88,10 @@ def train_step_fn(model: Model, device: str, backend: Optional[str]) -> Callable
     """One :class:`gmem.training.GANStep` on a new task; ``backend=None`` means unconverted (plain)."""
     import gmem.nn as gnn
     from gmem.data import TensorImages
-    from gmem.learning import LEARN_DEFAULTS
+    from gmem.memory.registry import TaskRegistry
     from gmem.models import Discriminator, Generator
-    from gmem.registry import TaskRegistry
     from gmem.seeding import seeded
-    from gmem.training import GANParts, GANStep, RealBatches, StepConfig
+    from gmem.training import LEARN_DEFAULTS, GANParts, GANStep, RealBatches, StepConfig
 
     with seeded(0):
         G = Generator(model.size, model.nf, model.z_dim, model.embed_size)

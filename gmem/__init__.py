@@ -1,8 +1,10 @@
 """gmem: GAN memory with no forgetting (Cong, Zhao et al., NeurIPS 2020) as software.
 
-Layers (nothing lower imports anything higher): :mod:`gmem.ops` (modulated ops and backends) <-
-:mod:`gmem.nn` (modulated layers, convert, task selection) <- :mod:`gmem.models` (GP-GAN) <-
-:mod:`gmem.memory` (:class:`GANMemory`) <- :mod:`gmem.cli`.
+Layers (nothing lower imports anything higher; ``docs/design.md`` section 5, checked by ``make lint``):
+:mod:`gmem.ops` (modulated ops and backends) <- :mod:`gmem.nn` (modulated layers, convert, task
+selection), :mod:`gmem.models` (GP-GAN), :mod:`gmem.store` (the memory directory) <- :mod:`gmem.training`
+<- :mod:`gmem.compress`, :mod:`gmem.baselines` <- :mod:`gmem.memory` (:class:`GANMemory`) <-
+:mod:`gmem.experiments` <- :mod:`gmem.cli`.
 """
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -25,6 +26,17 @@ SOURCE_DATA = ASSETS_DIR / "source" / "crawl_tiles.npz"  # what the embedded bas
 DEFAULT_BACKGROUND = (0, 0, 0)
 # Images with more pixels than this are refused before they are decoded (decompression bombs).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+def label_vector(labels, n: int, what: str = "labels", per: str = "sample") -> Tensor:
+    """``labels`` (a number, a sequence or a tensor) as a LongTensor ``[n]`` (a number repeats); ValueError
+    naming ``what`` unless they are integers, one per ``per``. The range is the caller's to check."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim == 0:
+        labels = labels.expand(n)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
+        raise ValueError(f"{what} must be integers, one per {per} [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    return labels.long()
 
 
 class DataError(ValueError):

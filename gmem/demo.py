@@ -30,6 +30,12 @@ from pathlib import Path
 
 import torch
 
+from .data import as_dataset, batch, demo_datasets
+from .eval import pixel_fid
+from .images import save_grid
+from .memory import GANMemory
+from .models import load_base
+
 DEFAULT_TASKS = ("emoji", "oxygen_icons", "fashion_mnist")
 CONDITIONAL = {"fashion_mnist"}  # learned as a conditional task (one generator bias per class)
 
@@ -52,11 +58,6 @@ def run_demo(out="runs/demo", *, tasks=None, iterations: int = 400, time_budget:
 
 def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, lr: float, seed: int, base, device,
           columns: int, score_samples: int, progress: bool) -> int:
-    from .data import as_dataset, batch, demo_datasets
-    from .eval import pixel_fid
-    from .images import save_grid
-    from .memory import GANMemory
-    from .models import load_base
 
     t_start = time.time()
     out = Path(out)

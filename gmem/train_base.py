@@ -21,7 +21,9 @@ import torch
 
 from . import distributed as dist
 from .data import as_dataset
-from .models import Discriminator, Generator
+from .models import Discriminator, Generator, load_base, load_gan_stability, save_base
+from .models.base import base_config
+from .models.checkpoint import read_checkpoint
 from .seeding import generator, seeded
 from .training import CHECKPOINT_NAME, GANParts, GANStep, RealBatches, StepConfig, TrainLoop, data_fingerprint
 
@@ -91,8 +93,6 @@ class BaseTrainer:
         """Start from the weights of a saved base (``base.json`` + ``base.safetensors``): ``G`` and
         ``G_ema`` from its EMA generator, ``D`` from its discriminator; the optimisers start fresh.
         The architecture must be the one this trainer was built with. Returns the base's ``base.json``."""
-        from .models import load_base
-        from .models.base import base_config
 
         config = base_config(directory)
         built = {k: self.config[k] for k in ("size", "nf", "z_dim", "embed_size", "nlabels", "channels")}
@@ -157,8 +157,6 @@ def train_base(data, out_dir, *, iterations: int = 10000, size: int = 32, nf: in
 def export_base(checkpoint_path, directory, info: dict | None = None, dtype=torch.float16):
     """Write the EMA generator + discriminator of a train-base checkpoint as a base directory
     (``base.json`` + ``base.safetensors``, loadable with :func:`gmem.models.load_base`)."""
-    from .models import load_gan_stability, save_base
-    from .models.checkpoint import read_checkpoint
 
     if dist.is_main():  # under torchrun rank 0 writes; the others wait until the base is in place
         G, D = load_gan_stability(checkpoint_path, use_ema=True)

@@ -4,8 +4,9 @@ change in place of training."""
 import torch
 
 import gmem
-from gmem.compress import knowledge, memory_ops
+from gmem.compress import knowledge
 from gmem.compress.knowledge import DEFAULT_LAYERS, CompressionSettings
+from gmem.memory import compression
 
 
 def record(name):
@@ -23,7 +24,7 @@ def add_naive(mem, name, seed):
 def add_compressed(mem, name, seed, keep=0.9, layers=DEFAULT_LAYERS, rank=2):
     """What ``learn(compress=...)`` does around training, with a random rank-``rank`` change for the training."""
     settings = CompressionSettings(keep=keep, layers=layers)
-    memory_ops.load_all_compressed(mem)
+    compression.load_all_compressed(mem)
     mem.registry.add(name, None, record(name))
     styles = knowledge.begin_task(mem.generator, name, mem.registry.knowledge, settings)
     g = torch.Generator().manual_seed(seed)
@@ -33,6 +34,6 @@ def add_compressed(mem, name, seed, keep=0.9, layers=DEFAULT_LAYERS, rank=2):
             s.residual.add_(0.05 * torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g))
             s.lam.mul_(1 + 0.05 * torch.randn(s.lam.shape, generator=g))
     info = knowledge.finish_task(mem.generator, name, mem.registry.knowledge, settings)
-    mem.records[name]["compression"] = memory_ops.compression_record(mem, name, {"mode": "test"}, info)
-    mem._knowledge_dirty = True
+    mem.records[name]["compression"] = compression.compression_record(mem, name, {"mode": "test"}, info)
+    mem.link.knowledge_dirty = True
     return info

@@ -175,7 +175,7 @@ def check_collectives(out: Path, hang: bool) -> None:
 def learn_run_dir(memory, name: str) -> Path:
     """Where ``gmem learn MEMORY NAME DATA`` keeps its checkpoint (so a script and the CLI share it)."""
     try:
-        from gmem.store import run_dir_name  # the store's layout: runs/<stem>-<hash8>
+        from gmem.store.files import run_dir_name  # the store's layout: runs/<stem>-<hash8>
     except ImportError:
         return Path(memory) / "runs" / name
     return Path(memory) / "runs" / run_dir_name(name)

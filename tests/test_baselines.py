@@ -1,4 +1,4 @@
-"""Baselines (gmem.baselines) and the replay adapter (gmem.replay): closed forms and behaviour on tiny models."""
+"""Baselines (gmem.baselines) and the replay adapter (gmem.memory.replay): closed forms and behaviour on tiny models."""
 import pytest
 import torch
 from torch import nn
@@ -13,10 +13,10 @@ from gmem.baselines import (
     ReplayMix,
     conditional_copy,
     fisher_diagonal,
-    make_learner,
 )
+from gmem.experiments.methods import METHODS, make_learner
+from gmem.memory.replay import ReplayGenerator
 from gmem.models import Discriminator, Generator
-from gmem.replay import ReplayGenerator
 from gmem.seeding import generator, seeded
 from gmem.training import Plugin
 
@@ -73,6 +73,22 @@ def test_conditional_copy_rejects_bad_arguments(tiny):
         make_learner("ewc-gan", G, D, 2)
     with pytest.raises(ValueError, match="mode"):
         MeRGAN(G, D, 2, mode="both")
+
+
+def test_every_registered_generator_is_a_learner(tiny):
+    from gmem.training.learner import Learner
+
+    G, D = tiny
+    z = torch.randn(2, 8, generator=generator(3))
+    for name, method in METHODS.items():
+        if method.make is None:
+            continue
+        learner = make_learner(name, G, D, 2, tasks=["a", "b"])
+        assert isinstance(learner, Learner), name
+        learner.learn(images(4, 1), 0, iterations=1, batch_size=2, seed=0)
+        assert learner.sample(0, z).shape == (2, 3, 8, 8) and learner.state_dict()
+    with pytest.raises(KeyError, match="no generator"):
+        make_learner("ewc", G, D, 2)
 
 
 # ------------------------------------------------------------------ MeRGAN plug-ins

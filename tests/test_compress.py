@@ -7,8 +7,9 @@ from torch import nn
 
 import gmem.nn as gnn
 from gmem.compress import (
+    EnergyRule,
     KnowledgeBase,
-    LowRankStyle,
+    RankRule,
     compress_style,
     compress_tasks,
     energy_rank,
@@ -16,15 +17,14 @@ from gmem.compress import (
     express_in_base,
     fit_coefficients,
     knowledge_base,
-    nuclear_prior,
     plot_singular_values,
-    prior_weights,
     residual_rank,
     singular_values,
     storage_table,
     truncate_energy,
     width_fraction,
 )
+from gmem.lowrank import LowRankStyle, nuclear_prior, prior_weights
 from gmem.ops import LowRank, modulated_conv2d, normalize_weight
 
 F64 = torch.float64
@@ -268,6 +268,38 @@ def test_add_task_energy_rule_counts_the_base():
         err = torch.linalg.norm(g - probe.dense("b")) / torch.linalg.norm(g)
         assert info["rel_error"] == pytest.approx(float(err), rel=1e-9)
     assert probe.coefficients("b")[:2].tolist() == lam.tolist()
+
+
+class FixedRank:
+    """A rank rule other than the energy rule: at most ``rank`` new directions per task."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def __call__(self, s, base_energy, rows):
+        return min(self.rank, int((s > 0).sum()))
+
+    def describe(self):
+        return f"fixed rank {self.rank}"
+
+
+def test_rank_rule_is_a_callable_and_the_energy_rule_one_of_them():
+    from gmem.compress.knowledge import CompressionSettings
+
+    kb = KnowledgeBase(8, 8, F64)
+    residual = _matrix([4.0, 2.0, 1.0, 1.0], 8, 8, seed=2)
+    lam = torch.zeros(0, dtype=F64)
+    assert isinstance(EnergyRule(0.6), RankRule) and isinstance(FixedRank(1), RankRule)
+    by_fraction = KnowledgeBase.from_state_dict(kb.state_dict()).add_task("b", lam, residual, keep=0.6)
+    by_rule = KnowledgeBase.from_state_dict(kb.state_dict()).add_task("b", lam, residual, keep=EnergyRule(0.6))
+    assert by_fraction == by_rule and by_rule["keep"] == 0.6
+    info = KnowledgeBase.from_state_dict(kb.state_dict()).add_task("b", lam, residual, keep=FixedRank(1))
+    assert info["new_rank"] == 1 and info["keep"] == "fixed rank 1"
+    settings = CompressionSettings(keep=FixedRank(2))
+    assert settings.keep.rank == 2 and settings.to_dict()["keep"] == "fixed rank 2"
+    assert CompressionSettings(keep=0.9).to_dict()["keep"] == 0.9 and CompressionSettings().to_dict()["keep"] is None
+    with pytest.raises(ValueError):
+        CompressionSettings(keep=1.5)
 
 
 def test_stored_values_next_coefficients_and_removal():

@@ -16,10 +16,11 @@ from compress_tasks import add_naive
 from torch import nn
 
 import gmem
-from gmem import store
 from gmem.compress import knowledge
 from gmem.compress.knowledge import DEFAULT_LAYERS, WITH_FC, CompressionSettings
 from gmem.compress.layers import parse_layers, select_layers
+from gmem.store import Store
+from gmem.store import files as store_files
 
 
 def add_compressed(mem, name, seed, keep=0.9, layers=WITH_FC, rank=2):
@@ -178,7 +179,7 @@ def test_layers_whose_factors_cost_more_are_stored_dense():
     c = mem.parameter_counts("t")
     assert c["generator_stored"] == c["generator_style"]
     assert torch.equal(mem.sample("t", z=z), before)  # the dense entries are the task's own
-    from gmem.cli_compress import storage_lines
+    from gmem.cli.compress import storage_lines
 
     line = storage_lines([{"name": "t", "generator_style": 10, "generator_stored": 10, "compressed": True,
                            "compression": rec}])[2]
@@ -246,24 +247,24 @@ def test_repair_drops_a_task_without_columns_and_updates_the_knowledge_file(chai
     d = shutil.copytree(src, tmp_path / "m")
     _damage(d, "mid")
     old = json.loads((d / "manifest.json").read_text())["knowledge"]
-    assert set(store.repair(d)) == {"mid"}
+    assert set(Store(d).repair()) == {"mid"}
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["knowledge"] != old
-    index = store.read_knowledge(d, manifest["knowledge"])
+    index = store_files.read_knowledge(d, manifest["knowledge"])
     assert all("mid" not in [row[0] for row in m["tasks"]] for m in index["matrices"].values())
     loaded = gmem.GANMemory.load(d)
     assert loaded.tasks == ["naive", "first", "last"]
     z = mem.latents(3, seed=7)
     for t in ("last", "first", "naive"):
         assert torch.equal(loaded.sample(t, z=z), mem.sample(t, z=z))
-    assert store.verify_files(d) == {t: None for t in loaded.tasks}
+    assert Store(d).verify_files() == {t: None for t in loaded.tasks}
 
 
 def test_repair_drops_the_tasks_that_lose_their_columns(chain, tmp_path):
     _, src = chain
     d = shutil.copytree(src, tmp_path / "m")
     _damage(d, "first")
-    dropped = store.repair(d)
+    dropped = Store(d).repair()
     assert set(dropped) == {"first", "mid", "last"}
     assert "basis columns of dropped task 'first'" in dropped["last"]
     manifest = json.loads((d / "manifest.json").read_text())
@@ -300,7 +301,7 @@ def test_truncation_study(tmp_path):
 
 def test_cli_compress_fc(tmp_path, capsys):
     from gmem.cli import main
-    from gmem.cli_compress import compress_layers
+    from gmem.cli.compress import compress_layers
 
     assert compress_layers(None, False) is None
     assert compress_layers(None, True) == list(WITH_FC)

@@ -13,9 +13,10 @@ import torch
 from compress_tasks import add_compressed, add_naive
 
 import gmem
-from gmem import store
 from gmem.nn.lowrank import stack_styles
 from gmem.ops import LowRank
+from gmem.store import Store
+from gmem.store import files as store_files
 
 TASKS = ["naive", "first", "second"]
 
@@ -136,9 +137,9 @@ def test_damaged_coefficient_file(saved, tmp_path):
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
     mem = gmem.GANMemory.load(d)
-    with pytest.raises(store.TaskFileError, match=entry["file"].split("/")[-1]):
+    with pytest.raises(store_files.TaskFileError, match=entry["file"].split("/")[-1]):
         mem.sample("first", 1, seed=0)
-    with pytest.raises(store.TaskFileError, match="first"):
+    with pytest.raises(store_files.TaskFileError, match="first"):
         mem.sample("second", 1, seed=0)  # uses the damaged task's columns
     assert mem.sample("naive", 1, seed=0).shape == (1, 3, 32, 32)
 
@@ -148,11 +149,11 @@ def test_damaged_basis_file(saved, tmp_path):
     rel = json.loads((d / "manifest.json").read_text())["knowledge"]["file"]
     (d / rel).write_text((d / rel).read_text().replace('"first"', '"frist"'))
     mem = gmem.GANMemory.load(d)
-    with pytest.raises(store.KnowledgeFileError, match=rel.split("/")[-1]):
+    with pytest.raises(store_files.KnowledgeFileError, match=rel.split("/")[-1]):
         mem.sample("second", 1, seed=0)
     assert mem.sample("naive", 1, seed=0).shape == (1, 3, 32, 32)
     (d / rel).unlink()
-    with pytest.raises(store.KnowledgeFileError, match="file missing"):
+    with pytest.raises(store_files.KnowledgeFileError, match="file missing"):
         gmem.GANMemory.load(d).sample("first", 1, seed=0)
 
 
@@ -163,8 +164,8 @@ def test_remove_refused_while_columns_used(saved, tmp_path):
         mem.remove("first")
     assert mem.tasks == TASKS
     with pytest.raises(ValueError, match="second"):
-        store.remove_tasks(d, ["first"])
-    store.remove_tasks(d, ["second"])
+        Store(d).remove_tasks(["first"])
+    Store(d).remove_tasks(["second"])
     mem = gmem.GANMemory.load(d)
     assert mem.tasks == ["naive", "first"]
     mem.remove("first")

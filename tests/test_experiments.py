@@ -98,7 +98,7 @@ def test_resnet18_is_adapted_to_32x32_and_matches_torchvision():
     assert make_classifier("resnet18", 1, 4, prefer_torchvision=False)(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
     with pytest.raises(KeyError, match="unknown classifier"):
         make_classifier("vgg")
-    pytest.importorskip("torchvision")
+    import torchvision  # noqa: F401  (pinned: a checkout without it fails here)
     with seeded(1):
         tv = make_classifier("resnet18", 3, 10)
     assert not isinstance(tv, ResNet18) and isinstance(tv.maxpool, torch.nn.Identity)
@@ -166,8 +166,8 @@ def test_replay_of_two_conditional_tasks_draws_each_tasks_classes(monkeypatch):
     # sample must be its own task's image for its local class, labelled with that class's global id
     from gmem import nn as gnn
     from gmem.memory import GANMemory
+    from gmem.memory.replay import ReplayGenerator
     from gmem.models import load_default_base
-    from gmem.replay import ReplayGenerator
 
     memory = GANMemory.from_base(*load_default_base())
     g = torch.Generator().manual_seed(0)

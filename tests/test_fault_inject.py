@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from gmem import store
+from gmem.store import Store
+from gmem.store import files as store_files
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -34,20 +35,20 @@ def test_fake_kill_cycles_lose_nothing(tmp_path, capsys):
     assert n["damaged"] + n["damaged_tmp"] >= 1
     for key in ("lost", "earlier_changed", "verify_wrong", "failures"):
         assert n[key] == 0, (key, r.stdout[-3000:])
-    manifest = store.read_manifest(tmp_path / "mem")
+    manifest = Store(tmp_path / "mem").read_manifest()
     names = {e["name"] for e in manifest["tasks"]}
     assert {"t1", "t2"} <= names
-    assert all(v is None for v in store.verify_files(tmp_path / "mem").values())
+    assert all(v is None for v in Store(tmp_path / "mem").verify_files().values())
 
 
 def _memory_with_tasks(directory: Path, names) -> dict:
-    store.prepare_directory(directory)
+    store_files.prepare_directory(directory)
     entries = []
     for i, name in enumerate(names):
-        data = store.task_bytes({"w": torch.full((8,), float(i))}, name)
-        rel, digest = store.write_task_file(directory, name, data)
+        data = store_files.task_bytes({"w": torch.full((8,), float(i))}, name)
+        rel, digest = store_files.write_task_file(directory, name, data)
         entries.append({"name": name, "file": rel, "sha256": digest, "metrics": {}, "training": {}})
-    store.commit(directory, fault_inject.FAKE_BASE, {}, entries)
+    Store(directory).commit(fault_inject.FAKE_BASE, {}, entries)
     return {e["name"]: e for e in entries}
 
 
@@ -65,7 +66,7 @@ def test_checks_catch_a_lost_task_and_an_unexpected_damage(tmp_path):
     run = _run(directory, entries)
     run.check(set(), verify_cli=False)
     assert run.problems == []
-    store.remove_tasks(directory, ["r1"])                         # a task reported learned disappears
+    Store(directory).remove_tasks(["r1"])                         # a task reported learned disappears
     (directory / entries["r2"]["file"]).write_bytes(b"garbage")  # damage nobody declared
     run.check(set(), verify_cli=False)
     assert run.n["lost"] == 2 and run.n["verify_wrong"] == 1

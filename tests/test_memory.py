@@ -9,8 +9,8 @@ import torch
 import gmem.nn as gnn
 from gmem import GANMemory
 from gmem.data import DataError
-from gmem.memory import TaskFileError
 from gmem.models import CheckpointError, Discriminator, Generator
+from gmem.store import TaskFileError
 
 
 def tiny_base(seed=0, size=32, nf=4):
@@ -307,10 +307,7 @@ def test_data_errors(mem, tmp_path):
     assert mem.tasks == ["a", "folder"]
 
 
-def test_default_memory():
-    from gmem.models.base import DEFAULT_BASE_DIR
-    if not (DEFAULT_BASE_DIR / "base.safetensors").is_file():
-        pytest.skip("the embedded base is not in this checkout yet")
+def test_default_memory():  # the embedded base is committed: a checkout without it fails here
     mem = GANMemory.default()
     assert mem.tasks == [] and mem.base_source["kind"] == "default"
     assert mem.sample("source", 2, seed=0).shape == (2, 3, mem.size, mem.size)
@@ -329,14 +326,15 @@ def test_paper_configuration_one_step():
 
 
 def test_memory_on_the_default_base_refers_to_it_by_hash(tmp_path, monkeypatch):
-    import gmem.memory as memory_module
+    import gmem.memory.gan_memory as memory_module
+    import gmem.memory.persist as persist_module
     import gmem.models as models_module
-    import gmem.persist as persist_module
 
     state = {"seed": 0}
     for module in (memory_module, persist_module):  # GANMemory.default, GANMemory.load
         monkeypatch.setattr(module, "load_default_base", lambda: tiny_base(state["seed"]))
     monkeypatch.setattr(models_module, "default_base_info", lambda: {"sha256": "f" * 64})
+    monkeypatch.setattr(memory_module, "default_base_info", lambda: {"sha256": "f" * 64})
     mem = GANMemory.default()
     mem.learn("a", images(), iterations=1, batch_size=4, seed=0, progress=False)
     x = mem.sample("a", 2, seed=0)
@@ -360,3 +358,26 @@ def test_conditional_task_from_class_folders_keeps_class_names(mem, tmp_path):
     assert mem.num_classes("pets") == 2 and mem.records["pets"]["classes"] == ["cats", "dogs"]
     mem.save(tmp_path / "mem")
     assert GANMemory.load(tmp_path / "mem").records["pets"]["classes"] == ["cats", "dogs"]
+
+
+# The names gmem.nn and GANMemory must both accept (one task-name codec, gmem.nn.bank.encode_task):
+# attributes of nn.Module / nn.ModuleDict, a state-dict separator, the codec's escape, unicode.
+AWKWARD_NAMES = ["keys", "training", "forward", "state_dict", "a.b", "100%", "ünïcødé", "white space"]
+
+
+def test_awkward_task_names_work_in_gmem_nn_and_in_a_memory(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    gnn.convert(net)
+    mem = GANMemory.from_base(*tiny_base())
+    for k, name in enumerate(AWKWARD_NAMES, 1):
+        assert gnn.add_task(net, name) == k
+        assert mem.learn(name, images(), iterations=1, batch_size=4, seed=k, progress=False) == k
+    assert gnn.list_tasks(net) == ["source", *AWKWARD_NAMES]
+    assert mem.tasks == AWKWARD_NAMES and mem.registry.heads.names() == AWKWARD_NAMES
+    samples = {name: mem.sample(name, 2, seed=0) for name in AWKWARD_NAMES}
+    mem.save(tmp_path / "m")
+    again = GANMemory.load(tmp_path / "m")
+    assert again.tasks == AWKWARD_NAMES
+    assert all(torch.equal(again.sample(name, 2, seed=0), x) for name, x in samples.items())
+    again.remove("keys")
+    assert again.tasks == [n for n in AWKWARD_NAMES if n != "keys"] and "keys" not in again.registry.heads

@@ -223,8 +223,8 @@ def test_save_and_load_base_roundtrip(tmp_path):
         load_base(tmp_path / "b")
 
 
-@pytest.mark.skipif(not (DEFAULT_BASE_DIR / WEIGHTS_NAME).is_file(), reason="embedded base not exported yet")
-def test_default_base_loads_and_samples():
+def test_default_base_loads_and_samples():  # the embedded base is committed: fail (not skip) without it
+    assert (DEFAULT_BASE_DIR / WEIGHTS_NAME).is_file(), f"{DEFAULT_BASE_DIR / WEIGHTS_NAME} is missing"
     from gmem.models import default_base_info, load_default_base
 
     G, D = load_default_base()

@@ -10,12 +10,11 @@ import pickle
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import gmem.nn as gnn
 from gmem.models import Discriminator, Generator
-
-torchvision = pytest.importorskip("torchvision")
 
 
 def resnet18():

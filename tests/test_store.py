@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmem import GANMemory, store
+from gmem import GANMemory
 from gmem.models import CheckpointError, Discriminator, Generator
-from gmem.store import LockTimeoutError, ManifestError, TaskConflictError, TaskFileError
+from gmem.store import LockTimeoutError, ManifestError, Store, TaskConflictError, TaskFileError
+from gmem.store import files as store_files
 
 FIXTURE = Path(__file__).parent / "fixtures" / "memory_v1"
 
@@ -50,8 +51,8 @@ def _init_worker():
 def _writer(directory, name, start_at, noise_seed=None, delay=0.0):
     """Learn ``name`` (no training) on the shared tiny base and save it into ``directory``."""
     if delay:  # widen the window between the manifest read and its replacement
-        original = store._write_manifest
-        store._write_manifest = lambda d, m: (time.sleep(delay), original(d, m))
+        original = Store._write_manifest
+        Store._write_manifest = lambda self, m: (time.sleep(delay), original(self, m))
     mem = new_memory()
     add_task(mem, name, noise_seed)
     time.sleep(max(0.0, start_at - time.time()))
@@ -67,12 +68,12 @@ def _reader(directory, until):
     rounds, errors = 0, []
     while time.time() < until:
         try:
-            manifest = store.read_manifest(directory)
+            manifest = Store(directory).read_manifest()
         except FileNotFoundError:
             continue
         for entry in manifest["tasks"]:
             try:
-                store.read_task(directory, entry["name"], entry)
+                store_files.read_task(directory, entry["name"], entry)
             except TaskFileError as e:
                 errors.append(str(e))
         rounds += 1
@@ -83,7 +84,7 @@ def _task_file_digest(seed):
     g = torch.Generator().manual_seed(seed)
     tensors = {"G.fc.gamma": torch.randn(3, 4, generator=g), "D.x.beta": torch.randn(5, generator=g),
                "Dfc.weight": torch.randn(1, 2, generator=g).half()}
-    return store.sha256_bytes(store.task_bytes(tensors, "t"))
+    return store_files.sha256_bytes(store_files.task_bytes(tensors, "t"))
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +100,19 @@ def pool():
                                   "tab\there", "new\nline", "x" * 129])
 def test_bad_task_names_are_refused(name):
     with pytest.raises(ValueError, match="task name"):
-        store.validate_task_name(name)
+        store_files.validate_task_name(name)
     with pytest.raises(ValueError, match="task name"):
         new_memory().learn(name, torch.zeros(2, 3, 32, 32), iterations=0, progress=False)
 
 
 def test_good_task_names_and_file_names():
     for name in ["emoji", "b c", "Ünïcode ☃", "a..b", "x" * 128, "x.y-z_1"]:
-        assert store.validate_task_name(name) == name
-        rel = store.task_file_name(name, "0" * 64)
+        assert store_files.validate_task_name(name) == name
+        rel = store_files.task_file_name(name, "0" * 64)
         assert rel.startswith("tasks/") and "/" not in rel[len("tasks/"):] and ".." not in rel
     with pytest.raises(TypeError):
-        store.validate_task_name(3)
-    assert store.run_dir_name("a b") != store.run_dir_name("a_b")  # the hash keeps sanitised names apart
+        store_files.validate_task_name(3)
+    assert store_files.run_dir_name("a b") != store_files.run_dir_name("a_b")  # the hash keeps sanitised names apart
 
 
 def test_task_bytes_are_deterministic_across_processes(pool):
@@ -122,7 +123,7 @@ def test_task_bytes_are_deterministic_across_processes(pool):
 
     g = torch.Generator().manual_seed(0)
     tensors = {"b": torch.randn(2, 3, generator=g), "a": torch.arange(4), "c": torch.randn(3, generator=g).bfloat16()}
-    back = load(store.task_bytes(tensors, "t"))
+    back = load(store_files.task_bytes(tensors, "t"))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 
@@ -139,7 +140,7 @@ def test_unchanged_task_is_never_rewritten(tmp_path):
     again.save(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["tasks"][0]["file"] == entry["file"] and manifest["tasks"][0]["sha256"] == entry["sha256"]
-    assert store.sha256_file(path) == entry["sha256"]
+    assert store_files.sha256_file(path) == entry["sha256"]
     assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(
         Path(e["file"]).name for e in manifest["tasks"])
 
@@ -165,8 +166,8 @@ def test_same_name_twice_at_once_second_is_refused(pool, tmp_path):
     winner = 1 if results[0] == "saved" else 2
     mem = new_memory()
     add_task(mem, "x", winner)
-    expected = store.sha256_bytes(store.task_bytes(mem._task_tensors("x"), "x"))
-    assert store.read_manifest(tmp_path)["tasks"][0]["sha256"] == expected
+    expected = store_files.sha256_bytes(store_files.task_bytes(mem.task_tensors("x"), "x"))
+    assert Store(tmp_path).read_manifest()["tasks"][0]["sha256"] == expected
 
 
 def test_readers_never_see_a_missing_file(pool, tmp_path):
@@ -197,22 +198,22 @@ def test_lock_timeout_names_the_holder(tmp_path):
     mem = new_memory()
     add_task(mem, "a")
     mem.save(tmp_path)
-    with store.lock(tmp_path):
+    with Store(tmp_path).lock():
         t0 = time.monotonic()
         with pytest.raises(LockTimeoutError, match=f"pid {os.getpid()}"):
-            store.remove_tasks(tmp_path, ["a"], timeout=0.3)
+            Store(tmp_path).remove_tasks(["a"], timeout=0.3)
         assert time.monotonic() - t0 >= 0.3
-    assert store.remove_tasks(tmp_path, ["a"], timeout=0.3) == ["a"]
+    assert Store(tmp_path).remove_tasks(["a"], timeout=0.3) == ["a"]
 
 
 def test_claim_refuses_a_second_learner_of_the_same_name(tmp_path):
-    with store.claim(tmp_path, "a"):
+    with Store(tmp_path).claim("a"):
         with pytest.raises(TaskConflictError, match="being learned"):
-            with store.claim(tmp_path, "a"):
+            with Store(tmp_path).claim("a"):
                 pass
-        with store.claim(tmp_path, "b"):
+        with Store(tmp_path).claim("b"):
             pass
-    with store.claim(tmp_path, "a"):
+    with Store(tmp_path).claim("a"):
         pass
 
 
@@ -256,7 +257,7 @@ def test_tasks_symlink_outside_is_refused(tmp_path):
     with pytest.raises(ManifestError, match="outside the memory"):
         mem.save(tmp_path / "m")
     assert sorted(p.name for p in outside.iterdir()) == sorted(Path(e["file"]).name for e in
-                                                               store.read_manifest(tmp_path / "m")["tasks"])
+                                                               Store(tmp_path / "m").read_manifest()["tasks"])
 
 
 def test_missing_sha256_is_an_error(tmp_path):
@@ -327,19 +328,19 @@ def test_other_base_in_target_directory_is_refused(tmp_path):
 # ------------------------------------------------------------------ damage, repair, GC
 def test_damaged_task_blocks_nothing_and_repair_drops_it(tmp_path):
     _saved(tmp_path, ("a", "b", "c"))
-    bad = tmp_path / store.read_manifest(tmp_path)["tasks"][1]["file"]
+    bad = tmp_path / Store(tmp_path).read_manifest()["tasks"][1]["file"]
     bad.write_bytes(b"garbage")
     mem = GANMemory.load(tmp_path)
     add_task(mem, "d", 4)
     mem.save(tmp_path)                                   # b is never read: saving works
-    assert [e["name"] for e in store.read_manifest(tmp_path)["tasks"]] == ["a", "b", "c", "d"]
-    report = store.verify_files(tmp_path)
+    assert [e["name"] for e in Store(tmp_path).read_manifest()["tasks"]] == ["a", "b", "c", "d"]
+    report = Store(tmp_path).verify_files()
     assert "damaged" in report["b"] and [k for k, v in report.items() if v] == ["b"]
-    assert list(store.repair(tmp_path)) == ["b"]
+    assert list(Store(tmp_path).repair()) == ["b"]
     assert GANMemory.load(tmp_path).tasks == ["a", "c", "d"]
     assert all(v is None for v in GANMemory.load(tmp_path).verify().values())
     with pytest.raises(KeyError, match="no task 'b'"):
-        store.remove_tasks(tmp_path, ["b"])
+        Store(tmp_path).remove_tasks(["b"])
 
 
 def test_gc_spares_young_and_referenced_files(tmp_path):
@@ -353,12 +354,12 @@ def test_gc_spares_young_and_referenced_files(tmp_path):
     hour_ago = time.time() - 3600
     for p in [old_orphan, stale_tmp] + [tasks / n for n in referenced]:
         os.utime(p, (hour_ago, hour_ago))
-    store.remove_tasks(tmp_path, ["a"])     # a's file leaves the manifest now: its grace period starts now
+    Store(tmp_path).remove_tasks(["a"])     # a's file leaves the manifest now: its grace period starts now
     left = {p.name for p in tasks.iterdir()}
     assert left == referenced | {young_orphan.name}
     a_file = next(n for n in referenced if n.startswith("a-"))
     os.utime(tasks / a_file, (hour_ago, hour_ago))
-    store.collect_garbage(tmp_path)
+    Store(tmp_path).collect_garbage()
     assert {p.name for p in tasks.iterdir()} == (referenced - {a_file}) | {young_orphan.name}
 
 
@@ -372,7 +373,7 @@ def test_memory_written_by_the_previous_release_loads():
     for task in mem.tasks:  # equal up to float rounding (the thread count may differ from the writer's)
         torch.testing.assert_close(mem.sample(task, 2, seed=0), expected[task], atol=1e-5, rtol=1e-4)
     assert mem.loaded_tasks == ["a", "b c"]
-    assert all(v is None for v in store.verify_files(FIXTURE / "memory").values())
+    assert all(v is None for v in Store(FIXTURE / "memory").verify_files().values())
 
 
 def test_old_memory_gets_new_tasks_without_rewriting_old_files(tmp_path):

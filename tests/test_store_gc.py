@@ -1,14 +1,17 @@
-"""gmem.store_gc: garbage collection of run folders and stale temporary files (files aged with os.utime)."""
+"""gmem.store.gc: garbage collection of run folders and stale temporary files (files aged with os.utime)."""
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from gmem import GANMemory, store
+from gmem import GANMemory
 from gmem.models import Discriminator, Generator
 from gmem.seeding import seeded
-from gmem.store_gc import GC_GRACE_SECONDS, collect_garbage
+from gmem.store import Store
+from gmem.store import files as store_files
+from gmem.store import gc as store_gc
+from gmem.store.gc import GC_GRACE_SECONDS, collect_garbage
 
 HOUR_AGO = time.time() - 3600
 
@@ -23,7 +26,7 @@ def age(*paths: Path) -> None:
 
 
 def run_folder(directory: Path, name: str, *files: str) -> Path:
-    run = directory / "runs" / store.run_dir_name(name)
+    run = directory / "runs" / store_files.run_dir_name(name)
     for rel in files:
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_bytes(b"x")
@@ -35,9 +38,9 @@ def manifest(*names: str) -> dict:
 
 
 def test_grace_is_ten_minutes_as_the_help_says():
-    from gmem.cli_info import GC_HELP
+    from gmem.cli.verify import GC_HELP
 
-    assert GC_GRACE_SECONDS == 600.0 and store.GC_GRACE_SECONDS == GC_GRACE_SECONDS and "10 minutes" in GC_HELP
+    assert GC_GRACE_SECONDS == 600.0 and store_gc.GC_GRACE_SECONDS == GC_GRACE_SECONDS and "10 minutes" in GC_HELP
 
 
 def test_stale_checkpoint_tmp_goes_the_run_folder_of_a_kept_task_stays(tmp_path):
@@ -66,7 +69,7 @@ def test_run_folder_being_learned_is_kept_young_or_claimed(tmp_path):
     age(fresh)
     (fresh / "checkpoint.pt").write_bytes(b"just written")
     # gmem learn: it holds its claim, however long ago it last wrote anything
-    with store.claim(tmp_path, "slow") as slow:
+    with Store(tmp_path).claim("slow") as slow:
         (slow / "checkpoint.pt").write_bytes(b"x")
         age(slow)
         deleted = collect_garbage(tmp_path, manifest=manifest())
@@ -98,7 +101,7 @@ def test_claim_after_its_folder_was_collected_works(tmp_path):
     run = run_folder(tmp_path, "a", "checkpoint.pt", ".lock")
     age(run)
     assert collect_garbage(tmp_path, manifest=manifest()) == [run]
-    with store.claim(tmp_path, "a") as again:
+    with Store(tmp_path).claim("a") as again:
         assert again == run and (run / ".lock").read_text() == str(os.getpid())
 
 
@@ -106,11 +109,11 @@ def test_removing_a_task_collects_its_old_run_folder(tmp_path):
     with seeded(0):
         mem = GANMemory.from_base(Generator(32, 4, z_dim=8, embed_size=4), Discriminator(32, 4))
     for name in ("a", "b"):
-        with store.claim(tmp_path, name) as run:
+        with Store(tmp_path).claim(name) as run:
             mem.learn(name, torch.zeros(4, 3, 32, 32), iterations=0, batch_size=2, seed=0, progress=False)
             (run / "checkpoint.pt").write_bytes(b"x")
     mem.save(tmp_path)
-    runs = {n: tmp_path / "runs" / store.run_dir_name(n) for n in ("a", "b")}
+    runs = {n: tmp_path / "runs" / store_files.run_dir_name(n) for n in ("a", "b")}
     age(*runs.values())
-    store.remove_tasks(tmp_path, ["a"])
+    Store(tmp_path).remove_tasks(["a"])
     assert not runs["a"].exists() and (runs["b"] / "checkpoint.pt").is_file()

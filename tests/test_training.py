@@ -258,8 +258,8 @@ def test_progress_without_a_terminal_prints_a_few_lines():
 # ------------------------------------------------------------------ per-task discriminator heads
 def test_task_heads_equal_a_swapped_fc_and_leave_d_alone():
     import gmem.nn as gnn
+    from gmem.memory.registry import TaskRegistry
     from gmem.models import Discriminator, Generator
-    from gmem.registry import TaskRegistry
 
     torch.manual_seed(0)
     reg = TaskRegistry(Generator(32, 2, z_dim=4, embed_size=2), Discriminator(32, 2))

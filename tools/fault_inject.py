@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gmem import store  # noqa: E402
+from gmem.store import Store  # noqa: E402
+from gmem.store import files as store_files  # noqa: E402
 
 EARLIER = (("t1", "emoji"), ("t2", "fashion_mnist"))
 DATASETS = ("emoji", "fashion_mnist")
@@ -120,8 +121,8 @@ def fake_learn(mem: Path, name: str, iterations: int, step: float) -> int:
     import torch
 
     torch.set_num_threads(1)
-    with store.claim(mem, name) as run:
-        manifest = store.read_manifest(mem)
+    with Store(mem).claim(name) as run:
+        manifest = Store(mem).read_manifest()
         if name in {e["name"] for e in manifest["tasks"]}:
             print(f"gmem learn: error: task {name!r} exists already in {mem}")
             return 1
@@ -129,12 +130,12 @@ def fake_learn(mem: Path, name: str, iterations: int, step: float) -> int:
         start = int(ck.read_text()) if ck.is_file() else 0
         for i in range(start, iterations):
             time.sleep(step)
-            store.atomic_write_bytes(ck, str(i + 1).encode())
+            store_files.atomic_write_bytes(ck, str(i + 1).encode())
         g = torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
-        data = store.task_bytes({"w": torch.randn(4096, generator=g), "b": torch.randn(64, generator=g)}, name)
-        rel, digest = store.write_task_file(mem, name, data)
+        data = store_files.task_bytes({"w": torch.randn(4096, generator=g), "b": torch.randn(64, generator=g)}, name)
+        rel, digest = store_files.write_task_file(mem, name, data)
         entry = {"name": name, "file": rel, "sha256": digest, "num_classes": None, "metrics": {}, "training": {}}
-        store.commit(mem, manifest["base"], manifest.get("conversion", {}), [entry])
+        Store(mem).commit(manifest["base"], manifest.get("conversion", {}), [entry])
     print(f"learned task {name!r} ({iterations} iterations); memory saved to {mem}")
     return 0
 
@@ -166,7 +167,7 @@ class Run:
         return Learner(self.opts, self.mem, name, data, self.logs / f"{self.counter:04d}-{name}.log")
 
     def manifest_tasks(self) -> dict[str, dict]:
-        return {e["name"]: e for e in store.read_manifest(self.mem)["tasks"]}
+        return {e["name"]: e for e in Store(self.mem).read_manifest()["tasks"]}
 
     def samples(self, names) -> dict[str, str]:
         if self.opts.fake:
@@ -178,20 +179,21 @@ class Run:
 
     def in_save_window(self, pid: int) -> bool:
         tag = f".{pid}-"
-        for d in (self.mem / store.TASKS_DIR, self.mem):
+        for d in (self.mem / store_files.TASKS_DIR, self.mem):
             try:
                 if any(tag in f and f.endswith(".tmp") for f in os.listdir(d)):
                     return True
             except OSError:
                 pass
         try:
-            return (self.mem / store.LOCK_NAME).read_text().strip() == str(pid)
+            return (self.mem / store_files.LOCK_NAME).read_text().strip() == str(pid)
         except OSError:
             return False
 
     def claimed(self, learner: Learner) -> bool:
         try:
-            return (self.mem / "runs" / store.run_dir_name(learner.name) / store.LOCK_NAME).read_text().strip() \
+            claim = self.mem / "runs" / store_files.run_dir_name(learner.name) / store_files.LOCK_NAME
+            return claim.read_text().strip() \
                 == str(learner.pid)
         except OSError:
             return False
@@ -212,8 +214,8 @@ class Run:
         if self.mem.exists():
             shutil.rmtree(self.mem)
         if self.opts.fake:
-            store.prepare_directory(self.mem)
-            store.commit(self.mem, FAKE_BASE, {}, [])
+            store_files.prepare_directory(self.mem)
+            Store(self.mem).commit(FAKE_BASE, {}, [])
         for name, data in EARLIER:
             it = self.opts.iterations
             self.opts.iterations = self.opts.initial_iterations
@@ -284,7 +286,7 @@ class Run:
         """Damage one file; returns the tasks whose file it was (empty for a temporary file)."""
         tasks = self.manifest_tasks()
         targets = [(t, self.mem / e["file"]) for t, e in tasks.items() if t in self.learned and t not in self.earlier]
-        tmps = [p for d in (self.mem / store.TASKS_DIR, self.mem) for p in d.glob(".*.tmp")]
+        tmps = [p for d in (self.mem / store_files.TASKS_DIR, self.mem) for p in d.glob(".*.tmp")]
         choices = [("task", t, p) for t, p in targets] + [("tmp", None, p) for p in tmps]
         if not choices:
             return set()
@@ -308,7 +310,7 @@ class Run:
         else:
             cmd = ["remove", str(self.mem), *sorted(damaged)]
         if self.opts.fake:
-            store.repair(self.mem) if cmd[0] == "verify" else store.remove_tasks(self.mem, damaged)
+            Store(self.mem).repair() if cmd[0] == "verify" else Store(self.mem).remove_tasks(damaged)
         else:
             r = self.cli(*cmd)
             if r.returncode != 0:
@@ -346,7 +348,7 @@ class Run:
             reported = set(re.findall(r"^  (.+?): DAMAGED", r.stdout, re.M))
             ok = reported == damaged and (r.returncode == 1) == bool(damaged)
         else:
-            reported = {t for t, p in store.verify_files(self.mem).items() if p}
+            reported = {t for t, p in Store(self.mem).verify_files().items() if p}
             ok = reported == damaged
         if not ok:
             self.fail("verify_wrong", f"verify reports {sorted(reported)} damaged, expected {sorted(damaged)}")

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _SLOW = "not test_gradcheck_single_and_mixed and not test_lowrank_matches_dense_and_trains_factors"
 OPS_TESTS = ["tests/test_ops.py", "tests/test_op_paths.py", "-k", _SLOW]
 LOWRANK_TESTS = ["tests/test_op_paths.py", "tests/test_ops.py", "-k", _SLOW]
-STORE_FILES = ["gmem/store_files.py", "gmem/atomic.py", "gmem/store_gc.py", "gmem/store.py",
-               "gmem/persist.py"]  # the store's modules (the first containing the pattern is mutated)
+STORE_FILES = ["gmem/store/files.py", "gmem/atomic.py", "gmem/store/gc.py", "gmem/store/directory.py",
+               "gmem/memory/persist.py"]  # the store's modules (the first containing the pattern is mutated)
 STORE_TESTS = ["tests/test_mutations.py", "tests/test_store_gc.py", "tests/test_memory.py", "tests/test_store.py",
                "-k", "save or load or damaged or crash or rewrites or other_base or replaces or garbage or grace "
                      "or collect or content or atomic or tmp or gc or young or stale or run_folder"]

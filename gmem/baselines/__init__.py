@@ -19,7 +19,6 @@ Classification (:mod:`gmem.baselines.ewc`): elastic weight consolidation with a 
 """
 from .ewc import EWC, fisher_diagonal
 from .gan import (
-                  METHODS,
                   FineTune,
                   GANLearner,
                   Joint,
@@ -27,8 +26,7 @@ from .gan import (
                   ReplayAlignment,
                   ReplayMix,
                   conditional_copy,
-                  make_learner,
 )
 
 __all__ = ["GANLearner", "FineTune", "MeRGAN", "Joint", "ReplayAlignment", "ReplayMix", "conditional_copy",
-           "make_learner", "METHODS", "EWC", "fisher_diagonal"]
+           "EWC", "fisher_diagonal"]

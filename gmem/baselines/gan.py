@@ -18,15 +18,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data import TensorImages, batch
-from ..learning import LEARN_DEFAULTS
+from ..data import TensorImages, batch, label_vector
 from ..models import Discriminator, Generator
-from ..sampling import label_vector
 from ..seeding import generator, seeded
-from ..training import GANParts, GANStep, Plugin, RealBatches, StepConfig, StepContext, TrainLoop
+from ..training import LEARN_DEFAULTS, GANParts, GANStep, Plugin, RealBatches, StepConfig, StepContext, TrainLoop
 
-__all__ = ["conditional_copy", "GANLearner", "FineTune", "MeRGAN", "Joint", "ReplayAlignment", "ReplayMix",
-           "METHODS", "make_learner"]
+__all__ = ["conditional_copy", "GANLearner", "FineTune", "MeRGAN", "Joint", "ReplayAlignment", "ReplayMix"]
 
 
 def conditional_copy(G: Generator, D: Discriminator, num_labels: int) -> tuple[Generator, Discriminator]:
@@ -214,6 +211,24 @@ class GANLearner:
         finally:
             self.G.train(was)
 
+    def replay(self, tasks: Sequence[Sequence[int]], n_per_task: int, seed: int):
+        """A replay source over the classes of ``tasks``: each call draws ``n_per_task * len(tasks)`` samples
+        of uniformly drawn earlier classes (one generator, seeded ``seed``, for classes and latents)."""
+        old = torch.tensor([c for classes in tasks for c in classes])
+        rng = generator(seed)
+        n = n_per_task * len(tasks)
+
+        def draw():
+            c = old[torch.randint(len(old), (n,), generator=rng)]
+            return self.sample(c, torch.randn(n, self.G.z_dim, generator=rng)), c
+
+        return draw
+
+    def state_dict(self) -> dict:
+        """The conditional ``G`` and ``D`` (``G.*``, ``D.*``) and the conditions seen so far."""
+        return {**{f"G.{k}": v for k, v in self.G.state_dict().items()},
+                **{f"D.{k}": v for k, v in self.D.state_dict().items()}, "seen": list(self.seen)}
+
 
 class FineTune(GANLearner):
     """The whole GAN fine-tuned on each new task's data alone (forgets the earlier tasks)."""
@@ -256,14 +271,3 @@ class Joint(GANLearner):
         self._labels.append(conditions)
         images = torch.cat(self._images)
         return TensorImages(images, images.shape[-1], images.shape[1], name="joint"), torch.cat(self._labels)
-
-
-METHODS = {"finetune": FineTune, "mergan_ra": lambda *a, **k: MeRGAN(*a, mode="ra", **k),
-           "mergan_replay": lambda *a, **k: MeRGAN(*a, mode="replay", **k), "joint": Joint}
-
-
-def make_learner(method: str, G: Generator, D: Discriminator, num_labels: int, **kwargs) -> GANLearner:
-    """A baseline by name (one of :data:`METHODS`)."""
-    if method not in METHODS:
-        raise KeyError(f"unknown baseline {method!r}; choose from {sorted(METHODS)}")
-    return METHODS[method](G, D, num_labels, **kwargs)

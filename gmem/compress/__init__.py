@@ -1,13 +1,14 @@
 """Compression and knowledge sharing of style sets (the paper's Section 4.3 and Algorithm 1).
 
-The pieces, lowest first (none imports :mod:`gmem.nn` or anything above it at import time):
+The pieces, lowest first (the package sits above :mod:`gmem.nn` and :mod:`gmem.training`):
 
 - :mod:`.energy`: the energy rule. :func:`truncate_energy` ``(matrix [m, n], keep) -> (u, s, v)`` keeps
   the fewest leading singular values whose sum reaches ``keep`` of the total (``keep=0`` -> rank 0);
   :func:`residual_rank` counts the base's energy towards the target; :func:`width_fraction` is the
   released code's kept fraction by layer width.
-- :mod:`.prior`: :class:`LowRankStyle`, one style matrix while a task trains
-  (``G = L diag(lam) R^T + E``), and :func:`nuclear_prior`, the weighted nuclear norm on ``E``.
+- :mod:`gmem.lowrank` (below :mod:`gmem.nn`, which holds its objects in the bank): :class:`LowRankStyle`,
+  one style matrix while a task trains (``G = L diag(lam) R^T + E``), and :func:`nuclear_prior`, the
+  weighted nuclear norm on ``E``.
 - :mod:`.base`: :class:`KnowledgeBase`, the growing basis of one style matrix and the tasks stored in it.
 - :mod:`.study`: singular-value plots and tables. :mod:`.posthoc`: truncating a naive task's dense
   matrices directly (no training-time prior). :mod:`.truncation`: the per-block truncation study
@@ -19,7 +20,8 @@ In a memory (phase B): :mod:`.knowledge` (the bases of a generator's compressed 
 cycle: training-time entries, the prior plug-in, storing, post-hoc compression, installing from a file;
 ``CompressionSettings`` with the released code's defaults: blocks B0-B3, width fractions, weight 0.01
 every 10 iterations; ``WITH_FC`` adds the fc; a layer whose factors would cost more than its dense
-matrices is stored dense) and :mod:`.memory_ops` (loading order, the knowledge-base file, ``mem.compress``);
+matrices is stored dense) and :mod:`gmem.memory.compression` (loading order, the knowledge-base file,
+``mem.compress``);
 the bank entries are :mod:`gmem.nn.lowrank`. ``GANMemory.learn(..., compress=True)``,
 ``GANMemory.compress(task)``, ``parameter_counts(task)["generator_stored"]``.
 
@@ -43,15 +45,14 @@ The core API, per compressed conv (two matrices: ``Gamma`` and ``B``)::
 from __future__ import annotations
 
 from .base import KnowledgeBase, fit_coefficients
-from .energy import WIDTH_FRACTIONS, energy_rank, residual_rank, truncate_energy, width_fraction
-from .knowledge import DEFAULT_LAYERS, CompressionSettings, Knowledge
+from .energy import WIDTH_FRACTIONS, EnergyRule, RankRule, energy_rank, residual_rank, truncate_energy, width_fraction
+from .knowledge import DEFAULT_LAYERS, PRIOR_EVERY, CompressionSettings, Knowledge
 from .posthoc import compress_style, compress_tasks, express_in_base, knowledge_base
-from .prior import PRIOR_EVERY, PRIOR_WEIGHT, LowRankStyle, nuclear_prior, prior_weights
 from .study import energy_table, plot_singular_values, singular_values, storage_table
 
 __all__ = [
-    "truncate_energy", "energy_rank", "residual_rank", "width_fraction", "WIDTH_FRACTIONS",
-    "nuclear_prior", "prior_weights", "LowRankStyle", "PRIOR_WEIGHT", "PRIOR_EVERY",
+    "truncate_energy", "energy_rank", "residual_rank", "width_fraction", "WIDTH_FRACTIONS", "RankRule", "EnergyRule",
+    "PRIOR_EVERY",
     "KnowledgeBase", "fit_coefficients",
     "singular_values", "plot_singular_values", "energy_table", "storage_table",
     "compress_style", "compress_tasks", "knowledge_base", "express_in_base",

@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..ops import LowRank
-from .energy import _check_keep, _check_matrix, residual_rank, width_fraction
+from .energy import EnergyRule, RankRule, _check_matrix, rank_rule
 
 __all__ = ["KnowledgeBase", "fit_coefficients"]
 
@@ -83,7 +83,7 @@ class KnowledgeBase:
     def __repr__(self) -> str:
         return f"KnowledgeBase(shape={tuple(self.shape)}, rank={self.rank}, tasks={self.tasks}, dtype={self.dtype})"
 
-    def _get(self, task: str) -> _Task:
+    def entry(self, task: str) -> "_Task":
         if task not in self._tasks:
             raise KeyError(f"KnowledgeBase: no task {task!r}; tasks are {self.tasks}")
         return self._tasks[task]
@@ -101,7 +101,7 @@ class KnowledgeBase:
 
     def coefficients(self, task: str) -> Tensor:
         """``q_t [K_t] = [lam_t; s_t]``: the task's coefficients over the columns it uses."""
-        t = self._get(task)
+        t = self.entry(task)
         return torch.cat([t.lam, t.s])
 
     def next_coefficients(self) -> Tensor:
@@ -112,7 +112,7 @@ class KnowledgeBase:
 
     def express(self, task: str) -> LowRank:
         """``G_t`` as ``LowRank(P_t [O, K_t], q_t [K_t], Q_t [I, K_t])`` with ``P_t = [L_used | U_t]``."""
-        t = self._get(task)
+        t = self.entry(task)
         return LowRank(self._L[:, : t.end], self.coefficients(task), self._R[:, : t.end])
 
     def express_stack(self, tasks: Iterable[str]) -> LowRank:
@@ -124,7 +124,7 @@ class KnowledgeBase:
         names = list(tasks)
         if not names:
             raise ValueError("KnowledgeBase.express_stack: need at least one task")
-        k = max(self._get(n).end for n in names)
+        k = max(self.entry(n).end for n in names)
         q = self._L.new_zeros(len(names), k)
         for row, n in enumerate(names):
             c = self.coefficients(n)
@@ -143,7 +143,7 @@ class KnowledgeBase:
         A naive task stores ``O * I`` values.
         """
         names = self.tasks if task is None else [task]
-        return sum(sum(x.numel() for x in (t.lam, t.u, t.s, t.v)) for t in map(self._get, names))
+        return sum(sum(x.numel() for x in (t.lam, t.u, t.s, t.v)) for t in map(self.entry, names))
 
     def tasks_using(self, columns: Iterable[int]) -> list[str]:
         """The tasks whose expression uses any of the column indices ``columns`` (each in ``0..K-1``)."""
@@ -157,11 +157,12 @@ class KnowledgeBase:
         return [name for name, t in self._tasks.items() if t.end > first]
 
     # ---- growing and shrinking -------------------------------------------------------------------
-    def add_task(self, name: str, lam: Tensor, residual: Tensor, keep: Optional[float] = None) -> dict:
+    def add_task(self, name: str, lam: Tensor, residual: Tensor, keep: Union[None, float, RankRule] = None) -> dict:
         """Store a trained task: truncate its residual and append the kept columns.
 
         ``lam [K]``: the task's trained coefficients on the current base; ``residual [O, I]``: its
-        trained ``E_t``. ``keep`` defaults to :func:`width_fraction` of ``O``. The rule (the released
+        trained ``E_t``. ``keep``: a :class:`gmem.compress.energy.RankRule`, or a fraction (None:
+        :func:`width_fraction` of ``O``) for the energy rule, :class:`EnergyRule`. The energy rule (the released
         code's): with ``s`` the singular values of ``E_t`` and ``b = sum |lam_t|`` the energy the base
         already holds for this task, keep the fewest ``r`` with ``b + s[:r].sum() >= keep * (b + s.sum())``
         (:func:`residual_rank`); ``r = 0`` when the base alone reaches ``keep``. Truncating the residual
@@ -180,11 +181,14 @@ class KnowledgeBase:
         if residual.shape != self.shape:
             raise ValueError(f"KnowledgeBase.add_task: residual must be {tuple(self.shape)}, "
                              f"got {tuple(residual.shape)}")
-        keep = width_fraction(self.shape[0]) if keep is None else _check_keep(keep)
+        rule = rank_rule(keep)
         e = residual.detach().to(device=self.device, dtype=torch.float64)
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
         base_energy = float(lam.double().abs().sum())
-        r = residual_rank(s, keep, base_energy)
+        r = int(rule(s, base_energy, self.shape[0]))
+        if not 0 <= r <= s.numel():
+            raise ValueError(f"KnowledgeBase.add_task: the rank rule {rule!r} returned {r}, not in 0..{s.numel()}")
+        keep = rule.fraction(self.shape[0]) if isinstance(rule, EnergyRule) else rule.describe()
         g = (self._L.double() * lam.double()) @ self._R.double().T + e
         self.add_task_factors(name, lam, u[:, :r].to(self.dtype), s[:r].to(self.dtype), vh[:r].T.to(self.dtype))
         total = base_energy + float(s.sum())
@@ -216,7 +220,7 @@ class KnowledgeBase:
 
     def remove_task(self, name: str) -> None:
         """Remove a task; refused (ValueError naming them) while later tasks use its columns."""
-        t = self._get(name)
+        t = self.entry(name)
         users = [n for n in self.tasks_using(range(t.start, t.end)) if n != name]
         if users:
             raise ValueError(f"KnowledgeBase: cannot remove task {name!r}: its basis columns "

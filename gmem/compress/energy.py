@@ -9,15 +9,23 @@ the values only, and tied values are kept or dropped by position in the sorted l
 After a task, the paper's Algorithm 1 truncates the task's residual ``E_t`` with a fraction that depends
 on the layer width (:func:`width_fraction`) and counts the energy already held by the shared knowledge
 base towards it (:func:`residual_rank`).
+
+That choice is one implementation, :class:`EnergyRule`, of :class:`RankRule`: the callable a
+:class:`gmem.compress.knowledge.CompressionSettings` (``keep``) and :meth:`KnowledgeBase.add_task` take
+to decide how many residual directions a task adds to the knowledge base. Another rule (a fixed rank,
+a parameter budget) is a class with the same ``__call__``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["energy_rank", "truncate_energy", "residual_rank", "width_fraction", "WIDTH_FRACTIONS"]
+__all__ = ["energy_rank", "truncate_energy", "residual_rank", "width_fraction", "WIDTH_FRACTIONS", "RankRule",
+           "EnergyRule", "rank_rule"]
 
 # Relative slack when comparing cumulative sums with the target, so that a cumulative sum that equals
 # the target in exact arithmetic is not pushed one value further by the last bits of a float64 sum.
@@ -122,3 +130,47 @@ def width_fraction(width: int) -> float:
         if width >= w:
             frac = f
     return frac
+
+
+@runtime_checkable
+class RankRule(Protocol):
+    """How many residual directions a task adds to a knowledge base.
+
+    ``s [J]``: the singular values of the task's residual ``E_t`` (descending, float64); ``base_energy``:
+    the energy the base already holds for the task (``sum |lam_t|``); ``rows``: the matrix's rows (the
+    layer's width). Returns ``r`` in ``0..J``. :meth:`describe` is what the task's record stores.
+    """
+
+    def __call__(self, s: Tensor, base_energy: float, rows: int) -> int: ...
+
+    def describe(self) -> Union[float, str, None]: ...
+
+
+@dataclass(frozen=True)
+class EnergyRule:
+    """The released code's rule: keep ``keep`` of the energy, the base's counting towards it
+    (:func:`residual_rank`); ``keep=None``: :func:`width_fraction` of the layer's width."""
+
+    keep: Optional[float] = None
+
+    def __post_init__(self):
+        if self.keep is not None:
+            object.__setattr__(self, "keep", _check_keep(self.keep, "compression keep"))
+
+    def fraction(self, rows: int) -> float:
+        return width_fraction(rows) if self.keep is None else self.keep
+
+    def __call__(self, s: Tensor, base_energy: float, rows: int) -> int:
+        return residual_rank(s, self.fraction(rows), base_energy)
+
+    def describe(self) -> Optional[float]:
+        return self.keep
+
+
+def rank_rule(keep: Union[None, float, RankRule]) -> RankRule:
+    """``keep`` as a rule: a :class:`RankRule` as it is, a fraction or None as an :class:`EnergyRule`."""
+    if isinstance(keep, RankRule):
+        return keep
+    if callable(keep):
+        raise TypeError(f"keep: a rank rule needs __call__(s, base_energy, rows) and describe(), got {keep!r}")
+    return EnergyRule(keep)

@@ -23,19 +23,26 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from .. import nn as gnn
+from ..lowrank import PRIOR_WEIGHT, LowRankStyle, nuclear_prior
+from ..nn.layers import ModulatedConv2d, ModulatedLinear
+from ..nn.lowrank import LOWRANK_FIELDS, CompressedStyle, TrainingLowRankStyle, entry_kind
+from ..training import LossTerm
 from .base import KnowledgeBase, fit_coefficients
-from .energy import _check_keep
+from .energy import RankRule, rank_rule
 from .layers import FC_LAYER, normalise_layers, select_layers
-from .prior import PRIOR_EVERY, PRIOR_WEIGHT, LowRankStyle, nuclear_prior
 
 __all__ = ["DEFAULT_LAYERS", "WITH_FC", "FC_LAYER", "CompressionSettings",
            "Knowledge", "make_prior", "index_order", "compressed_layers",
            "begin_task", "finish_task", "compress_dense_task", "install_task", "INDEX_FORMAT"]
+
+#: The prior is added on iterations ``it`` with ``it % PRIOR_EVERY == 0`` (the released code's schedule).
+PRIOR_EVERY = 10
 
 #: Generator blocks B0-B3 (both convs of each), the released code's compressed layers.
 DEFAULT_LAYERS = ("resnet_0_0.conv_*", "resnet_1_0.conv_*", "resnet_2_0.conv_*", "resnet_3_0.conv_*")
@@ -49,20 +56,22 @@ GROUPS = ("gamma", "beta")
 class CompressionSettings:
     """How a task is compressed. ``layers``: globs over generator layer names, or ``(glob, (rows, cols))``
     pairs for linear layers (see :mod:`gmem.compress.layers`; ``WITH_FC`` adds the GP-GAN fc);
-    ``keep``: kept energy fraction after a task (None: :func:`width_fraction` of each layer's width);
+    ``keep``: the rank rule after a task, a :class:`gmem.compress.energy.RankRule` callable, or the kept
+    energy fraction of the energy rule (:class:`EnergyRule`; None: :func:`width_fraction` of each
+    layer's width);
     ``prior_weight`` / ``prior_every``: the nuclear-norm prior's weight and period; ``weighted``:
     weighted (``eta_j``) or plain nuclear norm."""
 
     layers: tuple = DEFAULT_LAYERS
-    keep: Optional[float] = None
+    keep: Union[None, float, RankRule] = None
     prior_weight: float = PRIOR_WEIGHT
     prior_every: int = PRIOR_EVERY
     weighted: bool = True
 
     def __post_init__(self):
         self.layers = normalise_layers(self.layers)
-        if self.keep is not None:
-            self.keep = _check_keep(self.keep, "compression keep")
+        if self.keep is not None and not isinstance(self.keep, RankRule):
+            self.keep = rank_rule(self.keep).keep  # a fraction, checked
         if not (isinstance(self.prior_weight, (int, float)) and self.prior_weight >= 0):
             raise ValueError(f"prior_weight must be a number >= 0, got {self.prior_weight!r}")
         if isinstance(self.prior_every, bool) or not isinstance(self.prior_every, int) or self.prior_every < 1:
@@ -84,6 +93,7 @@ class CompressionSettings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["keep"] = rank_rule(self.keep).describe()  # JSON: the fraction, or the rule's description
         d["layers"] = [g if isinstance(g, str) else [g[0], list(g[1])] for g in self.layers]
         return d
 
@@ -136,7 +146,7 @@ class Knowledge:
         users: dict[str, None] = {}
         for kb in self.bases.values():
             if task in kb:
-                t = kb._get(task)
+                t = kb.entry(task)
                 users.update(dict.fromkeys(n for n in kb.tasks_using(range(t.start, t.end)) if n != task))
         return list(users)
 
@@ -166,7 +176,7 @@ class Knowledge:
         for key, kb in sorted(self.bases.items()):
             rows = []
             for name in kb.tasks:
-                t = kb._get(name)
+                t = kb.entry(name)
                 rows.append([name, t.start, t.end - t.start])
             mats[key] = {"shape": list(kb.shape), "dtype": str(kb.dtype).replace("torch.", ""), "tasks": rows}
         return {"format": INDEX_FORMAT, "matrices": mats}
@@ -190,7 +200,6 @@ def index_order(index: Optional[dict], task: str) -> list[str]:
 
 def make_prior(styles: list[LowRankStyle], settings: CompressionSettings):
     """The :class:`gmem.training.LossTerm` of the low-rank prior over ``styles`` (their residuals ``E``)."""
-    from ..training import LossTerm
 
     def value(ctx) -> Tensor:
         return sum(nuclear_prior(s.residual, weighted=settings.weighted, weight=1.0) for s in styles)
@@ -200,8 +209,6 @@ def make_prior(styles: list[LowRankStyle], settings: CompressionSettings):
 
 def begin_task(G, task: str, knowledge: Knowledge, settings: CompressionSettings) -> list[LowRankStyle]:
     """Turn ``task``'s selected conv entries into training low-rank ones; returns the styles (for the prior)."""
-    from .. import nn as gnn
-    from ..nn.lowrank import TrainingLowRankStyle
 
     index = gnn.task_index(G, task)
     styles, plan = [], []
@@ -244,9 +251,6 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
     Never more than naive: a layer whose kept coefficients and columns (both matrices) would cost more
     values than its dense ``Gamma``/``B`` stays dense (a plain style set, not in the bases; its infos
     get ``"dense": True``, e.g. full-rank factors at keep 1.0 cost ``r (O + I + 1) > O I``)."""
-    from .. import nn as gnn
-    from ..nn.layers import ModulatedLinear
-    from ..nn.lowrank import CompressedStyle, entry_kind
 
     index = gnn.task_index(G, task)
     info = {}
@@ -290,11 +294,11 @@ def finish_task(G, task: str, knowledge: Knowledge, settings: CompressionSetting
 
 
 def compress_dense_task(G, task: str, knowledge: Knowledge, layers=DEFAULT_LAYERS,
-                        keep: Optional[float] = None) -> dict:
+                        keep: Union[None, float, RankRule] = None) -> dict:
     """Compress a naive (dense) task into the bases: least-squares coefficients on the current base
-    (:func:`fit_coefficients`) and the energy rule on the rest. Returns the per-matrix infos."""
-    if keep is not None:
-        keep = _check_keep(keep)
+    (:func:`fit_coefficients`) and the rank rule (``keep``: a :class:`RankRule`, or the energy rule's
+    fraction) on the rest. Returns the per-matrix infos."""
+    keep = rank_rule(keep)
 
     def matrices(name, layer, entry):
         if getattr(entry, "kind", "dense") != "dense":
@@ -318,8 +322,6 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
     The task must already be in ``G``'s banks (dense entries from ``add_task``), and every task stored
     before it in the bases must already be installed. ValueError/KeyError name what does not fit.
     """
-    from .. import nn as gnn
-    from ..nn.lowrank import LOWRANK_FIELDS, CompressedStyle
 
     lowrank: dict[str, dict[str, dict[str, Tensor]]] = {}
     rest = {}
@@ -334,7 +336,6 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
             rest[key] = value
     if not lowrank:
         return rest
-    from ..nn.layers import ModulatedConv2d, ModulatedLinear
 
     layers = dict(gnn.modulated_layers(G))
     index = gnn.task_index(G, task)

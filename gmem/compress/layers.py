@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .. import nn as gnn
+from ..nn.layers import ModulatedConv2d, ModulatedLinear
+from ..nn.tasks import _matcher
+
 __all__ = ["parse_layers", "normalise_layers", "select_layers", "gpgan_fc_shape", "FC_LAYER"]
 
 #: The GP-GAN generator's first (linear) layer.
@@ -71,9 +75,6 @@ def select_layers(G, layers) -> list:
     ValueError if nothing is selected, if a linear layer has no matrix view (neither the GP-GAN fc nor an
     explicit shape), or if an explicit shape does not fit (``rows * cols != d_out``, or given for a conv).
     """
-    from .. import nn as gnn
-    from ..nn.layers import ModulatedConv2d, ModulatedLinear
-    from ..nn.tasks import _matcher
 
     globs, shapes = parse_layers(layers)
     match = _matcher(globs, "compression layers")

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import nn as gnn  # gmem.nn may use the compression core: import it only when called
+from ..nn.layers import ModulatedConv2d
 from ..ops import LowRank
 from .energy import truncate_energy
 
@@ -21,8 +23,6 @@ __all__ = ["compress_style", "compress_tasks", "knowledge_base", "express_in_bas
 
 
 def _conv_layers(model):
-    from .. import nn as gnn  # gmem.nn may use the compression core: import it only when called
-    from ..nn.layers import ModulatedConv2d
 
     return gnn, [(n, layer) for n, layer in gnn.modulated_layers(model) if isinstance(layer, ModulatedConv2d)]
 

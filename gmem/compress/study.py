@@ -8,8 +8,11 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write_path
+from ..nn import task_index
 from .base import KnowledgeBase
 from .energy import energy_rank
+from .knowledge import DEFAULT_LAYERS
+from .layers import select_layers
 
 __all__ = ["style_matrices", "singular_values", "plot_singular_values", "energy_table", "storage_table"]
 
@@ -18,11 +21,8 @@ def style_matrices(mem, task: str, layers=None) -> dict[str, Tensor]:
     """``{"<layer>.gamma" | "<layer>.beta": matrix [O, I]}``: a naive task's style matrices of the layers
     ``layers`` selects (default: the compressed layers, B0-B3), convs as ``Gamma``/``B`` ``[C_out, C_in]``,
     a GP-GAN fc's ``gamma``/``beta`` seen as ``[16 nf, s0^2]`` (:mod:`gmem.compress.layers`)."""
-    from ..nn import task_index
-    from .knowledge import DEFAULT_LAYERS
-    from .layers import select_layers
 
-    index = task_index(mem.generator, mem._name(task))
+    index = task_index(mem.generator, mem.task_name(task))
     out = {}
     for name, layer, shape in select_layers(mem.generator, DEFAULT_LAYERS if layers is None else layers):
         if layer.entry_kind(index) != "dense":

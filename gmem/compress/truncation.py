@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..atomic import atomic_write_path
+from ..nn import task_index
 from .energy import _check_keep, truncate_energy
 from .knowledge import DEFAULT_LAYERS
 from .layers import select_layers
@@ -41,13 +42,12 @@ def truncation_study(mem, task: str, score: Callable, fractions: Sequence[float]
     "scores": [per fraction], "kept_rank": [per fraction, summed over the block's matrices],
     "full_rank": summed min(O, I)}}}``.
     """
-    from ..nn import task_index
 
     fractions = [_check_keep(f, "truncation fraction") for f in fractions]
     if not fractions:
         raise ValueError("truncation_study: need at least one fraction")
-    name = mem._name(task)
-    mem._ensure_loaded(name)
+    name = mem.task_name(task)
+    mem.ensure_loaded(name)
     G = mem.generator
     index = task_index(G, name)
     if index == 0:

@@ -251,10 +251,12 @@ def pytorch_fid_state_dict(torchscript: torch.nn.Module | dict | None = None) ->
 
 def _fid_inception_architecture() -> torch.nn.Module:
     """pytorch-fid's FIDInceptionV3 built from pytorch-fid's own blocks, with no weights loaded."""
+    import torchvision
     from pytorch_fid import inception as pf
 
     with torch.random.fork_rng(devices=[]):  # torchvision's default init must not move the global RNG
-        net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+        # what pytorch-fid's own builder calls on torchvision >= 0.13 (init_weights=False: weights are loaded)
+        net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
         for name, block in [("Mixed_5b", pf.FIDInceptionA(192, pool_features=32)),
                             ("Mixed_5c", pf.FIDInceptionA(256, pool_features=64)),
                             ("Mixed_5d", pf.FIDInceptionA(288, pool_features=64)),

@@ -7,7 +7,7 @@ ResNet-18 adapted to 32x32, see :mod:`gmem.experiments.classifiers`) learns the 
 
 - ``gan_memory``: each task is also learned by a conditional GAN memory (one task of 2 classes per
   stage); while the classifier learns task t, each batch holds the task's real images plus ``n`` replayed
-  samples per earlier task, drawn as ONE mixed-task batch (:class:`gmem.replay.ReplayGenerator`, i.e.
+  samples per earlier task, drawn as ONE mixed-task batch (:class:`gmem.memory.replay.ReplayGenerator`, i.e.
   ``GANMemory.sample(list of task names, labels=...)``);
 - ``mergan_replay``: the same, replay from a MeRGAN (replay alignment) class-conditional generator
   trained with the same GAN trainer, iterations and batch size;
@@ -30,18 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..baselines import EWC, MeRGAN
+from ..baselines import EWC
 from ..data import load_demo_dataset
 from ..images import save_grid
-from ..replay import ReplayGenerator
 from ..seeding import generator, seeded
 from .classifiers import CLASSIFIERS, SmallCNN, make_classifier, resnet18_source
 from .common import Timer, load_base_pair, run_record, threads
+from .methods import CLASSIFICATION_METHODS, get_method
 from .plots import markdown_table, plot_curves, write_json
 
 __all__ = ["SmallCNN", "split_tasks", "run", "main", "DEFAULT_METHODS", "FULL", "QUICK"]
 
-DEFAULT_METHODS = ("gan_memory", "mergan_replay", "ewc", "finetune", "joint")
+DEFAULT_METHODS = CLASSIFICATION_METHODS  # any method of gmem.experiments.methods with a classifier mode
 # the largest GAN budget whose run fits in 45 minutes on the 2-core CPU with 1 thread (300 iterations,
 # the paper-like setting, was estimated at ~51 minutes: experiments/results/TIMING.md); pass
 # --gan-iterations 300 where there is time (a GPU)
@@ -104,13 +104,11 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
         ewc_lambda: float = 1e4, seed: int = 0, base: Optional[str] = None, classifier: str = "small",
         progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the experiment; returns (and writes to ``out``) the results (see the module docstring)."""
-    from ..memory import GANMemory
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in methods if m not in DEFAULT_METHODS]
-    if unknown:
-        raise KeyError(f"unknown methods {unknown}; choose from {list(DEFAULT_METHODS)}")
+    for m in methods:
+        if get_method(m).classifier is None:
+            raise KeyError(f"method {m!r} does not train a classifier; choose from {list(DEFAULT_METHODS)}")
     if classifier not in CLASSIFIERS:
         raise KeyError(f"unknown classifier {classifier!r}; choose from {list(CLASSIFIERS)}")
     G, D = load_base_pair(base)
@@ -125,30 +123,19 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
     for method in methods:
         with seeded(seed):  # the classifier's initial weights: the same for every method
             model = make_classifier(classifier, G.channels, num_classes)
-        memory = GANMemory.from_base(G, D) if method == "gan_memory" else None
-        mergan = MeRGAN(G, D, num_classes, mode="ra", lambda_ra=lambda_ra, lr=lr_baselines) \
-            if method == "mergan_replay" else None
-        ewc = EWC(model, ewc_lambda) if method == "ewc" else None
+        spec = get_method(method)
+        learner = spec.learner_for_classes(G, D, num_classes, lr=lr_baselines, lr_memory=lr_memory,
+                                           lambda_ra=lambda_ra)
+        ewc = EWC(model, ewc_lambda) if spec.classifier == "ewc" else None
         seen_train: list[Tensor] = []
         for t, (classes, train_idx, _) in enumerate(splits):
             x, y = x_all[train_idx], y_all[train_idx]
             seen_train.append(train_idx)
             replay = None
-            if memory is not None and t > 0:
-                gen = ReplayGenerator(memory, class_map={f"task{k + 1}": splits[k][0] for k in range(t)},
-                                      seed=seed + 50 + t)
-                names = [f"task{k + 1}" for k in range(t) for _ in range(replay_per_task)]
-                replay = lambda gen=gen, names=names: gen.generate_labelled(len(names), condition=names)[:2]
+            if learner is not None and t > 0:  # samples of every earlier task's classes
+                replay = learner.replay([splits[k][0] for k in range(t)], replay_per_task, seed + 50 + t)
                 _save_replay(out, method, t, replay)
-            elif mergan is not None and t > 0:
-                old = torch.tensor([c for k in range(t) for c in splits[k][0]])
-                rng = generator(seed + 50 + t)
-
-                def replay(old=old, rng=rng, n=replay_per_task * t, mergan=mergan):
-                    c = old[torch.randint(len(old), (n,), generator=rng)]
-                    return mergan.sample(c, torch.randn(n, G.z_dim, generator=rng)), c
-                _save_replay(out, method, t, replay)
-            if method == "joint":
+            if spec.classifier == "joint":
                 idx = torch.cat(seen_train)
                 x, y = x_all[idx], y_all[idx]
             with timer(f"{method}_classifier"):
@@ -156,14 +143,9 @@ def run(out, *, methods: Sequence[str] = DEFAULT_METHODS, num_tasks: int = FULL[
                                  penalty=None if ewc is None or not ewc.anchors else ewc.penalty)
             # the generators learn the task after the classifier used the replay of the earlier ones
             with timer(f"{method}_gan"):
-                if memory is not None:
-                    local = torch.tensor([classes.index(int(c)) for c in y_all[train_idx]])
-                    memory.learn(f"task{t + 1}", x_all[train_idx], iterations=gan_iterations,
-                                 batch_size=gan_batch_size, seed=seed + t + 1, labels=local, num_classes=len(classes),
-                                 lr=lr_memory, progress=progress)
-                if mergan is not None:
-                    mergan.learn(x_all[train_idx].clone(), y_all[train_idx], iterations=gan_iterations,
-                                 batch_size=gan_batch_size, seed=seed + t + 1, progress=progress)
+                if learner is not None:
+                    learner.learn(x_all[train_idx].clone(), y_all[train_idx], iterations=gan_iterations,
+                                  batch_size=gan_batch_size, seed=seed + t + 1, progress=progress)
             if ewc is not None:
                 with timer(f"{method}_fisher"):
                     ewc.consolidate(x_all[train_idx], seed=seed + t)

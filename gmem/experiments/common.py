@@ -9,12 +9,15 @@ from typing import Iterator, Optional
 
 import torch
 
+from .. import __version__
+from ..models import load_base, load_default_base
+from ..models.base import base_config, default_base_info
+
 __all__ = ["load_base_pair", "threads", "run_record", "Timer"]
 
 
 def load_base_pair(base: Optional[str] = None):
     """``(G, D)``: the base in directory ``base`` (``gmem.models.save_base`` layout) or the embedded one."""
-    from ..models import load_base, load_default_base
 
     return load_base(base) if base else load_default_base()
 
@@ -34,7 +37,6 @@ def threads(n: Optional[int]) -> Iterator[None]:
 def base_sha256(base: Optional[str] = None) -> Optional[str]:
     """The SHA-256 of the weights of base directory ``base`` (None or "embedded": the embedded base), as
     recorded in its ``base.json``; results name the base they were measured on by it."""
-    from ..models.base import base_config, default_base_info
 
     return (default_base_info() if base in (None, "embedded") else base_config(base)).get("sha256")
 
@@ -42,7 +44,6 @@ def base_sha256(base: Optional[str] = None) -> Optional[str]:
 def run_record(module: str, settings: dict, argv: Optional[list] = None) -> dict:
     """What a results file says about how it was made (``argv``: the command-line arguments, if any),
     including the SHA-256 of the base when ``settings`` name one (key ``base``)."""
-    from .. import __version__
 
     return {"command": None if argv is None else " ".join(["python -m", module] + list(argv)),
             "settings": settings, "gmem_version": __version__,

@@ -22,53 +22,21 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..baselines import make_learner
 from ..data import as_dataset, batch
 from ..seeding import generator
 from .common import Timer, load_base_pair, run_record, threads
+from .methods import GENERATION_METHODS, get_method, make_learner
 from .metrics import get_metric
 from .plots import markdown_table, plot_curves, plot_sample_grids, stage_grid, write_json
 
 __all__ = ["run", "main", "DEFAULT_TASKS", "DEFAULT_METHODS", "FULL", "QUICK"]
 
 DEFAULT_TASKS = ("emoji", "oxygen_icons", "fashion_mnist")
-DEFAULT_METHODS = ("gan_memory", "mergan_ra", "mergan_replay", "finetune", "joint")
+DEFAULT_METHODS = GENERATION_METHODS  # any method of gmem.experiments.methods with a generator may be named
 # the largest budget that fits in 45 minutes on the 2-core CPU with 1 thread (300 iterations per task
 # was estimated at ~60 minutes: experiments/results/TIMING.md); pass --iterations 300 where there is time
 FULL = dict(iterations=200, batch_size=16, eval_samples=400)
 QUICK = dict(iterations=2, batch_size=4, eval_samples=24, tasks=DEFAULT_TASKS[:2])
-
-
-class _MemoryMethod:
-    """GAN memory behind the learners' interface (``learn`` / ``sample`` by condition = task index)."""
-
-    name = "gan_memory"
-
-    def __init__(self, G, D, tasks: Sequence[str], lr: float):
-        from ..memory import GANMemory
-
-        self.memory, self.tasks, self.lr = GANMemory.from_base(G, D), list(tasks), lr
-
-    def learn(self, dataset, condition: int, *, iterations, batch_size, seed, progress):
-        self.memory.learn(self.tasks[condition], dataset, iterations=iterations, batch_size=batch_size, seed=seed,
-                          lr=self.lr, progress=progress)
-
-    def sample(self, condition: int, z):
-        return self.memory.sample(self.tasks[condition], z=z)
-
-
-class _LearnerMethod:
-    def __init__(self, method: str, G, D, num_tasks: int, lr: float, lambda_ra: float):
-        extra = {"lambda_ra": lambda_ra} if method.startswith("mergan") else {}
-        self.learner = make_learner(method, G, D, num_tasks, lr=lr, **extra)
-        self.name = method
-
-    def learn(self, dataset, condition: int, *, iterations, batch_size, seed, progress):
-        self.learner.learn(dataset, condition, iterations=iterations, batch_size=batch_size, seed=seed,
-                           progress=progress)
-
-    def sample(self, condition: int, z):
-        return self.learner.sample(condition, z)
 
 
 def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = DEFAULT_METHODS,
@@ -79,9 +47,9 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     """Run the experiment; returns (and writes to ``out``) the results dict (see the module docstring)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in methods if m not in DEFAULT_METHODS]
-    if unknown:
-        raise KeyError(f"unknown methods {unknown}; choose from {list(DEFAULT_METHODS)}")
+    for m in methods:
+        if get_method(m).make is None:
+            raise KeyError(f"method {m!r} has no generator; choose from {list(DEFAULT_METHODS)}")
     score = get_metric(metric)
     G, D = load_base_pair(base)
     datasets = [as_dataset(t, G.size, G.channels) for t in tasks]
@@ -96,8 +64,8 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     t_start = time.time()
     for method in methods:
         with timer(f"{method}_setup"):
-            runner = (_MemoryMethod(G, D, tasks, lr_memory) if method == "gan_memory"
-                      else _LearnerMethod(method, G, D, len(tasks), lr_baselines, lambda_ra))
+            runner = make_learner(method, G, D, len(tasks), tasks=tasks, lr=lr_baselines, lr_memory=lr_memory,
+                                  lambda_ra=lambda_ra)
         first: dict[int, torch.Tensor] = {}
         per_stage: dict[int, dict[str, torch.Tensor]] = {}
         scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))

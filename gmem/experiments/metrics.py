@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import eval as geval
+
 __all__ = ["Metric", "register", "get_metric", "available"]
 
 
@@ -38,7 +40,6 @@ def register(name: str, fn: Callable, label: str | None = None, higher_is_better
 
 
 def _builtin(name: str):
-    from .. import eval as geval
 
     return getattr(geval, name)
 

@@ -5,7 +5,7 @@
 Learns task ``--task`` of the class-incremental Fashion-MNIST split (2 classes; the same split, seeds,
 learning rate and, by default, GAN iterations and batch size as :mod:`gmem.experiments.classification`)
 as a conditional task of a GAN memory, draws its replay exactly as the experiment does
-(:class:`gmem.replay.ReplayGenerator` with the global class map) and scores it with a classifier trained
+(:class:`gmem.memory.replay.ReplayGenerator` with the global class map) and scores it with a classifier trained
 on the real training images of all 10 classes (:func:`gmem.eval.train_classifier`):
 
 - ``accuracy``: the fraction of samples the classifier assigns to the class they were drawn for
@@ -31,8 +31,10 @@ import torch
 
 from ..atomic import atomic_write_path
 from ..data import load_demo_dataset
+from ..eval import train_classifier
 from ..images import save_grid
-from ..replay import ReplayGenerator
+from ..memory import GANMemory
+from ..memory.replay import ReplayGenerator
 from .classification import FULL, split_tasks
 from .common import load_base_pair, run_record, threads
 
@@ -58,8 +60,6 @@ def run(out, *, task: int = 1, iterations: int = FULL["gan_iterations"], batch_s
         samples: int = 200, lr: float = 1e-3, seed: int = 0, base: Optional[str] = None, classifier_epochs: int = 10,
         progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the check; returns (and writes to ``out``) the scores (see the module docstring)."""
-    from ..eval import train_classifier
-    from ..memory import GANMemory
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

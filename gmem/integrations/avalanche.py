@@ -11,7 +11,7 @@
 After each training experience the plugin learns the experience's images as one conditional task of
 the memory (one class per label the experience holds). While a later experience trains, every
 minibatch is extended by replayed samples of the earlier experiences: ONE mixed-task forward of the
-memory per minibatch (:class:`gmem.replay.ReplayGenerator`), each sample labelled with the global class
+memory per minibatch (:class:`gmem.memory.replay.ReplayGenerator`), each sample labelled with the global class
 it was generated for. The labels come from the memory itself, not from an old copy of the classifier
 as in Avalanche's own ``GenerativeReplayPlugin``, and nothing learned earlier changes when a new task
 is learned (GAN memory's guarantee), so the replay of experience 1 is the same after 10 experiences.
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..memory import GANMemory
-from ..replay import ReplayGenerator
+from ..memory.replay import ReplayGenerator
 
 __all__ = ["GANMemoryReplayPlugin"]
 

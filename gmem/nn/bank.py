@@ -104,7 +104,7 @@ class TaskBank(nn.Module):
     """Base of the task-aware modules: ordered task names, a name-keyed bank, the selection.
 
     Subclasses name their bank attribute in ``bank_attr`` (an ``nn.ModuleDict`` with one entry per
-    task other than the source) and implement ``_make_entry(name, init_index, **options)``.
+    task other than the source) and implement ``make_entry(name, init_index, **options)``.
     """
 
     bank_attr: str = "styles"
@@ -138,7 +138,7 @@ class TaskBank(nn.Module):
         sel = _SELECTION.get().get(self)
         return self.default_selection() if sel is None else sel
 
-    def _make_entry(self, name: str, init: int, **options) -> nn.Module:
+    def make_entry(self, name: str, init: int, **options) -> nn.Module:
         raise NotImplementedError
 
     def add_entry(self, name: str, entry: nn.Module) -> None:

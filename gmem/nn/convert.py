@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -29,6 +30,10 @@ from .per_task import NORM_TYPES, PerTaskModule
 from .tasks import NameFilter, Task, _banks, _matcher, task_index
 
 __all__ = ["Converted", "convert", "export", "unload"]
+
+# A converted model's parameters' requires_grad flags before convert() froze them (unload() restores
+# them), kept here rather than as an attribute on the caller's model.
+_REQUIRES_GRAD: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
 
 # parents whose forward reads these children's weights directly (None: every child)
 _DIRECT_READERS: dict[type, Optional[tuple[str, ...]]] = {
@@ -145,8 +150,7 @@ def convert(
         setattr(parent, attr, wrapper)
     for p in model.parameters():
         p.requires_grad_(False)
-    if not hasattr(model, "_gmem_requires_grad"):  # what unload() restores
-        model._gmem_requires_grad = flags
+    _REQUIRES_GRAD.setdefault(model, flags)  # what unload() restores (the flags before the first convert)
     if skipped:
         warnings.warn(f"convert: left unmodulated: {[f'{n} ({r})' for n, r in skipped]}", stacklevel=2)
     return Converted([n for n, _ in plan], skipped, [n for n, _ in copies])
@@ -206,8 +210,6 @@ def _plain(model: nn.Module, index: int) -> nn.Module:
     out = copy.deepcopy(model, memo)
     for name, module in replacements:
         out = _replace(out, name, module)
-    if hasattr(out, "_gmem_requires_grad"):
-        del out._gmem_requires_grad
     return out
 
 
@@ -226,7 +228,7 @@ def unload(model: nn.Module) -> nn.Module:
     """The unconverted model (a copy; ``model`` is not changed): original weights, norms and
     ``requires_grad`` flags, the same state dict and outputs as before :func:`convert`."""
     out = _plain(model, 0)
-    flags = getattr(model, "_gmem_requires_grad", {})
+    flags = _REQUIRES_GRAD.get(model, {})
     for name, p in out.named_parameters():
         p.requires_grad_(flags.get(name, p.requires_grad))
     return out

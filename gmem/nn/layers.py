@@ -109,7 +109,7 @@ class ModulatedLayer(TaskBank):
             raise ValueError("the source task is the frozen base; its style set cannot be replaced")
         self.bank[encode_task(self.task_names[index])] = entry
 
-    def _make_entry(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> nn.Module:
+    def make_entry(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> nn.Module:
         """A style set for a new task, copied from task ``init``; ``num_classes`` gives a per-class bias."""
         gamma, beta, bias = (t.detach().clone() for t in self.dense_style(init))
         if num_classes is not None:
@@ -124,8 +124,8 @@ class ModulatedLayer(TaskBank):
         return self.style_cls(gamma, beta, bias)
 
     def add_style(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> None:
-        """Append a task initialised from task ``init`` (see :meth:`_make_entry`)."""
-        self.add_entry(name, self._make_entry(name, init, num_classes))
+        """Append a task initialised from task ``init`` (see :meth:`make_entry`)."""
+        self.add_entry(name, self.make_entry(name, init, num_classes))
 
     def remove_style(self, index: int) -> None:
         self.remove_entry(index)

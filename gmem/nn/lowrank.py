@@ -5,7 +5,7 @@ A conv's (or a compressed linear layer's) bank entry for one task is one of thre
 - ``"dense"``: :class:`gmem.nn.layers.ConvStyle`, ``gamma, beta [O, I]`` stored as they are;
 - ``"lowrank-training"``: :class:`TrainingLowRankStyle`, while a compressed task learns:
   ``gamma = L_g diag(lam_g) R_g^T + E_g`` (and the same for ``beta``) with the knowledge base frozen,
-  ``lam`` and ``E`` trainable (:class:`gmem.compress.LowRankStyle`); ``gamma``/``beta`` read as dense,
+  ``lam`` and ``E`` trainable (:class:`gmem.lowrank.LowRankStyle`); ``gamma``/``beta`` read as dense,
   differentiable tensors;
 - ``"lowrank"``: :class:`CompressedStyle`, a stored compressed task: ``gamma``/``beta`` read as
   :class:`gmem.ops.LowRank` factors from the layer's two :class:`gmem.compress.KnowledgeBase` objects
@@ -22,7 +22,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..compress.prior import LowRankStyle
+from ..lowrank import LowRankStyle
 from ..ops import LowRank
 
 __all__ = ["TrainingLowRankStyle", "CompressedStyle", "entry_kind", "stack_styles", "LOWRANK_FIELDS"]
@@ -33,7 +33,7 @@ LOWRANK_FIELDS = ("lam", "u", "s", "v")
 
 class TrainingLowRankStyle(nn.Module):
     """A compressed layer's style set while its task trains: ``gamma_style``, ``beta_style``
-    (:class:`~gmem.compress.LowRankStyle`, each ``[O, I]``) and ``bias`` (``[O]`` of a conv).
+    (:class:`~gmem.lowrank.LowRankStyle`, each ``[O, I]``) and ``bias`` (``[O]`` of a conv).
 
     ``flat``: the layer is linear (mFiLM); ``gamma``/``beta`` read as the vectors ``[rows * cols]``
     (the row-major flattening of the ``[rows, cols]`` matrices), the bias is the layer's as it is.

@@ -56,7 +56,7 @@ class PerTaskModule(TaskBank):
         """The module task ``index`` runs (0: the original)."""
         return self.base if index == 0 else self.entry(index)
 
-    def _make_entry(self, name: str, init: int = 0, **_) -> nn.Module:
+    def make_entry(self, name: str, init: int = 0, **_) -> nn.Module:
         new = copy.deepcopy(self.module(init))
         for p in new.parameters():
             p.requires_grad_(True)

@@ -133,7 +133,7 @@ def add_task(model: nn.Module, name: str, init: Task = "source", num_classes: Op
     init_index = task_index(model, init)
     # build every entry first: an error leaves the model as it was
     entries = [
-        bank._make_entry(name, init_index, num_classes=num_classes if isinstance(bank, ModulatedLinear) else None)
+        bank.make_entry(name, init_index, num_classes=num_classes if isinstance(bank, ModulatedLinear) else None)
         for _, bank in banks
     ]
     for (_, bank), entry in zip(banks, entries):

@@ -18,10 +18,10 @@ from .loop import CHECKPOINT_NAME, TrainLoop
 from .losses import DEQUANTIZE_NOISE, augment, discriminator_losses, generator_loss, r1_penalty
 from .progress import Progress
 from .resume import ResumeMismatch, check_fingerprint, data_fingerprint
-from .step import GANParts, GANStep, LossTerm, Plugin, RealBatches, StepConfig, StepContext
+from .step import LEARN_DEFAULTS, GANParts, GANStep, LossTerm, Plugin, RealBatches, StepConfig, StepContext
 
 __all__ = [
     "EMA", "TrainLoop", "CHECKPOINT_NAME", "DEQUANTIZE_NOISE", "augment", "discriminator_losses", "generator_loss",
     "r1_penalty", "Progress", "ResumeMismatch", "check_fingerprint", "data_fingerprint", "GANParts", "GANStep",
-    "LossTerm", "Plugin", "RealBatches", "StepConfig", "StepContext",
+    "LossTerm", "Plugin", "RealBatches", "StepConfig", "StepContext", "LEARN_DEFAULTS",
 ]

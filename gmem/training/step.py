@@ -50,6 +50,11 @@ __all__ = ["StepConfig", "GANParts", "RealBatches", "Plugin", "LossTerm", "StepC
 ORDERS = ("d_first", "g_first")
 
 
+# the released GAN memory scripts: G update first, D trains on the same fakes (GAN memory and the
+# baselines compared with it train with these)
+LEARN_DEFAULTS = {"order": "g_first", "reuse_fake": True}
+
+
 @dataclass
 class StepConfig:
     """Settings of one GP-GAN step (all recorded with a run, and compared when it resumes)."""

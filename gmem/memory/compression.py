@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .knowledge import DEFAULT_LAYERS, CompressionSettings, compress_dense_task, index_order
+from ..compress.energy import rank_rule
+from ..compress.knowledge import DEFAULT_LAYERS, CompressionSettings, compress_dense_task, index_order
+from ..store.files import knowledge_bytes
 
 __all__ = ["is_compressed", "knowledge_index", "load_dependencies", "load_all_compressed", "check_installed",
            "before_remove", "prepare_learning", "knowledge_entry_for_save", "compress_task", "compression_record"]
@@ -25,15 +27,14 @@ def is_compressed(mem, task: str) -> bool:
 
 def knowledge_index(mem) -> Optional[dict]:
     """The knowledge-base file's index of the directory ``mem`` was loaded from (checked, cached), or None."""
-    from .. import store
-
-    entry = getattr(mem, "_knowledge_entry", None)
-    if entry is None or mem._directory is None:
+    link = mem.link
+    entry = link.knowledge_entry
+    if entry is None or link.store is None:
         return None
-    cached = getattr(mem, "_knowledge_cache", None)
+    cached = link.knowledge_cache
     if cached is None or cached[0] != entry.get("sha256"):
-        cached = (entry.get("sha256"), store.read_knowledge(mem._directory, entry))
-        mem._knowledge_cache = cached
+        cached = (entry.get("sha256"), link.store.read_knowledge(entry))
+        link.knowledge_cache = cached
     return cached[1]
 
 
@@ -42,8 +43,8 @@ def load_dependencies(mem, task: str) -> None:
     if not is_compressed(mem, task):
         return
     for dep in index_order(knowledge_index(mem), task):
-        if dep in mem._pending:
-            mem._ensure_loaded(dep)
+        if dep in mem.registry.pending:
+            mem.ensure_loaded(dep)
 
 
 def check_installed(mem, task: str) -> None:
@@ -59,7 +60,7 @@ def check_installed(mem, task: str) -> None:
             kb = bases.get(key)
             if kb is None or task not in kb:
                 raise ValueError(f"the knowledge-base file lists it in {key}, its file has no such entry")
-            t = kb._get(task)
+            t = kb.entry(task)
             if (t.start, t.end - t.start) != (start, rank):
                 raise ValueError(f"{key}: its columns {t.start}+{t.end - t.start} disagree with the knowledge-base "
                                  f"file ({start}+{rank})")
@@ -67,9 +68,9 @@ def check_installed(mem, task: str) -> None:
 
 def load_all_compressed(mem) -> None:
     """Read every compressed task not read yet (before the knowledge bases change)."""
-    for task in list(mem._order):
-        if task in mem._pending and is_compressed(mem, task):
-            mem._ensure_loaded(task)
+    for task in list(mem.registry.order):
+        if task in mem.registry.pending and is_compressed(mem, task):
+            mem.ensure_loaded(task)
 
 
 def before_remove(mem, task: str) -> None:
@@ -77,7 +78,7 @@ def before_remove(mem, task: str) -> None:
     must be complete to see who uses its columns) and mark the knowledge-base file for rewriting."""
     if is_compressed(mem, task):
         load_all_compressed(mem)
-        mem._knowledge_dirty = True
+        mem.link.knowledge_dirty = True
 
 
 def prepare_learning(mem, compress):
@@ -90,19 +91,17 @@ def prepare_learning(mem, compress):
 
 
 def knowledge_entry_for_save(mem, same_directory: bool):
-    """What :meth:`GANMemory.save` passes as ``knowledge`` to :func:`gmem.store.commit`: ``()`` to keep the
-    directory's file, else a callable writing the current index (None if nothing is compressed)."""
-    from .. import store
-
-    compressed = any(is_compressed(mem, t) for t in mem._order)
-    if same_directory and not getattr(mem, "_knowledge_dirty", False):
+    """What :meth:`GANMemory.save` passes as ``knowledge`` to :meth:`gmem.store.Store.commit`: ``()`` to keep
+    the store's file, else a callable writing the current index to a store (None if nothing is compressed)."""
+    compressed = any(is_compressed(mem, t) for t in mem.registry.order)
+    if same_directory and not mem.link.knowledge_dirty:
         return ()
     if not compressed:
-        return lambda directory: None
+        return lambda store: None
     load_all_compressed(mem)
 
-    def write(directory):
-        rel, digest = store.write_knowledge_file(directory, store.knowledge_bytes(mem.registry.knowledge.index()))
+    def write(store):
+        rel, digest = store.write_knowledge(knowledge_bytes(mem.registry.knowledge.index()))
         return {"file": rel, "sha256": digest}
 
     return write
@@ -124,18 +123,17 @@ def compress_task(mem, task: str, keep: Optional[float] = None, layers=None) -> 
     ``layers``: globs of the generator convs to compress (None: :data:`DEFAULT_LAYERS`, blocks B0-B3).
     """
     layers = DEFAULT_LAYERS if layers is None else layers
-    name = mem._name(task)
+    name = mem.task_name(task)
     if name == "source":
         raise ValueError("compress: the source is the frozen base; name a learned task")
     if is_compressed(mem, name):
         raise ValueError(f"compress: task {name!r} is compressed already")
     load_all_compressed(mem)
-    mem._ensure_loaded(name)
+    mem.ensure_loaded(name)
     info = compress_dense_task(mem.generator, name, mem.registry.knowledge, layers=layers, keep=keep)
-    from .knowledge import CompressionSettings
-
     layers = CompressionSettings(layers=layers).to_dict()["layers"]  # checked; JSON (shapes as lists)
+    keep = rank_rule(keep).describe()  # the record is JSON: a fraction, or the rule's description
     record = compression_record(mem, name, {"mode": "post-hoc", "layers": layers, "keep": keep}, info)
     mem.records[name]["compression"] = record
-    mem._knowledge_dirty = True
+    mem.link.knowledge_dirty = True
     return record

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write_bytes
-from .hashing import file_digest
-from .models import CheckpointError
+from ..atomic import atomic_write_bytes
+from ..hashing import file_digest
+from ..models import CheckpointError
 
 MANIFEST = "manifest.json"
 TASK_FORMAT = "gmem-task-v1"

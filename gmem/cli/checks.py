@@ -28,7 +28,8 @@ def check_number(value, option: str, low: float = -math.inf, high: float = math.
 def open_memory(memory: str):
     """The :class:`gmem.GANMemory` in directory ``memory``; FileNotFoundError saying how to create one if
     there is none, ValueError if ``memory`` is a file."""
-    from .memory import MANIFEST, GANMemory
+    from ..memory import GANMemory
+    from ..store import MANIFEST
 
     if Path(memory).exists() and not Path(memory).is_dir():
         raise ValueError(f"{memory} is a file, not a memory directory")
@@ -137,7 +138,7 @@ def image_format(out) -> str:
 
 def write_grid(images, out, *, nrow: int, scale: int) -> None:
     """Write images ``[N, C, H, W]`` in [-1, 1] as one grid in the format ``out``'s suffix names, atomically."""
-    from .images import save_grid
+    from ..images import save_grid
 
     fmt = image_format(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

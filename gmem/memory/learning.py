@@ -22,16 +22,15 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .compress import knowledge, memory_ops
-from .data import DataError, as_dataset
+from ..compress import knowledge
+from ..data import DataError, as_dataset
+from ..seeding import generator, random_seed
+from ..training import LEARN_DEFAULTS, GANParts, GANStep, Plugin, RealBatches, StepConfig, TrainLoop, data_fingerprint
+from . import compression
 from .registry import TaskRegistry
-from .seeding import generator, random_seed
-from .training import GANParts, GANStep, Plugin, RealBatches, StepConfig, TrainLoop, data_fingerprint
 
-__all__ = ["LEARN_DEFAULTS", "as_task_dataset", "task_labels", "learn_settings", "train_task", "learn_task"]
+__all__ = ["as_task_dataset", "task_labels", "learn_settings", "train_task", "learn_task"]
 
-# the released GAN memory scripts: G update first, D trains on the same fakes
-LEARN_DEFAULTS = {"order": "g_first", "reuse_fake": True}
 # settings that describe the data or the run length, not how it trains (not compared on resume)
 _NOT_COMPARED = ("iterations", "data", "num_images")
 
@@ -162,9 +161,9 @@ def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, see
                              restart=restart)
         if compress is not None:
             info = knowledge.finish_task(registry.G, name, registry.knowledge, compress)
-            record["compression"] = memory_ops.compression_record(
+            record["compression"] = compression.compression_record(
                 memory, name, {"mode": "training", **compress.to_dict()}, info)
-            memory._knowledge_dirty = True
+            memory.link.knowledge_dirty = True
     except BaseException:
         registry.remove(name)
         raise

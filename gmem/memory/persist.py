@@ -1,29 +1,50 @@
 """Saving and loading a :class:`gmem.GANMemory` (the facade's persistence; the file rules are :mod:`gmem.store`).
 
 :func:`save_memory` turns the memory's tasks into content-addressed task files and merges them into
-the directory's manifest (:func:`gmem.store.commit`); :func:`load_memory` opens a directory with every
-task pending (read lazily on first use); :func:`verify_tasks` reads the pending ones. The state a
-memory keeps about its directory: ``_directory`` (where it was loaded from / saved to), ``_on_disk``
-(``{task: sha256}`` as last read or written there), ``_knowledge_entry`` / ``_knowledge_dirty`` (the
-knowledge-base file of compressed tasks, and whether the bases changed since).
+the directory's manifest (:meth:`gmem.store.Store.commit`); :func:`load_memory` opens a directory with
+every task pending (read lazily on first use); :func:`verify_tasks` reads the pending ones. What a
+memory knows about its store is a :class:`StoreLink` (``mem.link``), which this module writes.
 """
 from __future__ import annotations
 
 import hashlib
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import store
-from .compress import memory_ops
-from .models import CheckpointError, Discriminator, Generator, load_base, load_default_base, save_base
-from .registry import D_MODULATED, G_MODULATED
-from .registry import base_state as _base_state
-from .store import MANIFEST, TaskFileError
+from .. import __version__
+from ..models import CheckpointError, Discriminator, Generator, load_base, load_default_base, save_base
+from ..models.base import base_config
+from ..store import MANIFEST, Store, StoreBackend, TaskFileError, task_bytes
+from . import compression
+from .registry import D_MODULATED, G_MODULATED, base_state
 
-__all__ = ["state_hash", "save_memory", "save_base_once", "load_memory", "verify_tasks"]
+__all__ = ["StoreLink", "state_hash", "save_memory", "save_base_once", "load_memory", "verify_tasks"]
+
+
+@dataclass
+class StoreLink:
+    """What a memory knows about the store it was loaded from or last saved to (written by this module).
+
+    ``store``: that store (None: never loaded or saved); ``on_disk``: ``{task: sha256}`` as last read
+    or written there; ``knowledge_entry``: the manifest's knowledge-base entry (compressed tasks);
+    ``knowledge_dirty``: the knowledge bases changed since (set by learning, compressing, removing);
+    ``knowledge_cache``: ``(sha256, index)`` of the knowledge-base file, read once.
+    """
+
+    store: Optional[StoreBackend] = None
+    on_disk: dict = field(default_factory=dict)
+    knowledge_entry: Optional[dict] = None
+    knowledge_dirty: bool = False
+    knowledge_cache: Optional[tuple] = None
+
+    def same(self, store: Store) -> bool:
+        """Whether ``store`` is the directory this memory was loaded from / saved to."""
+        return (isinstance(self.store, Store) and isinstance(store, Store)
+                and self.store.directory.resolve() == store.directory.resolve())
 
 
 def state_hash(*named_states: tuple[str, dict]) -> str:
@@ -53,48 +74,48 @@ def _base_entry(mem) -> dict:
 
 def save_memory(mem, directory) -> Path:
     """:meth:`GANMemory.save`: write the task files, then merge them into the manifest under the lock."""
-    directory = store.prepare_directory(directory)
-    same = mem._directory is not None and mem._directory.resolve() == directory.resolve()
-    known = dict(getattr(mem, "_on_disk", {})) if same else {}
+    store = Store(directory).prepare()
+    directory = store.directory
+    link, pending = mem.link, mem.registry.pending
+    same = link.same(store)
+    known = dict(link.on_disk) if same else {}
     base_entry = _base_entry(mem)
     put, refresh = [], []
-    for task in mem._order:
+    for task in mem.registry.order:
         record = mem.records[task]
         counts = {"style_parameters": mem.parameter_counts(task)["total"]}
-        if same and task in mem._pending:  # untouched since it was read from here: never read it
+        if same and task in pending:  # untouched since it was read from here: never read it
             refresh.append({**record, **counts})
             continue
-        if task in mem._pending:
-            data = store.read_task_bytes(mem._directory, task, record)
+        if task in pending:
+            data = link.store.read_task_bytes(task, record)
         else:
-            data = store.task_bytes(mem._task_tensors(task), task)
-        rel, digest = store.write_task_file(directory, task, data)
+            data = task_bytes(mem.task_tensors(task), task)
+        rel, digest = store.write_task(task, data)
         entry = {k: v for k, v in record.items() if k not in ("file", "sha256")}
         entry.update({"file": rel, "sha256": digest, **counts})
         put.append(entry)
-    write_base = None if base_entry["kind"] == "default" else (lambda: mem._save_base(directory / "base"))
-    knowledge = memory_ops.knowledge_entry_for_save(mem, same)
+    write_base = None if base_entry["kind"] == "default" else (lambda: save_base_once(mem, directory / "base"))
+    knowledge = compression.knowledge_entry_for_save(mem, same)
     if callable(knowledge):
-        knowledge = knowledge(directory)
-    known_kb = getattr(mem, "_knowledge_entry", None) if same else None
-    manifest = store.commit(directory, base_entry, mem.conversion, put, refresh=refresh,
-                            removed=set(known) - set(mem._order), known=known, before_write=write_base,
-                            version=_version(), knowledge=knowledge, known_knowledge=known_kb)
+        knowledge = knowledge(store)
+    known_kb = link.knowledge_entry if same else None
+    manifest = store.commit(base_entry, mem.conversion, put, refresh=refresh,
+                            removed=set(known) - set(mem.registry.order), known=known, before_write=write_base,
+                            version=__version__, knowledge=knowledge, known_knowledge=known_kb)
     for entry in put:
         mem.records[entry["name"]].update({"file": entry["file"], "sha256": entry["sha256"]})
-    for task in mem._pending:
-        mem._pending[task] = store.entry_path(directory, mem.records[task])
+    for task in pending:
+        pending[task] = store.entry_path(mem.records[task])
     stored = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
-    mem._on_disk = {t: stored[t] for t in mem._order if t in stored}
-    mem._directory = directory
-    mem._knowledge_entry, mem._knowledge_dirty = manifest.get("knowledge"), False
+    link.on_disk = {t: stored[t] for t in mem.registry.order if t in stored}
+    link.store = store
+    link.knowledge_entry, link.knowledge_dirty = manifest.get("knowledge"), False
     return directory
 
 
 def save_base_once(mem, base_dir: Path) -> None:
     """Store the custom base of ``mem`` in ``base_dir`` (float32), unless the same base is there already."""
-    from .models.base import base_config
-
     if (base_dir / "base.json").is_file():
         try:
             if base_config(base_dir).get("info", {}).get("state_sha256") == mem.base_hash:
@@ -103,22 +124,23 @@ def save_base_once(mem, base_dir: Path) -> None:
             pass
     G = Generator(**mem.generator.config())
     D = Discriminator(**mem.discriminator.config())
-    G.load_state_dict(_base_state(mem.generator))
-    with mem._d_head("source"):
-        D.load_state_dict(_base_state(mem.discriminator))
+    G.load_state_dict(base_state(mem.generator))
+    with mem.registry.discriminator_as("source"):
+        D.load_state_dict(base_state(mem.discriminator))
     save_base(G, D, base_dir, dtype=torch.float32, info={"state_sha256": mem.base_hash})
 
 
 def load_memory(cls, directory, *, lazy: bool = True):
     """:meth:`GANMemory.load`: a ``cls`` on the manifest's base (hash checked) with every task pending."""
     directory = Path(directory)
-    manifest = cls._read_manifest(directory)
+    store = Store(directory)
+    manifest = store.read_manifest()
     base = manifest["base"]
     if base.get("kind") == "default":
         G, D = load_default_base()
         source = {"kind": "default", "file_sha256": base.get("file_sha256")}
     else:
-        G, D = load_base(store.inside(directory, base.get("path", "base"), "base.path"))
+        G, D = load_base(store.inside(base.get("path", "base"), "base.path"))
         source = {"kind": "custom"}
     conv = manifest.get("conversion", {})
     mem = cls(G, D, g_include=conv.get("generator", G_MODULATED), d_include=conv.get("discriminator", D_MODULATED),
@@ -128,17 +150,14 @@ def load_memory(cls, directory, *, lazy: bool = True):
                               f"{base['sha256'][:12]}..., but the base found ({base.get('kind')}) has "
                               f"{mem.base_hash[:12]}...; its tasks would not fit")
     for entry in manifest["tasks"]:
-        name = entry["name"]
-        mem._order.append(name)
-        mem.records[name] = dict(entry, metrics=dict(entry.get("metrics", {})))
-        mem._pending[name] = store.entry_path(directory, entry)
-    mem._directory = directory
-    mem._on_disk = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
-    mem._knowledge_entry = manifest.get("knowledge")
+        mem.registry.add_pending(entry["name"], dict(entry, metrics=dict(entry.get("metrics", {}))),
+                                 store.entry_path(entry))
+    mem.link = StoreLink(store=store, on_disk={e["name"]: e.get("sha256") for e in manifest["tasks"]},
+                         knowledge_entry=manifest.get("knowledge"))
     if not lazy:
         for name in mem.tasks:
             try:
-                mem._ensure_loaded(name)
+                mem.ensure_loaded(name)
             except TaskFileError as e:
                 warnings.warn(str(e), stacklevel=3)  # the caller of GANMemory.load
     return mem
@@ -149,14 +168,8 @@ def verify_tasks(mem) -> dict[str, Optional[str]]:
     out = {}
     for name in mem.tasks:
         try:
-            mem._ensure_loaded(name)
+            mem.ensure_loaded(name)
             out[name] = None
         except TaskFileError as e:
             out[name] = str(e)
     return out
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

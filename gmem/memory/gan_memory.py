@@ -20,22 +20,21 @@ missing or damaged file names itself in the error without affecting the other ta
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from torch import Tensor
 
-from . import persist, store
-from .compress import memory_ops
-from .models import Discriminator, Generator, load_default_base
-from .persist import state_hash
+from ..models import Discriminator, Generator, default_base_info, load_default_base
+from ..store import TaskFileError, validate_task_name
+from . import compression, persist
+from .learning import learn_task
+from .persist import StoreLink, state_hash
 from .registry import D_MODULATED, G_MODULATED, TaskRegistry
 from .sampling import TaskSampler
-from .store import FORMAT, MANIFEST, TASK_FORMAT, TaskFileError  # noqa: F401  (re-exported)
 
-__all__ = ["GANMemory", "TaskFileError", "G_MODULATED", "D_MODULATED"]
+__all__ = ["GANMemory"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -69,10 +68,8 @@ class GANMemory:
         self.base_hash = state_hash(("G.", G.state_dict()), ("D.", D.state_dict()))
         self.base_source = dict(base_source or {"kind": "custom"})
         self.registry = TaskRegistry(G, D, g_include=g_include, d_include=d_include, d_fc_per_task=d_fc_per_task)
-        self.sampler = TaskSampler(self.registry, self._ensure_loaded)
-        self._directory: Optional[Path] = None    # where the memory was loaded from / saved to
-        self._knowledge_entry: Optional[dict] = None  # the directory's knowledge-base file (compressed tasks)
-        self._knowledge_dirty = False                 # the knowledge bases changed since loaded / saved
+        self.sampler = TaskSampler(self.registry, self.ensure_loaded)
+        self.link = StoreLink()  # the store it was loaded from / saved to (gmem.memory.persist owns it)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -87,8 +84,6 @@ class GANMemory:
     @classmethod
     def default(cls, **conversion) -> "GANMemory":
         """The embedded pretrained 32x32 base (``gmem/assets/base``), no tasks yet."""
-        from .models import default_base_info
-
         G, D = load_default_base()
         info = default_base_info()
         return cls(G, D, base_source={"kind": "default", "file_sha256": info.get("sha256")}, **conversion)
@@ -111,59 +106,45 @@ class GANMemory:
     g_converted = property(lambda self: self.registry.g_converted)
     d_converted = property(lambda self: self.registry.d_converted)
     records = property(lambda self: self.registry.records, doc="Manifest entries per task (the registry's dict).")
-    # the names the store code below uses for the registry's parts
-    _G, _D = generator, discriminator
-    _order = property(lambda self: self.registry.order)
-    _pending = property(lambda self: self.registry.pending)
-    _d_fc = property(lambda self: self.registry.heads, doc="Per-task discriminator heads (``_d_fc[task]``).")
 
     def num_classes(self, task: str) -> Optional[int]:
         """Classes of a conditional task (None for an unconditional one or the source)."""
         return self.registry.num_classes(task)
 
     def __repr__(self) -> str:
-        return (f"GANMemory(size={self.size}, nf={self._G.nf}, tasks={self.tasks}, "
+        return (f"GANMemory(size={self.size}, nf={self.generator.nf}, tasks={self.tasks}, "
                 f"base={self.base_source.get('kind')}:{self.base_hash[:12]})")
 
     # ------------------------------------------------------------------ task bookkeeping
     def _record(self, task: str) -> dict:
         return self.registry.record(task)
 
-    def _name(self, task: TaskRef) -> str:
+    def task_name(self, task: TaskRef) -> str:
         """A task name from a name or a position (0 = source, k = k-th learned task)."""
         return self.registry.name(task)
 
-    def _ensure_loaded(self, task: str) -> None:
-        """Read a task's file on first use (lazy loading), checked by :func:`gmem.store.read_task`."""
-        if task == "source" or task not in self._pending:
+    def ensure_loaded(self, task: str) -> None:
+        """Read a task's file if it is still pending (lazy loading; checked by the store, TaskFileError naming it)."""
+        pending = self.registry.pending
+        if task == "source" or task not in pending:
             return
-        memory_ops.load_dependencies(self, task)  # compressed: the tasks whose basis columns it uses
-        tensors = store.read_task(self._directory, task, self.records[task])
+        compression.load_dependencies(self, task)  # compressed: the tasks whose basis columns it uses
+        tensors = self.link.store.read_task(task, self.records[task])
         try:
-            self._install_task(task, tensors, self.records[task].get("num_classes"))
+            self.registry.install(task, tensors, self.records[task].get("num_classes"))
             try:
-                memory_ops.check_installed(self, task)
+                compression.check_installed(self, task)
             except BaseException:
                 self.registry.remove(task, keep_record=True)
                 raise
         except (KeyError, ValueError) as e:
-            raise TaskFileError(f"task {task!r}: {self._pending[task]} does not fit this base: {e}") from None
-        del self._pending[task]
+            raise TaskFileError(f"task {task!r}: {pending[task]} does not fit this base: {e}") from None
+        del pending[task]
 
-    def _install_task(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
-        """Add ``task`` to the networks' banks and fill it from ``tensors`` (the task file's layout)."""
-        self.registry.install(task, tensors, num_classes)
-
-    def _task_tensors(self, task: str) -> dict[str, Tensor]:
+    def task_tensors(self, task: str) -> dict[str, Tensor]:
         """Everything a task owns: ``G.<layer>.<group>``, ``D.<layer>.<group>``, ``Dfc.weight/bias``."""
-        self._ensure_loaded(task)
+        self.ensure_loaded(task)
         return self.registry.task_tensors(task)
-
-    @contextlib.contextmanager
-    def _d_head(self, task: str):
-        """The discriminator as ``task`` sees it: its style set and (per-task) head."""
-        with self.registry.discriminator_as(task) as D:
-            yield D
 
     def remove(self, task: str) -> None:
         """Forget a task (its style sets and head); the other tasks are untouched.
@@ -171,7 +152,7 @@ class GANMemory:
         A compressed task whose basis columns later compressed tasks use cannot be removed
         (ValueError naming them); remove those first.
         """
-        memory_ops.before_remove(self, task)
+        compression.before_remove(self, task)
         self.registry.remove(task)
 
     def compress(self, task: TaskRef, keep: Optional[float] = None, layers=None) -> dict:
@@ -183,7 +164,7 @@ class GANMemory:
         Returns the task's ``compression`` record (``stored_values``, ``new_ranks``, ``max_rel_error``);
         :meth:`parameter_counts` then reports ``generator_stored``. Save to keep it.
         """
-        return memory_ops.compress_task(self, task, keep=keep, layers=layers)
+        return compression.compress_task(self, task, keep=keep, layers=layers)
 
     # ------------------------------------------------------------------ sampling (gmem.sampling)
     def latents(self, n: int, seed: Optional[int] = None) -> Tensor:
@@ -238,8 +219,8 @@ class GANMemory:
         basis columns in compressed convs, everything else dense; equal to ``generator_style`` for a
         naive task).
         """
-        if task is not None and memory_ops.is_compressed(self, self._name(task)):
-            self._ensure_loaded(self._name(task))
+        if task is not None and compression.is_compressed(self, self.task_name(task)):
+            self.ensure_loaded(self.task_name(task))
         return self.registry.parameter_counts(task)
 
     # ------------------------------------------------------------------ learning (gmem.learning)
@@ -289,10 +270,8 @@ class GANMemory:
         ``L diag(lam) R^T + E`` with the nuclear-norm prior on ``E`` and are stored as coefficients plus
         new basis columns (see :mod:`gmem.compress.knowledge`).
         """
-        from .learning import learn_task
-
-        store.validate_task_name(name)
-        compress = memory_ops.prepare_learning(self, compress)
+        validate_task_name(name)
+        compress = compression.prepare_learning(self, compress)
         return learn_task(self, name, data, iterations=iterations, batch_size=batch_size, seed=seed, labels=labels,
                           num_classes=num_classes, lr=lr, betas=betas, r1_gamma=r1_gamma, ema_decay=ema_decay,
                           ema_warmup=ema_warmup, out_dir=out_dir, sample_every=sample_every,
@@ -319,15 +298,6 @@ class GANMemory:
         """
         return persist.save_memory(self, directory)
 
-    def _save_base(self, base_dir: Path) -> None:
-        """Store a custom base once in ``base_dir`` (:func:`gmem.persist.save_base_once`)."""
-        persist.save_base_once(self, base_dir)
-
-    @staticmethod
-    def _read_manifest(directory: Path) -> dict:
-        """The manifest of ``directory``, validated (:func:`gmem.store.read_manifest`; errors name the field)."""
-        return store.read_manifest(directory)
-
     @classmethod
     def load(cls, directory, *, lazy: bool = True) -> "GANMemory":
         """Open a memory written by :meth:`save`.
@@ -348,5 +318,5 @@ class GANMemory:
     @property
     def loaded_tasks(self) -> list[str]:
         """Tasks whose weights are in memory (the others are read on first use)."""
-        return [t for t in self._order if t not in self._pending]
+        return [t for t in self.registry.order if t not in self.registry.pending]
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .seeding import generator
+from ..seeding import generator
 
 __all__ = ["ReplayGenerator"]
 
@@ -35,10 +35,10 @@ class ReplayGenerator:
     def __init__(self, memory, tasks: Optional[Sequence[str]] = None, class_map: Optional[dict] = None,
                  seed: Optional[int] = None):
         self.memory = memory
-        self._tasks = None if tasks is None else [memory._name(t) for t in tasks]
+        self._tasks = None if tasks is None else [memory.task_name(t) for t in tasks]
         self.class_map = {}
         for task, classes in (class_map or {}).items():
-            name = memory._name(task)
+            name = memory.task_name(task)
             k = memory.num_classes(name) or 1
             if len(classes) != k:
                 raise ValueError(f"class_map[{task!r}] lists {len(classes)} classes, the task has {k}")
@@ -67,7 +67,7 @@ class ReplayGenerator:
                 raise ValueError("the memory has no tasks to replay")
             names = [pool[i] for i in self._randint(len(pool), batch_size).tolist()]
         elif isinstance(condition, str):
-            names = [self.memory._name(condition)] * batch_size
+            names = [self.memory.task_name(condition)] * batch_size
         elif isinstance(condition, int) and not isinstance(condition, bool):
             owners = [(t, i) for t in self.tasks for i, c in enumerate(self.class_map.get(t, [])) if c == condition]
             if not owners:
@@ -77,7 +77,7 @@ class ReplayGenerator:
         elif isinstance(condition, (list, tuple)):
             if len(condition) != batch_size:
                 raise ValueError(f"condition lists {len(condition)} tasks for batch_size={batch_size}")
-            names = [self.memory._name(t) for t in condition]
+            names = [self.memory.task_name(t) for t in condition]
         else:
             raise TypeError(f"condition must be None, a task name, a global class id or a list of task names, "
                             f"got {type(condition).__name__}")

@@ -30,29 +30,25 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
-from .store_files import KNOWLEDGE_DIR, LOCK_NAME, TASKS_DIR, ManifestError, inside, run_dir_name
+from .files import KNOWLEDGE_DIR, LOCK_NAME, TASKS_DIR, ManifestError, inside, run_dir_name
 
 __all__ = ["GC_GRACE_SECONDS", "RUNS_DIR", "collect_garbage"]
 
 GC_GRACE_SECONDS = 600.0     # unreferenced files younger than this are kept (a reader may still need them)
 RUNS_DIR = "runs"
-_RUN_FOLDER = re.compile(r"[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}")  # gmem.store_files.run_dir_name
+_RUN_FOLDER = re.compile(r"[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}")  # gmem.store.files.run_dir_name
 
 
-def collect_garbage(directory, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS) -> list[Path]:
+def collect_garbage(directory, *, manifest: dict, grace: float = GC_GRACE_SECONDS) -> list[Path]:
     """Delete what the manifest no longer needs and is older than ``grace`` seconds (the module's rules).
 
-    Call it under :func:`gmem.store.lock` (``commit`` does). Young files are spared: another writer
+    Call it under the store's lock with the manifest just written (:meth:`gmem.store.Store.commit`
+    does). Young files are spared: another writer
     may be about to reference them, a reader may still read a file that left the manifest a moment
     ago, a learner may be writing its run folder. Returns the deleted paths (files, and run folders).
     """
     directory = Path(directory)
-    if manifest is None:
-        from .store import read_manifest
-
-        manifest = read_manifest(directory)
     try:
         tasks_dir = inside(directory, TASKS_DIR, "tasks directory")
     except ManifestError:

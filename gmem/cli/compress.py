@@ -1,7 +1,10 @@
-"""``gmem compress`` and the storage table of ``gmem info`` (naive vs stored values per task)."""
+"""``gmem compress MEMORY [TASK...]``, and the storage table of ``gmem info`` (naive vs stored values).
+"""
 from __future__ import annotations
 
 import argparse
+
+HELP = "compress naive tasks of a memory into its shared knowledge base (post-hoc, paper Sec. 4.3)"
 
 
 def storage_lines(tasks: list[dict]) -> list[str]:
@@ -23,7 +26,7 @@ def storage_lines(tasks: list[dict]) -> list[str]:
 
 def compress_layers(layers, fc: bool):
     """The layer selection of ``--layers GLOB...`` / ``--compress-fc`` (None: the defaults, B0-B3)."""
-    from .compress.knowledge import DEFAULT_LAYERS, FC_LAYER
+    from ..compress.knowledge import DEFAULT_LAYERS, FC_LAYER
 
     if not fc:
         return layers
@@ -31,7 +34,7 @@ def compress_layers(layers, fc: bool):
     return layers if FC_LAYER in layers else layers + [FC_LAYER]
 
 
-def _compress_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("memory", help="memory directory")
     p.add_argument("tasks", nargs="*", help="naive task(s) to compress (default: every naive task, in order)")
     p.add_argument("--keep", type=float, default=None,
@@ -42,16 +45,16 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    help="also compress the generator fc's mFiLM gamma/beta, viewed as (16 nf) x (s0*s0) matrices")
 
 
-def _compress_run(args) -> int:
-    from . import cli_checks
-    from .compress.memory_ops import is_compressed
+def run(args) -> int:
+    from ..memory.compression import is_compressed
+    from . import checks as cli_checks
 
     if args.keep is not None:
         cli_checks.check_number(args.keep, "--keep", 0, 1)
     mem = cli_checks.open_memory(args.memory)
     names = args.tasks or [t for t in mem.tasks if not is_compressed(mem, t)]
     for name in names:
-        mem._name(name)  # unknown names fail before anything changes
+        mem.task_name(name)  # unknown names fail before anything changes
         if is_compressed(mem, name):
             raise ValueError(f"task {name!r} is compressed already")
     if not names:
@@ -69,9 +72,3 @@ def _compress_run(args) -> int:
     mem.save(args.memory)
     print(f"memory saved to {args.memory}")
     return 0
-
-
-COMPRESS_COMMANDS = {
-    "compress": ("compress naive tasks of a memory into its shared knowledge base (post-hoc, paper Sec. 4.3)",
-                 _compress_args, _compress_run),
-}

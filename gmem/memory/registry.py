@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import nn as gnn
-from .compress.knowledge import Knowledge, install_task
-from .models import Discriminator, Generator
+from .. import nn as gnn
+from ..compress.knowledge import Knowledge, install_task
+from ..models import Discriminator, Generator
+from ..nn.bank import TaskBank
 
 __all__ = ["TaskRegistry", "DiscriminatorHeads", "G_MODULATED", "D_MODULATED"]
 
@@ -44,23 +45,22 @@ def _layer_style_count(layer: gnn.ModulatedLayer, num_classes: Optional[int]) ->
     return 2 * layer.out_features + rows * layer.out_features
 
 
-def _key(task: str) -> str:
-    # nn.ModuleDict keys may not contain "."; this escape is reversible and keeps names readable
-    return task.replace("%", "%25").replace(".", "%2E")
+class DiscriminatorHeads(TaskBank):
+    """Per-task copies of the discriminator's final ``fc``: a :class:`gmem.nn.bank.TaskBank` keyed by task name.
 
-
-class DiscriminatorHeads(nn.Module):
-    """Per-task copies of the discriminator's final ``fc``: an ``nn.ModuleDict`` keyed by task name.
-
+    The same bank as the modulated layers' and per-task modules' (one task-name codec,
+    :func:`gmem.nn.bank.encode_task`), so every name :func:`gmem.nn.add_task` accepts works here too.
     The discriminator itself is never modified: a forward hook on its ``fc`` hands the features over
     to the active task's head inside :meth:`active` (a per-thread context, so concurrent callers with
     different tasks do not interfere) and picks each sample's class logit. The base ``fc`` is the
     source's head and is not trained.
     """
 
+    bank_attr = "heads"
+
     def __init__(self, D: Discriminator):
         super().__init__()
-        self.heads = nn.ModuleDict()
+        self._init_bank()
         self._base = [D.fc]  # a list: the base fc belongs to D, not to this module's parameters
         D.fc.register_forward_hook(self._hook)
 
@@ -69,16 +69,18 @@ class DiscriminatorHeads(nn.Module):
         return self._base[0]
 
     def __contains__(self, task: str) -> bool:
-        return _key(task) in self.heads
+        return task != "source" and task in self.task_names
 
     def __getitem__(self, task: str) -> nn.Linear:
-        return self.heads[_key(task)]
+        if task not in self:
+            raise KeyError(f"no discriminator head for task {task!r}")
+        return self.entry(self.task_names.index(task))
 
     def names(self) -> list[str]:
-        return [k.replace("%2E", ".").replace("%25", "%") for k in self.heads]
+        return self.task_names[1:]
 
-    def add(self, task: str, num_classes: Optional[int] = None) -> nn.Linear:
-        """A new head for ``task`` initialised from the base (row 0 repeated per class if conditional)."""
+    def make_entry(self, name: str, init: int = 0, num_classes: Optional[int] = None) -> nn.Linear:
+        """A new head initialised from the base (row 0 repeated per class if conditional)."""
         base = self.base
         rows = num_classes or base.out_features
         fc = nn.Linear(base.in_features, rows, bias=base.bias is not None).to(base.weight.device)
@@ -86,12 +88,17 @@ class DiscriminatorHeads(nn.Module):
             fc.weight.copy_(base.weight if rows == base.out_features else base.weight[:1].expand(rows, -1))
             if base.bias is not None:
                 fc.bias.copy_(base.bias if rows == base.out_features else base.bias[:1].expand(rows))
-        self.heads[_key(task)] = fc
+        return fc
+
+    def add(self, task: str, num_classes: Optional[int] = None) -> nn.Linear:
+        """A new head for ``task`` initialised from the base (row 0 repeated per class if conditional)."""
+        fc = self.make_entry(task, num_classes=num_classes)
+        self.add_entry(task, fc)
         return fc
 
     def remove(self, task: str) -> None:
         if task in self:
-            del self.heads[_key(task)]
+            self.remove_entry(self.task_names.index(task))
 
     def _hook(self, module, inputs, output):
         active = _ACTIVE_HEAD.get()
@@ -173,6 +180,12 @@ class TaskRegistry:
             self.heads.add(task, num_classes)
         self.order.append(task)
         self.records[task] = record
+
+    def add_pending(self, task: str, record: dict, file: Path) -> None:
+        """A task of a store, known by its ``record`` (manifest entry), read from ``file`` on first use."""
+        self.order.append(task)
+        self.records[task] = record
+        self.pending[task] = file
 
     def install(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
         """Add ``task`` to the networks' banks and fill it from ``tensors`` (the task file's layout)."""

@@ -1,4 +1,8 @@
-"""Training-time parameterisation of a compressed style matrix and its low-rank prior.
+"""Low-rank style matrices: the training-time parameterisation of a compressed style matrix and its prior.
+
+Tensor math below :mod:`gmem.nn` (whose low-rank bank entries hold :class:`LowRankStyle` objects) and
+:mod:`gmem.compress` (the knowledge bases, the task life cycle, the settings) alike; it imports only
+:mod:`gmem.ops`.
 
 While task ``t`` is learned, one style matrix (``Gamma`` or ``B`` of one conv, ``[O, I]``) is
 
@@ -9,7 +13,7 @@ trainable. ``E_t`` is pulled towards low rank by the weighted nuclear norm
 ``r * sum_j eta_j s_j(E_t)``, ``eta_j = 0.1 + sigmoid(10 j / J)`` (``j = 0..J-1`` over the ``J``
 singular values in descending order, so trailing directions cost more than leading ones), ``r = 0.01``.
 The released training code adds it to the generator loss on every iteration that is a multiple of 10
-(:data:`PRIOR_EVERY`), at full weight, for every compressed ``Gamma`` and ``B``.
+(:data:`gmem.compress.knowledge.PRIOR_EVERY`), at full weight, for every compressed ``Gamma`` and ``B``.
 """
 from __future__ import annotations
 
@@ -18,14 +22,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import LowRank
+from .ops import LowRank
 
-__all__ = ["nuclear_prior", "prior_weights", "LowRankStyle", "PRIOR_WEIGHT", "PRIOR_EVERY"]
+__all__ = ["nuclear_prior", "prior_weights", "LowRankStyle", "PRIOR_WEIGHT"]
 
 #: Weight ``r`` of the nuclear-norm prior.
 PRIOR_WEIGHT = 0.01
-#: The prior is added on iterations ``it`` with ``it % PRIOR_EVERY == 0``.
-PRIOR_EVERY = 10
 
 
 def prior_weights(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:

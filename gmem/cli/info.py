@@ -1,22 +1,17 @@
-"""The inspection and upkeep commands of the ``gmem`` CLI: ``info``, ``verify``, ``remove``.
-
-Registered into :data:`gmem.cli.COMMANDS` through :data:`gmem.cli_memory.MEMORY_COMMANDS`. ``info``
-prints the memory's base, a task table (scripts parse it: keep its columns) and the storage table of
-:func:`gmem.cli_compress.storage_lines`; ``verify`` reads every task file and, with ``--repair``,
-drops the unreadable ones; ``remove`` forgets tasks. Files that leave a memory are deleted later by
-the store's garbage collection (:mod:`gmem.store_gc`, summarised in ``GC_HELP``).
+"""``gmem info [MEMORY]``: the memory's base, a task table (scripts parse it: keep its columns) and
+the storage table of :func:`gmem.cli.compress.storage_lines`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from .cli_checks import open_memory
+from .checks import open_memory
+
+HELP = "show a memory's base, tasks, classes, parameter counts and metrics"
 
 
-# ---------------------------------------------------------------- info
-def _info_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("memory", nargs="?", default=None,
                    help="memory directory (default: describe the embedded base with no tasks)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -25,8 +20,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
                    help="read and hash-check every task file (exit code 1 if any is missing or damaged)")
 
 
-def _info_run(args) -> int:
-    from .memory import GANMemory
+def run(args) -> int:
+    from ..memory import GANMemory
 
     mem = open_memory(args.memory) if args.memory else GANMemory.default()
     base = mem.parameter_counts()
@@ -71,7 +66,7 @@ def _info_run(args) -> int:
                   f"{100 * t['generator_style_ratio']:>7.1f}%{t['discriminator_style']:>10,}"
                   f"{m.get('iterations_done', '-')!s:>7}{m.get('train_seconds', '-')!s:>9}  {extra}")
     if mem.tasks:
-        from .cli_compress import storage_lines
+        from .compress import storage_lines
 
         print("\n".join(storage_lines(info["tasks"])))
     if args.layers:
@@ -80,60 +75,3 @@ def _info_run(args) -> int:
         for t in mem.tasks:
             print(f"  {t}: {'DAMAGED: ' + problems[t] if t in problems else 'ok (hash checked)'}")
     return 1 if problems else 0
-
-
-# ---------------------------------------------------------------- verify, remove
-GC_HELP = ("Garbage collection (run by every save and remove, under the memory's lock): task files that left "
-           "the manifest, temporary files of interrupted writes (e.g. runs/TASK/.checkpoint.pt.*.tmp of a killed "
-           "learner) and the runs/TASK folders of tasks not in the manifest are deleted once unchanged for 10 "
-           "minutes; the folder of a task being learned right now (its learner holds the claim) is kept.")
-
-
-def _verify_args(p: argparse.ArgumentParser) -> None:
-    p.epilog = GC_HELP
-    p.add_argument("memory", help="memory directory")
-    p.add_argument("--repair", action="store_true",
-                   help="drop the tasks that cannot be read from the manifest (under the memory's lock); "
-                        "their files are left to garbage collection")
-
-
-def _verify_run(args) -> int:
-    from . import store
-
-    mem = open_memory(args.memory)
-    problems = {t: e for t, e in mem.verify().items() if e}
-    for t in mem.tasks:
-        print(f"  {t}: {'DAMAGED: ' + problems[t] if t in problems else 'ok (file, hash and contents checked)'}")
-    if not problems:
-        print(f"{args.memory}: {len(mem.tasks)} task(s), all readable")
-        return 0
-    if not args.repair:
-        print(f"{args.memory}: {len(problems)} damaged task(s); drop them with `gmem verify {args.memory} --repair` "
-              f"or `gmem remove {args.memory} TASK`")
-        return 1
-    dropped = store.repair(args.memory, also={t: mem.records[t].get("sha256") for t in problems})
-    print(f"{args.memory}: removed {len(dropped)} damaged task(s) from the manifest: {sorted(dropped)}")
-    return 0
-
-
-def _remove_args(p: argparse.ArgumentParser) -> None:
-    p.epilog = GC_HELP
-    p.add_argument("memory", help="memory directory")
-    p.add_argument("tasks", nargs="+", help="task name(s) to forget")
-
-
-def _remove_run(args) -> int:
-    from . import store
-
-    if Path(args.memory).exists() and not Path(args.memory).is_dir():
-        raise ValueError(f"{args.memory} is a file, not a memory directory")
-    removed = store.remove_tasks(args.memory, args.tasks)
-    print(f"removed {', '.join(repr(t) for t in removed)} from {args.memory}")
-    return 0
-
-
-INFO_COMMANDS = {
-    "info": ("show a memory's base, tasks, classes, parameter counts and metrics", _info_args, _info_run),
-    "verify": ("read and check every task of a memory; --repair drops the unreadable ones", _verify_args, _verify_run),
-    "remove": ("forget task(s) of a memory (the other tasks are untouched)", _remove_args, _remove_run),
-}

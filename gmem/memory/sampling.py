@@ -7,24 +7,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import nn as gnn
+from .. import nn as gnn
+from ..data import label_vector
+from ..seeding import generator
 from .registry import TaskRegistry
-from .seeding import generator
 
-__all__ = ["TaskSampler", "label_vector"]
+__all__ = ["TaskSampler"]
 
 TaskRef = Union[str, int]
-
-
-def label_vector(labels, n: int, what: str = "labels", per: str = "sample") -> Tensor:
-    """``labels`` (a number, a sequence or a tensor) as a LongTensor ``[n]`` (a number repeats); ValueError
-    naming ``what`` unless they are integers, one per ``per``. The range is the caller's to check."""
-    labels = torch.as_tensor(labels)
-    if labels.ndim == 0:
-        labels = labels.expand(n)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
-        raise ValueError(f"{what} must be integers, one per {per} [{n}], got {labels.dtype} {tuple(labels.shape)}")
-    return labels.long()
 
 
 class TaskSampler:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_checks import open_memory
+from .checks import open_memory
 
-DESCRIPTION = "serve a web page to browse a memory: samples, classes, interpolation (read-only)"
+HELP = "serve a web page to browse a memory: samples, classes, interpolation (read-only)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serve import LOOPBACK, make_app
-    from .serve import run as serve
+    # the web stack (Starlette, uvicorn) is imported only by this command
+    from ..serve import LOOPBACK, make_app
+    from ..serve import run as serve
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")

@@ -1,0 +1,6 @@
+"""``python -m gmem.cli``: the ``gmem`` command (:func:`gmem.cli.main`)."""
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""``gmem learn MEMORY NAME DATA``: learn a new task into a memory directory.
+
+The memory is created on the embedded base (or ``--base DIR``) when it does not exist yet, after
+checking everything that can be checked before training (:mod:`gmem.cli.checks`). The task name is
+claimed in the store while it trains (:meth:`gmem.store.Store.claim`); the memory is saved at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from ..store import MANIFEST, Store, validate_task_name
+from ..store.files import run_dir_name
+from ..store.gc import RUNS_DIR
+from . import checks as cli_checks
+
+HELP = "learn a new task into a GAN memory directory (created on the embedded base if missing)"
+
+
+def _learn_preflight(args):
+    """Everything ``learn`` can check before training; returns ``(memory dir, GANMemory, device)``."""
+    from ..memory import GANMemory
+    from ..models import load_base
+
+    validate_task_name(args.name)
+    if isinstance(args.iterations, bool) or args.iterations < 0:
+        raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+    cli_checks.check_number(args.lr, "--lr", 0, 1e3, low_open=True)
+    cli_checks.check_number(args.r1_gamma, "--r1-gamma", 0, 1e9)
+    cli_checks.check_number(args.ema, "--ema", 0, 1)
+    if args.max_minutes is not None:
+        cli_checks.check_number(args.max_minutes, "--max-minutes", 0, 1e9, low_open=True)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "keep", None) is not None:
+        if not getattr(args, "compress", False):
+            raise ValueError("--keep applies with --compress only")
+    if getattr(args, "compress_fc", False) and not getattr(args, "compress", False):
+        raise ValueError("--compress-fc applies with --compress only")
+        cli_checks.check_number(args.keep, "--keep", 0, 1)
+    if args.background is not None:
+        from ..data import _background
+
+        _background(args.background)
+    device = cli_checks.check_device(args.device)
+    memory = cli_checks.check_writable_directory(args.memory)
+    if (memory / MANIFEST).is_file():
+        if args.base:
+            raise ValueError(f"--base applies to a new memory only; {memory} exists already")
+        mem = GANMemory.load(memory)
+        if args.name in mem.tasks:
+            raise ValueError(f"task {args.name!r} exists already in {memory} (tasks: {mem.tasks})")
+        for task, problem in Store(memory).verify_files().items():
+            if problem:
+                raise ValueError(f"{problem}; drop it with `gmem remove {memory} {task}` or repair the memory "
+                                 f"with `gmem verify {memory} --repair`, then learn again")
+    else:
+        mem = GANMemory.from_base(*load_base(args.base)) if args.base else GANMemory.default()
+    cli_checks.check_batch_size(mem, args.batch_size, device)
+    return memory, mem, device
+
+
+def _learn_train(args, memory, mem, dataset, run_dir) -> int:
+    import torch
+
+    from .. import distributed as dist
+    from ..compress.knowledge import DEFAULT_LAYERS, WITH_FC
+    from ..data import batch
+    from ..eval import pixel_fid
+
+    layers = WITH_FC if getattr(args, "compress_fc", False) else DEFAULT_LAYERS
+    try:
+        mem.learn(args.name, dataset, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
+                  labels=True if args.conditional else None, lr=args.lr, r1_gamma=args.r1_gamma,
+                  ema_decay=args.ema, out_dir=run_dir, sample_every=args.sample_every,
+                  checkpoint_every=args.checkpoint_every,
+                  max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+                  progress=not args.no_progress,
+                  compress={"keep": getattr(args, "keep", None), "layers": layers}
+                  if getattr(args, "compress", False) else False)
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"gmem learn: interrupted; the memory is unchanged. Run the same command again to resume from "
+              f"the last checkpoint in {run_dir}/", file=sys.stderr)
+        return 130
+    mem.records[args.name]["training"]["data"] = str(args.data)
+    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
+        n = min(256, len(dataset))
+        real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
+        mem.set_metric(args.name, "pixfid8", round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3))
+    if dist.is_main():
+        mem.save(memory)
+    dist.barrier()
+    m = mem.records[args.name]["metrics"]
+    print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
+          + (f", pixFID8 {m['pixfid8']}" if "pixfid8" in m else "") + f"); memory saved to {memory}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("memory", help="memory directory (created on the embedded base if it does not exist)")
+    p.add_argument("name", help="name of the new task")
+    p.add_argument("data", help="training images: a directory (recursively; resized), an .npy/.npz file of uint8 "
+                                "images, or an embedded demo set (emoji, oxygen_icons, fashion_mnist)")
+    p.add_argument("--iterations", type=int, default=2000, help="training iterations (default 2000)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, betas (0, 0.99) (default 1e-4)")
+    p.add_argument("--r1-gamma", type=float, default=10.0, help="R1 penalty weight (default 10)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampling style set (default 0.999)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--conditional", action="store_true",
+                   help="learn a conditional task from the data's labels (class sub-folders / .npz 'labels')")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="base for a NEW memory: a directory written by `gmem train-base --export` "
+                        "(default: the embedded base)")
+    p.add_argument("--sample-every", type=int, default=None, help="iterations between sample grids")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--background", default=None,
+                   help="colour that transparent pixels of image files are composited over: black (the default, "
+                        "as the embedded sets), white, a grey level 0..255 or R,G,B")
+    p.add_argument("--compress", action="store_true",
+                   help="learn with the paper's low-rank prior and shared knowledge base (generator blocks B0-B3); "
+                        "the task is stored as coefficients plus new basis columns")
+    p.add_argument("--keep", type=float, default=None,
+                   help="with --compress: energy fraction kept after the task (default: by layer width, "
+                        "1.0 below 256 channels, as the released code)")
+    p.add_argument("--compress-fc", action="store_true",
+                   help="with --compress: also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
+    p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import distributed as dist
+    from ..data import as_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    memory, mem, device = _learn_preflight(args)
+    dataset = as_dataset(args.data, mem.size, mem.channels, background=args.background)
+    mem.to(device)
+    # under torchrun rank 0 claims the name for every rank (the claim is one process's exclusive lock)
+    store = Store(memory)
+    claim = (store.claim(args.name) if dist.is_main()
+             else contextlib.nullcontext(memory / RUNS_DIR / run_dir_name(args.name)))
+    with claim as run_dir:
+        try:  # another process may have finished learning this name since the preflight read the memory
+            if args.name in {e["name"] for e in store.read_manifest()["tasks"]}:
+                raise ValueError(f"task {args.name!r} was just added to {memory} by another process")
+        except FileNotFoundError:
+            pass
+        return _learn_train(args, memory, mem, dataset, run_dir)
