@@ -184,14 +184,23 @@ def _background(background) -> tuple[int, int, int]:
     return tuple(values)
 
 
-def find_images(directory) -> list[Path]:
-    """Image files under ``directory`` (recursively, hidden entries skipped), sorted for reproducibility."""
+def scan_images(directory) -> tuple[list[Path], list[Path]]:
+    """``(image files, other files)`` under ``directory`` (recursively, hidden entries left out), sorted:
+    the files whose suffix is not an image format's are the ones a data set of the folder skips."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"image directory not found: {directory}")
-    files = sorted(p for p in directory.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    images, others = [], []
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts):
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    return images, others
+
+
+def find_images(directory) -> list[Path]:
+    """Image files under ``directory`` (recursively, hidden entries skipped), sorted for reproducibility."""
+    directory = Path(directory)
+    files = scan_images(directory)[0]
     if not files:
         raise DataError(f"no images found in {directory} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
     return files
@@ -239,13 +248,15 @@ class ImageFolder(TensorImages):
 
     Sub-directory names become class labels (``self.classes``, ``self.labels``) when images sit in
     more than one sub-directory; otherwise ``self.labels`` is None. Images are decoded once.
-    Transparent pixels are composited over ``background`` (default :data:`DEFAULT_BACKGROUND`, black;
+    ``self.skipped`` lists the files that are not images (by suffix). Transparent pixels are composited
+    over ``background`` (default :data:`DEFAULT_BACKGROUND`, black;
     ``"white"``, a grey level or an ``(r, g, b)`` triple); without an explicit background a warning
     says how many images had transparency.
     """
 
     def __init__(self, directory, size: int, channels: int = 3, background=None):
         files = find_images(directory)
+        self.skipped = scan_images(directory)[1]  # files that are not images by their suffix
         loaded = [_load_image(p, channels, background) for p in files]
         images = torch.stack([_resize(x.unsqueeze(0), size)[0] for x, _ in loaded])
         transparent = sum(a for _, a in loaded)

@@ -103,7 +103,7 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
 
         # Figure-5 layout: rows = source + tasks learned so far, same z per column
         grid = torch.cat([reference[t] for t in reference])
-        save_grid(grid, out / f"tasks_after_{k}_{name}.png", nrow=columns, scale=3)
+        save_grid(grid, out / f"tasks_after_{k}_{name}.png", nrow=columns, scale=3, row_labels=list(reference))
         prev = tasks[k - 2] if k > 1 else "source"
         if mem.num_classes(prev) is None and mem.num_classes(name) is None:
             lams = torch.linspace(0, 1, 8).tolist()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -33,17 +33,38 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -
     return grid
 
 
-def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1, format: str = "PNG") -> None:
+def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1, format: str = "PNG",
+              row_labels: Optional[Sequence[str]] = None) -> None:
     """Write images ``[N, C, H, W]`` in [-1, 1] as one grid (atomically), upscaled by ``scale``.
 
     ``format``: a Pillow format name (``"PNG"`` by default; lossy formats are written at quality 95).
+    ``row_labels``: one text per grid row (e.g. the task of each row), written in a margin on the left.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
-    grid = image_grid(images.detach().float().cpu(), nrow)
+    images = images.detach().float().cpu()
+    grid = image_grid(images, nrow)
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if row_labels is not None:
+        pad, h = 2, images.shape[2]
+        nrow = nrow or int(math.ceil(math.sqrt(images.shape[0])))
+        rows = int(math.ceil(images.shape[0] / nrow))
+        if len(row_labels) != rows:
+            raise ValueError(f"row_labels has {len(row_labels)} texts for {rows} grid rows")
+        font = ImageFont.load_default()
+        measure = ImageDraw.Draw(img)
+        texts = [str(t) for t in row_labels]
+        margin = 8 + max(int(measure.textlength(t, font=font)) for t in texts)
+        labelled = Image.new(img.mode, (img.width + margin, img.height), 0)
+        labelled.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        white = 255 if img.mode == "L" else (255, 255, 255)
+        for r, text in enumerate(texts):
+            middle = (pad + r * (h + pad) + h // 2) * scale
+            draw.text((4, middle), text, fill=white, font=font, anchor="lm")
+        img = labelled
     options = {"quality": 95} if format in ("JPEG", "WEBP") else {}
     atomic_write(path, lambda f: img.save(f, format=format, **options))

@@ -136,10 +136,11 @@ def image_format(out) -> str:
     return fmt
 
 
-def write_grid(images, out, *, nrow: int, scale: int) -> None:
-    """Write images ``[N, C, H, W]`` in [-1, 1] as one grid in the format ``out``'s suffix names, atomically."""
+def write_grid(images, out, *, nrow: int, scale: int, row_labels=None) -> None:
+    """Write images ``[N, C, H, W]`` in [-1, 1] as one grid in the format ``out``'s suffix names, atomically
+    (``row_labels``: a text per row, e.g. its task)."""
     from ..images import save_grid
 
     fmt = image_format(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, out, nrow=nrow, scale=scale, format=fmt)
+    save_grid(images, out, nrow=nrow, scale=scale, format=fmt, row_labels=row_labels)

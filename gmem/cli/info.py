@@ -60,8 +60,10 @@ def run(args) -> int:
               f"{'train s':>9}  metrics")
         for i, t in enumerate(info["tasks"], start=1):
             m = dict(t["metrics"])
-            extra = ", ".join(f"{k}={v}" for k, v in m.items()
-                              if k in ("pixfid8", "pixfid8_source", "stopped_early") or k.startswith("fid"))
+            extra = ", ".join(f"{k}={v}" for k, v in m.items() if k == "stopped_early" or k.startswith("fid"))
+            if "pixfid8" in m:  # the task's score next to the base's on the same images
+                score = f"pixfid8: base {m.get('pixfid8_source', '?')} -> task {m['pixfid8']}"
+                extra = f"{score}, {extra}" if extra else score
             print(f"{i:>3} {t['name']:<18}{str(t['classes'] or '-'):>8}{t['generator_style']:>11,}"
                   f"{100 * t['generator_style_ratio']:>7.1f}%{t['discriminator_style']:>10,}"
                   f"{m.get('iterations_done', '-')!s:>7}{m.get('train_seconds', '-')!s:>9}  {extra}")

@@ -89,12 +89,15 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
         n = min(256, len(dataset))
         real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
         mem.set_metric(args.name, "pixfid8", round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3))
+        # the base's score on the same images: what learning the task gained (gmem info shows both)
+        mem.set_metric(args.name, "pixfid8_source", round(pixel_fid(real, mem.sample("source", n, seed=0)), 3))
     if dist.is_main():
         mem.save(memory)
     dist.barrier()
     m = mem.records[args.name]["metrics"]
     print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
-          + (f", pixFID8 {m['pixfid8']}" if "pixfid8" in m else "") + f"); memory saved to {memory}")
+          + (f", pixFID8 base {m['pixfid8_source']} -> task {m['pixfid8']}" if "pixfid8" in m else "")
+          + f"); memory saved to {memory}")
     return 0
 
 
@@ -155,4 +158,16 @@ def run(args) -> int:
                 raise ValueError(f"task {args.name!r} was just added to {memory} by another process")
         except FileNotFoundError:
             pass
+        print(_data_summary(args.data, dataset, run_dir), flush=True)
         return _learn_train(args, memory, mem, dataset, run_dir)
+
+
+def _data_summary(data, dataset, run_dir, shown: int = 5) -> str:
+    """What ``learn`` trains on and where its training output goes, for the first lines of its output."""
+    text = f"gmem learn: {len(dataset)} images from {data}"
+    skipped = getattr(dataset, "skipped", None) or []  # an image folder lists the files it left out
+    if skipped:
+        names = ", ".join(str(p.name) for p in skipped[:shown])
+        more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+        text += f" (skipped {len(skipped)} files that are not images: {names}{more})"
+    return text + f"; sample grids and checkpoints in {run_dir}/"

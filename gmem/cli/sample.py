@@ -57,7 +57,7 @@ def run(args) -> int:
         if labels is not None:
             lab = torch.cat([labels if mem.num_classes(t) else torch.zeros_like(labels) for t in args.tasks])
         images = mem.sample(per_task, z=z.repeat(len(args.tasks), 1), labels=lab)
-    write_grid(images, args.out, nrow=args.n, scale=args.scale)
+    write_grid(images, args.out, nrow=args.n, scale=args.scale, row_labels=args.tasks if len(args.tasks) > 1 else None)
     if args.tensor:
         from safetensors.torch import save_file
 

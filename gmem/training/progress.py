@@ -1,7 +1,8 @@
 """Progress output that suits where it goes: a redrawn tqdm bar in a terminal, a few lines in a log.
 
 Without a terminal (output redirected to a file, CI logs) a bar would write one line per redraw;
-there :class:`Progress` prints one line at the start, after every ``1/lines`` of the run, and at the end.
+there :class:`Progress` prints one line at the start, after every ``1/lines`` of the run (with the rate,
+the time so far and an estimate of the time left), and at the end.
 """
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ __all__ = ["Progress"]
 
 def _fmt(losses: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 class Progress:
@@ -49,8 +60,12 @@ class Progress:
             if losses and (self.n % 5 == 0 or self.n == self.total):
                 self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
         elif self.n % self.every == 0 or self.n == self.total:
-            rate = (self.n - self._n0) / max(time.time() - self._t0, 1e-9)
-            self._line(f"iteration {self.n}/{self.total} ({rate:.2f} it/s)" + (f": {_fmt(losses)}" if losses else ""))
+            elapsed = time.time() - self._t0
+            rate = (self.n - self._n0) / max(elapsed, 1e-9)
+            timing = f"{rate:.2f} it/s, {_duration(elapsed)} elapsed"
+            if self.n < self.total:
+                timing += f", ETA {_duration((self.total - self.n) / max(rate, 1e-9))}"
+            self._line(f"iteration {self.n}/{self.total} ({timing})" + (f": {_fmt(losses)}" if losses else ""))
 
     def write(self, message: str) -> None:
         if self.bar is not None:
