@@ -142,7 +142,7 @@ class GANMemory:
                 raise
         except (KeyError, ValueError) as e:
             raise TaskFileError(f"task {task!r}: {pending[task]} does not fit this base: {e}") from None
-        del pending[task]
+        self.registry.loaded(task)
 
     def task_tensors(self, task: str) -> dict[str, Tensor]:
         """Everything a task owns: ``G.<layer>.<group>``, ``D.<layer>.<group>``, ``Dfc.weight/bias``."""
