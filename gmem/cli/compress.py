@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import checks as cli_checks
+
 HELP = "compress naive tasks of a memory into its shared knowledge base (post-hoc, paper Sec. 4.3)"
 
 
@@ -47,7 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..memory.compression import is_compressed
-    from . import checks as cli_checks
 
     if args.keep is not None:
         cli_checks.check_number(args.keep, "--keep", 0, 1)

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from .checks import open_memory
+from .compress import storage_lines
 
 HELP = "show a memory's base, tasks, classes, parameter counts and metrics"
 
@@ -68,8 +69,6 @@ def run(args) -> int:
                   f"{100 * t['generator_style_ratio']:>7.1f}%{t['discriminator_style']:>10,}"
                   f"{m.get('iterations_done', '-')!s:>7}{m.get('train_seconds', '-')!s:>9}  {extra}")
     if mem.tasks:
-        from .compress import storage_lines
-
         print("\n".join(storage_lines(info["tasks"])))
     if args.layers:
         print("modulated generator layers:", ", ".join(info["layers"]))

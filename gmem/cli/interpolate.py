@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .checks import open_memory
+from .checks import image_format, open_memory, write_grid
 
 HELP = "interpolate between two tasks' styles (all or some groups/layers) for fixed latents"
 
@@ -41,8 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import torch
-
-    from .checks import image_format, write_grid
 
     if args.steps < 2 and args.lam is None:
         raise ValueError("--steps must be >= 2")

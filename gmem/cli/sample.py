@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checks import open_memory
+from .checks import image_format, open_memory, write_grid
 
 HELP = "draw samples of one or more tasks of a GAN memory as a PNG grid"
 
@@ -35,8 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import torch
-
-    from .checks import image_format, write_grid
 
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")

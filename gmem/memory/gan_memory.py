@@ -45,10 +45,13 @@ TaskRef = Union[str, int]
 class GANMemory:
     """A converted GP-GAN pair with a bank of tasks. See the module docstring for the workflow.
 
-    The facade over three parts: :attr:`registry` (:class:`gmem.registry.TaskRegistry`: networks,
-    tasks, per-task discriminator heads), :attr:`sampler` (:class:`gmem.sampling.TaskSampler`) and
-    the trainer (:func:`gmem.learning.train_task` on :mod:`gmem.training`); persistence (:meth:`save`,
-    :meth:`load`, :meth:`verify`) is :mod:`gmem.persist` on the rules of :mod:`gmem.store`.
+    The facade over its parts (``docs/design.md`` section 7): :attr:`registry`
+    (:class:`gmem.memory.registry.TaskRegistry`: networks, tasks, per-task discriminator heads),
+    :attr:`sampler` (:class:`gmem.memory.sampling.TaskSampler`), the trainer
+    (:func:`gmem.memory.learning.learn_task` on :mod:`gmem.training`) and :attr:`link`
+    (:class:`gmem.memory.persist.StoreLink`, what it knows about its store); persistence
+    (:meth:`save`, :meth:`load`, :meth:`verify`) is :mod:`gmem.memory.persist` on a
+    :class:`gmem.store.Store`.
 
     Attributes: ``generator`` / ``discriminator`` (the converted networks; :mod:`gmem.nn` functions
     apply to them), ``tasks`` (learned task names in order, without ``"source"``), ``base_hash``
@@ -139,7 +142,7 @@ class GANMemory:
                 raise
         except (KeyError, ValueError) as e:
             raise TaskFileError(f"task {task!r}: {pending[task]} does not fit this base: {e}") from None
-        del pending[task]
+        self.registry.loaded(task)
 
     def task_tensors(self, task: str) -> dict[str, Tensor]:
         """Everything a task owns: ``G.<layer>.<group>``, ``D.<layer>.<group>``, ``Dfc.weight/bias``."""
@@ -166,7 +169,7 @@ class GANMemory:
         """
         return compression.compress_task(self, task, keep=keep, layers=layers)
 
-    # ------------------------------------------------------------------ sampling (gmem.sampling)
+    # ------------------------------------------------------------------ sampling (gmem.memory.sampling)
     def latents(self, n: int, seed: Optional[int] = None) -> Tensor:
         """``z [n, z_dim]``: standard normal; with ``seed`` always the same values for the same seed."""
         return self.sampler.latents(n, seed)
@@ -223,7 +226,7 @@ class GANMemory:
             self.ensure_loaded(self.task_name(task))
         return self.registry.parameter_counts(task)
 
-    # ------------------------------------------------------------------ learning (gmem.learning)
+    # ------------------------------------------------------------------ learning (gmem.memory.learning)
     def learn(self, name: str, data, iterations: int = 1000, batch_size: int = 16, seed: Optional[int] = None, *,
               labels=None, num_classes: Optional[int] = None, lr: float = 1e-4, betas=(0.0, 0.99),
               r1_gamma: float = 10.0, ema_decay: float = 0.999, ema_warmup: bool = True,

@@ -104,9 +104,9 @@ def save_memory(mem, directory) -> Path:
                             removed=set(known) - set(mem.registry.order), known=known, before_write=write_base,
                             version=__version__, knowledge=knowledge, known_knowledge=known_kb)
     for entry in put:
-        mem.records[entry["name"]].update({"file": entry["file"], "sha256": entry["sha256"]})
-    for task in pending:
-        pending[task] = store.entry_path(mem.records[task])
+        mem.registry.stored_at(entry["name"], entry["file"], entry["sha256"])
+    for task in list(pending):
+        mem.registry.move_pending(task, store.entry_path(mem.records[task]))
     stored = {e["name"]: e.get("sha256") for e in manifest["tasks"]}
     link.on_disk = {t: stored[t] for t in mem.registry.order if t in stored}
     link.store = store

@@ -187,6 +187,21 @@ class TaskRegistry:
         self.records[task] = record
         self.pending[task] = file
 
+    def stored_at(self, task: str, file: str, sha256: str) -> None:
+        """``task`` was written to ``file`` with that SHA-256: its record says so (and, while it is still
+        pending, it is read from there)."""
+        self.record(task).update({"file": file, "sha256": sha256})
+
+    def move_pending(self, task: str, file: Path) -> None:
+        """A pending task is now read from ``file`` (the store it was saved to)."""
+        if task not in self.pending:
+            raise KeyError(f"task {task!r} is not pending")
+        self.pending[task] = file
+
+    def loaded(self, task: str) -> None:
+        """A pending task's file has been read into the networks (:meth:`install`)."""
+        del self.pending[task]
+
     def install(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
         """Add ``task`` to the networks' banks and fill it from ``tensors`` (the task file's layout)."""
         g_state = {k[2:]: v for k, v in tensors.items() if k.startswith("G.")}

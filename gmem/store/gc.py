@@ -1,6 +1,6 @@
 """Garbage collection of a memory directory (:mod:`gmem.store`): what no manifest needs any more.
 
-Run by every manifest update (:func:`gmem.store.commit`, :func:`gmem.store.remove_tasks`) under the
+Run by every manifest update (:meth:`gmem.store.Store.commit`, :meth:`~gmem.store.Store.remove_tasks`) under the
 memory's lock, or on its own. Retention rules, each sparing anything younger than
 :data:`GC_GRACE_SECONDS` (10 minutes: a reader may still read a file that left the manifest a moment
 ago, a writer may be about to reference a file it just wrote, a learner may be writing right now):
@@ -15,7 +15,7 @@ ago, a writer may be about to reference a file it just wrote, a learner may be w
 - a ``runs/<task>/`` folder (``gmem learn``'s samples and checkpoint) whose task is not in the
   manifest (it was removed, or its learner died before saving) is deleted with everything in it once
   nothing in it has changed for the grace period and no process holds its claim (the ``.lock`` a
-  learner keeps locked while it trains, :func:`gmem.store.claim`). A task being learned right now is
+  learner keeps locked while it trains, :meth:`gmem.store.Store.claim`). A task being learned right now is
   therefore kept: its learner holds the claim, and its checkpoint is young. The run folder of a task
   in the manifest is kept (its samples and final checkpoint), only its stale temporary files go.
   Only folders named like a run folder (``<stem>-<8 hex digits>``) are considered; symbolic links
