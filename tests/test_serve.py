@@ -80,6 +80,7 @@ def test_page_and_memory_info(client, memory):
     by_name = {t["name"]: t for t in info["tasks"]}
     assert by_name["classes"]["classes"] == 10 and by_name["shirts"]["classes"] is None
     assert by_name["shirts"]["training"]["iterations"] == 1
+    assert by_name["shirts"]["learned_at"].endswith(" UTC") and by_name["shirts"]["learned_at"][:2] == "20"
     assert by_name["shirts"]["generator_style"] > 0 and info["base"]["sha256"] == memory.base_hash
 
 

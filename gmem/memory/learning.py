@@ -16,6 +16,7 @@ rank 0 (``if gmem.distributed.is_main(): memory.save(...)``).
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -168,4 +169,6 @@ def learn_task(memory, name: str, data, *, iterations: int, batch_size: int, see
         registry.remove(name)
         raise
     record["metrics"].update(metrics)
+    # when the task finished learning (UTC), for people browsing a memory (gmem info, gmem serve)
+    record["metrics"]["learned_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return len(registry.order)

@@ -114,7 +114,7 @@ class _Api:
             counts = mem.parameter_counts(t)
             tasks.append({"name": t, "classes": mem.num_classes(t), "class_names": record.get("classes"),
                           "training": record.get("training", {}), "metrics": record.get("metrics", {}),
-                          "learned_at": record.get("learned_at") or record.get("created"),
+                          "learned_at": record.get("metrics", {}).get("learned_at"),
                           "generator_style": counts["generator_style"],
                           "generator_stored": counts["generator_stored"],
                           "compression": record.get("compression")})
