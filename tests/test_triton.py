@@ -14,7 +14,10 @@ import torch
 
 import gmem.ops as ops
 from gmem.ops import LowRank
-from gmem.ops.library import modulated_conv2d_op, modulated_linear_op
+
+modulated_conv2d_op = torch.ops.gmem.modulated_conv2d.default
+modulated_conv2d_lowrank_op = torch.ops.gmem.modulated_conv2d_lowrank.default
+modulated_linear_op = torch.ops.gmem.modulated_linear.default
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -271,9 +274,10 @@ def test_conv_lowrank_styles():
 def test_opcheck_conv_triton():
     x, wn, g, b, c, tid = conv_case(2, 3, 4, 3, 3, 5, 5, t=3)
     args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid,
-            [1, 1], [1, 1], [1, 1], "triton")
-    torch.library.opcheck(modulated_conv2d_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+            [1, 1], [1, 1], [1, 1])
+    with ops.use_backend("triton"):
+        torch.library.opcheck(modulated_conv2d_op, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +332,10 @@ def test_linear_inner_dimensions_and_float16():
 def test_opcheck_linear_triton():
     x, wn, g, b, c = rand(5, 7), rand(3, 7), rand(2, 3), rand(2, 3), rand(2, 3)
     tid = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
-    args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid, "triton")
-    torch.library.opcheck(modulated_linear_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    args = (x.requires_grad_(), wn, g.requires_grad_(), b.requires_grad_(), c.requires_grad_(), tid)
+    with ops.use_backend("triton"):
+        torch.library.opcheck(modulated_linear_op, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -512,14 +517,13 @@ def test_conv_lowrank_double_backward_uses_the_formulas():
 
 
 def test_opcheck_conv_lowrank_triton():
-    from gmem.ops.library import modulated_conv2d_lowrank_op
-
     x, wn, _, _, c, tid = conv_case(2, 3, 4, 3, 3, 4, 4, t=3)
     fac = [rand(3, 4, 2), rand(3, 2), rand(3, 3, 2), rand(3, 4, 1), rand(3, 1), rand(3, 3, 1)]
     args = (x.requires_grad_(), wn, *(f.requires_grad_() for f in fac), c.requires_grad_(), tid,
-            [1, 1], [1, 1], [1, 1], "triton")
-    torch.library.opcheck(modulated_conv2d_lowrank_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+            [1, 1], [1, 1], [1, 1])
+    with ops.use_backend("triton"):
+        torch.library.opcheck(modulated_conv2d_lowrank_op, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_converted_model_with_the_triton_backend_matches_reference():
@@ -577,13 +581,19 @@ def _called(graphs) -> set:
     return names
 
 
-def _compiled(fn, graphs):
-    """``torch.compile(fn, fullgraph=True)`` on aot_eager, recording the dynamo graphs."""
-    from torch._dynamo.backends.registry import lookup_backend
+def _compiled(fn, graphs, aot_graphs=None):
+    """``torch.compile(fn, fullgraph=True)`` on aot_eager, recording the dynamo graphs (and in
+    ``aot_graphs`` the forward and backward graphs AOT autograd traces through the ops' autograd)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, example_inputs):
+        (aot_graphs if aot_graphs is not None else []).append(gm)
+        return make_boxed_func(gm.forward)
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return lookup_backend("aot_eager")(gm, example_inputs)
+        return aot_autograd(fw_compiler=record, bw_compiler=record)(gm, example_inputs)
 
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, backend=backend)
@@ -650,8 +660,9 @@ def test_compile_backend_methods_fullgraph_matches_eager():
 
 @pytest.mark.parametrize("lowrank", [False, True])
 def test_compile_public_conv_forward_backward_matches_eager(lowrank):
-    # the public op under torch.compile takes the traceable path: the backend's kernels inside an
-    # autograd.Function that dynamo traces, forward and backward, mixed tasks (one absent)
+    # the public op under torch.compile is the one gmem:: op in dynamo's graph; AOT autograd traces
+    # its autograd with the backend chosen around the call into the Triton kernels, forward and
+    # backward, mixed tasks (one absent)
     torch.manual_seed(31 + lowrank)
     tid = torch.tensor([2, 0, 2], device=DEVICE)
     x, wn, g, b, c, _ = conv_case(3, 4, 5, 3, 3, 4, 4, t=3, task_ids=tid)
@@ -668,16 +679,19 @@ def test_compile_public_conv_forward_backward_matches_eager(lowrank):
 
     def run(fn):
         params = [p.detach().clone().requires_grad_() for p in leaves]
-        y = fn(*params)
-        return (y, *torch.autograd.grad(y.square().sum(), params))
+        with ops.use_backend("triton"):  # a backend= inside compiled code cannot choose (gmem.ops.backends)
+            y = fn(*params)
+            return (y, *torch.autograd.grad(y.square().sum(), params))
 
-    graphs = []
-    want, got = run(forward), run(_compiled(forward, graphs))
+    graphs, aot_graphs = [], []
+    want, got = run(forward), run(_compiled(forward, graphs, aot_graphs))
     _assert_same(got, want, "conv")
-    called = _called(graphs)
+    op = "gmem.modulated_conv2d_lowrank.default" if lowrank else "gmem.modulated_conv2d.default"
+    assert op in _called(graphs)  # the one registered op
+    called = _called(aot_graphs)
     assert {"gmem_triton.conv2d_forward.default", "gmem_triton.conv2d_input_grad.default",
             "gmem_triton.conv2d_style_grad.default", "gmem_triton.conv2d_bias_grad.default"} <= called
-    assert not any(n.startswith("gmem.") for n in called)
+    assert not any(n.startswith("gmem.") for n in called)  # its Triton kernels, traced
 
 
 def test_compile_public_conv_with_inductor_matches_eager():
@@ -691,8 +705,9 @@ def test_compile_public_conv_with_inductor_matches_eager():
 
     def run(fn):
         params = [p.detach().clone().requires_grad_() for p in (x, g, b, c)]
-        y = fn(*params)
-        return (y, *torch.autograd.grad(y.square().sum(), params))
+        with ops.use_backend("triton"):
+            y = fn(*params)
+            return (y, *torch.autograd.grad(y.square().sum(), params))
 
     torch._dynamo.reset()
     _assert_same(run(torch.compile(forward, fullgraph=True, backend="inductor")), run(forward), "inductor", 1e-5)
@@ -710,13 +725,15 @@ def test_compile_public_linear_and_weight_forward_backward_match_eager():
 
     def run(fn):
         params = [p.detach().clone().requires_grad_() for p in leaves]
-        y = fn(*params)
-        return (y, *torch.autograd.grad(y, params))
+        with ops.use_backend("triton"):
+            y = fn(*params)
+            return (y, *torch.autograd.grad(y, params))
 
-    graphs = []
-    want, got = run(forward), run(_compiled(forward, graphs))
+    graphs, aot_graphs = [], []
+    want, got = run(forward), run(_compiled(forward, graphs, aot_graphs))
     _assert_same(got, want, "linear+weight")
-    called = _called(graphs)
+    assert {"gmem.modulated_linear.default", "gmem.madafm_weight.default"} <= _called(graphs)
+    called = _called(aot_graphs)
     assert {"gmem_triton.linear_forward.default", "gmem_triton.linear_input_grad.default",
             "gmem_triton.linear_style_grad.default", "gmem_triton.madafm_weight.default",
             "gmem_triton.madafm_weight_backward.default"} <= called

@@ -44,6 +44,11 @@ else:
 _interpreter_in_float32 = in_float32(lambda backend, x: x is not None and x.device.type == "cpu")
 
 
+def import_error() -> Optional[str]:
+    """Why the Triton kernels are unavailable here (None when they loaded)."""
+    return _import_error
+
+
 class TritonBackend(Backend):
     """Fused implicit-GEMM Triton kernels (``gmem_kernels``); see the module docstring."""
 
