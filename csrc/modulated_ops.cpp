@@ -3,7 +3,12 @@
 #include "modulated_ops.h"
 #include "modulated_internal.h"
 
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace gmem {
 // The helpers below are shared with lowrank_ops.cpp through modulated_internal.h.
@@ -124,12 +129,30 @@ void build_weight_into(const DeviceKernels& k, const at::Tensor& weight_norm, co
                    beta.contiguous().view({tasks, rows}), out);
 }
 
+// A fresh CPU tensor of several megabytes comes from the system (mmap) on every call, and writing it
+// first costs one page fault per 4 KiB page, which dominates a weight build of that size (stacked
+// tasks). Asking for transparent huge pages on it (Linux, THP in "madvise" mode or "always") makes
+// that one fault per 2 MiB. A hint only: nothing changes where the kernel refuses it.
+at::Tensor empty_for_writing(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
+  if (out.device().is_cpu() && bytes >= 2 * kHuge) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 at::Tensor build_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
                         const at::Tensor& beta) {
   std::vector<int64_t> shape(gamma.sizes().begin(), gamma.sizes().end());
   shape.push_back(weight_norm.size(2));
   shape.push_back(weight_norm.size(3));
-  at::Tensor weight = at::empty(shape, weight_norm.options());
+  at::Tensor weight = empty_for_writing(shape, weight_norm.options());
   build_weight_into(k, weight_norm, gamma, beta, weight);
   return weight;
 }

@@ -36,11 +36,17 @@ _state: dict = {"tried": False, "loaded": False, "error": None, "how": None}
 _load_lock = threading.Lock()  # one loader per process, even when threads ask at once
 
 
+_OVERLOADS: dict = {}
+
+
 def _call(op: str, *args):
     """``torch.ops.gmem.<op>`` below autograd: the kernel registered for the inputs' device (the
     Autograd kernel of the op, gmem.ops._ops, is what called this backend)."""
+    overload = _OVERLOADS.get(op)
+    if overload is None:
+        overload = _OVERLOADS[op] = getattr(torch.ops.gmem, op).default
     with torch._C._AutoDispatchBelowAutograd():
-        return getattr(torch.ops.gmem, op).default(*args)
+        return overload(*args)
 
 
 def _jit_build() -> None:
@@ -151,7 +157,11 @@ def load_error() -> Optional[str]:
 
 
 def _has_kernel(dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("gmem::madafm_weight", dispatch_key)
+    """Whether the loaded library registered its kernels for ``dispatch_key`` (asked once: it is slow)."""
+    key = "kernels " + dispatch_key
+    if key not in _state:
+        _state[key] = torch._C._dispatch_has_kernel_for_dispatch_key("gmem::madafm_weight", dispatch_key)
+    return _state[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +206,8 @@ def _in_float32(method, applies):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if args[0].dtype in (torch.float32, torch.float64):  # the common case, in one step (per-call cost)
+            return method(self, *args, **kwargs)
         dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if dtype not in low or not applies(self, first):

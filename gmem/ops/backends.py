@@ -162,6 +162,7 @@ def register_backend(backend: Backend, priority: int = 0) -> Backend:
     if not isinstance(backend, Backend):
         raise TypeError(f"register_backend: expected a gmem.ops.Backend, got {type(backend).__name__}")
     _REGISTRY[backend.name] = (priority, backend)
+    _CHECKED.clear()
     return backend
 
 
@@ -256,7 +257,13 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
     if backend is None or backend == "auto":
         backend = _current_for_trace()
-    return _resolve(backend, device.type, dtype, op)
+    name = _CHECKED.get((backend, device.type, dtype))  # a named backend already found usable here
+    return name if name is not None else _resolve(backend, device.type, dtype, op)
+
+
+#: ``(name, device type, dtype) -> name`` for named (not "auto") backends found available and
+#: supporting that device and dtype; cleared when a backend is registered
+_CHECKED: dict = {}
 
 
 # Under torch.compile, dynamo reads the context variable once, as a constant of the graph.
@@ -287,6 +294,7 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str
             f"{op}: backend={backend!r} does not support device {device.type!r} with dtype {dtype}"
             f" (it runs on {list(b.device_types)})"
         )
+    _CHECKED[(backend, device_type, dtype)] = backend
     return backend
 
 
