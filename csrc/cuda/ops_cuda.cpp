@@ -110,4 +110,56 @@ const DeviceKernels kCudaKernels{madafm_forward_cuda,      madafm_backward_cuda,
 }  // namespace
 }  // namespace gmem
 
-TORCH_LIBRARY_IMPL(gmem, CUDA, m) { GMEM_EXT_REGISTER_DEVICE_OPS(m, gmem::kCudaKernels); }
+// The kernels of every gmem:: op for the CUDA dispatch key: each op body (modulated_ops.cpp,
+// lowrank_ops.cpp) run with this device's element kernels (the table above).
+TORCH_LIBRARY_IMPL(gmem, CUDA, m) {
+  m.impl("madafm_weight", [](const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b) {
+    return gmem::madafm_weight(gmem::kCudaKernels, wn, g, b);
+  });
+  m.impl("madafm_weight_backward", [](const at::Tensor& dw, const at::Tensor& wn) {
+    return gmem::madafm_weight_backward(gmem::kCudaKernels, dw, wn);
+  });
+  m.impl("modulated_conv2d",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,
+            at::IntArrayRef p, at::IntArrayRef d) {
+           return gmem::modulated_conv2d(gmem::kCudaKernels, x, wn, g, b, bias, tid, s, p, d);
+         });
+  m.impl("modulated_conv2d_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,
+            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {
+           return gmem::modulated_conv2d_backward(gmem::kCudaKernels, dy, x, wn, g, b, bias, tid, s, p, d, mask);
+         });
+  m.impl("modulated_linear",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {
+           return gmem::modulated_linear(gmem::kCudaKernels, x, wn, g, b, bias, tid);
+         });
+  m.impl("modulated_linear_forward",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {
+           return gmem::modulated_linear_forward(gmem::kCudaKernels, x, wn, g, b, bias, tid);
+         });
+  m.impl("modulated_linear_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,
+            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            std::array<bool, 4> mask, const std::optional<at::Tensor>& x_wn) {
+           return gmem::modulated_linear_backward(gmem::kCudaKernels, dy, x, wn, g, b, bias, tid, mask, x_wn);
+         });
+  m.impl("modulated_conv2d_lowrank",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,
+            const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bv,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,
+            at::IntArrayRef p, at::IntArrayRef d) {
+           return gmem::modulated_conv2d_lowrank(gmem::kCudaKernels, x, wn, gu, gs, gv, bu, bs, bv, bias, tid, s, p, d);
+         });
+  m.impl("modulated_conv2d_lowrank_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu,
+            const at::Tensor& gs, const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs,
+            const at::Tensor& bv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {
+           return gmem::modulated_conv2d_lowrank_backward(gmem::kCudaKernels, dy, x, wn, gu, gs, gv, bu, bs, bv, bias,
+                                                               tid, s, p, d, mask);
+         });
+}

@@ -25,28 +25,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from . import _ext_build
-from .backends import Backend, Grads, register_backend
+from ._ops import DeviceKernels
+from .backends import register_backend
 
 __all__ = ["CppBackend", "CudaBackend", "DeviceKernels", "extension_loaded", "load_error", "load_method"]
 
 _state: dict = {"tried": False, "loaded": False, "error": None, "how": None}
 _load_lock = threading.Lock()  # one loader per process, even when threads ask at once
 
-
-_OVERLOADS: dict = {}
-
-
-def _call(op: str, *args):
-    """``torch.ops.gmem.<op>`` below autograd: the kernel registered for the inputs' device (the
-    Autograd kernel of the op, gmem.ops._ops, is what called this backend)."""
-    overload = _OVERLOADS.get(op)
-    if overload is None:
-        overload = _OVERLOADS[op] = getattr(torch.ops.gmem, op).default
-    with torch._C._AutoDispatchBelowAutograd():
-        return overload(*args)
 
 
 def _jit_build() -> None:
@@ -165,146 +153,8 @@ def _has_kernel(dispatch_key: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The backends
+# The backends: the kernels registered on the ops (gmem.ops._ops.DeviceKernels), where built
 # ---------------------------------------------------------------------------------------------
-def _none_unless(grads, mask) -> Grads:
-    """The ops return empty tensors for gradients not asked for; the Backend API wants None."""
-    return tuple(g if m else None for g, m in zip(grads, mask))  # type: ignore[return-value]
-
-
-def _contiguous_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
-    # Mixed-task bias may be an expanded (stride-0) view of [O]
-    return None if bias is None else bias.contiguous()
-
-
-def in_float32(applies):
-    """Decorator for backend methods whose kernels lack bfloat16/float16 on the CPU (the C++ kernels;
-    the Triton interpreter, which has no numpy bfloat16): where ``applies(backend, first tensor)``,
-    low-precision arguments (autocast) are computed in float32 and results rounded back to their dtype.
-    """
-    return lambda method: _in_float32(method, applies)
-
-
-def _in_float32(method, applies):
-    import functools
-
-    low = (torch.bfloat16, torch.float16)
-
-    def up(value):
-        if isinstance(value, Tensor) and value.dtype in low:
-            return value.float()
-        if isinstance(value, tuple):
-            return tuple(up(v) for v in value)
-        return value
-
-    def down(value, dtype):
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value.to(dtype)
-        if isinstance(value, (tuple, list)):
-            return type(value)(down(v, dtype) for v in value)
-        return value
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if args[0].dtype in (torch.float32, torch.float64):  # the common case, in one step (per-call cost)
-            return method(self, *args, **kwargs)
-        dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if dtype not in low or not applies(self, first):
-            return method(self, *args, **kwargs)
-        with torch.autocast("cpu", enabled=False):  # the kernels' own ATen calls stay in float32
-            out = method(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
-        return down(out, dtype)
-
-    return wrapper
-
-
-# the CPU kernels compute in float32/float64 (CUDA has its own low-precision kernels)
-_cpu_in_float32 = in_float32(lambda backend, x: x is not None and x.device.type == "cpu")
-
-
-class DeviceKernels(Backend):
-    """The kernels registered on the ``gmem::`` ops for the device of the inputs, called below
-    autograd: the C++/CUDA kernels where the extension registered them, else the reference.
-
-    Also what a backend whose methods cannot be traced stands for under torch.compile (the op
-    itself, in the graph; :mod:`gmem.ops._ops`). bfloat16/float16 arguments on the CPU are computed
-    in float32 and rounded back (the CPU kernels compute in float32 and float64).
-    """
-
-    name = "device_kernels"
-    #: LowRank gamma/beta of a conv go to the kernels as factors (gmem::modulated_conv2d_lowrank)
-    supports_lowrank = True
-
-    @_cpu_in_float32
-    def madafm_weight(self, weight_norm, gamma, beta):
-        return _call("madafm_weight", weight_norm, gamma, beta)
-
-    @_cpu_in_float32
-    def madafm_weight_backward(self, grad_weight, weight_norm):
-        return tuple(_call("madafm_weight_backward", grad_weight, weight_norm))
-
-    @_cpu_in_float32
-    def modulated_conv2d(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
-        return _call("modulated_conv2d",
-            x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, list(stride), list(padding), list(dilation)
-        )
-
-    @_cpu_in_float32
-    def modulated_conv2d_backward(
-        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
-    ):
-        mask = [bool(m) for m in output_mask]
-        mask[3] = mask[3] and bias is not None
-        grads = _call("modulated_conv2d_backward",
-            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids,
-            list(stride), list(padding), list(dilation), mask,
-        )
-        return _none_unless(grads, mask)
-
-    @_cpu_in_float32
-    def modulated_conv2d_lowrank(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
-        """``gamma, beta = (u, s, v)``: ``[(T,) O, r], [(T,) r], [(T,) I, r]``, rebuilt in the weight build."""
-        return _call("modulated_conv2d_lowrank",
-            x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
-            list(stride), list(padding), list(dilation),
-        )
-
-    @_cpu_in_float32
-    def modulated_conv2d_lowrank_backward(
-        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
-    ):
-        """``(dx, (du, ds, dv) | None, (du, ds, dv) | None, dbias)`` shaped like the inputs."""
-        mask = [bool(m) for m in output_mask]
-        mask[3] = mask[3] and bias is not None
-        dx, *factor_grads, dbias = _call("modulated_conv2d_lowrank_backward",
-            grad_out, x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
-            list(stride), list(padding), list(dilation), mask,
-        )
-        return (
-            dx if mask[0] else None,
-            tuple(factor_grads[:3]) if mask[1] else None,
-            tuple(factor_grads[3:]) if mask[2] else None,
-            dbias if mask[3] else None,
-        )
-
-    @_cpu_in_float32
-    def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
-        return _call("modulated_linear", x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
-
-    @_cpu_in_float32
-    def modulated_linear_forward(self, x, weight_norm, gamma, beta, bias, task_ids):
-        return _call("modulated_linear_forward", x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
-
-    @_cpu_in_float32
-    def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask,
-                                  x_wn=None):
-        mask = [bool(m) for m in output_mask]
-        mask[3] = mask[3] and bias is not None
-        grads = _call("modulated_linear_backward",
-            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, mask, x_wn
-        )
-        return _none_unless(grads, mask)
 
 
 class CppBackend(DeviceKernels):

@@ -11,9 +11,10 @@ Every op is defined here once (bitsandbytes' ``_ops.py`` layout), with, once per
   :mod:`gmem.ops.reference`, the kernel where nothing else is registered for a device.
 
 The compiled extension (``csrc/``) registers its C++ kernels on the same schemas for the ``CPU`` and
-``CUDA`` dispatch keys (``TORCH_LIBRARY_IMPL(gmem, CPU | CUDA)``). The ``"cpu"``/``"cuda"`` backends
-call the op below autograd, which reaches those kernels; the ``"reference"`` and ``"triton"`` backends
-run their Python implementations. Eager calls and torch.compile take this one path: the public
+``CUDA`` dispatch keys (``TORCH_LIBRARY_IMPL(gmem, CPU | CUDA)`` in ``csrc/cpu/ops_cpu.cpp`` and
+``csrc/cuda/ops_cuda.cpp``). :class:`DeviceKernels` (the ``"cpu"``/``"cuda"`` backends) calls the op
+below autograd, which reaches those kernels; the ``"reference"`` and ``"triton"`` backends run their
+Python implementations. Eager calls and torch.compile take this one path: the public
 functions of :mod:`gmem.ops.functional` call ``torch.ops.gmem.*``, and compile traces the same op
 (AOT autograd runs its Autograd kernel with fake tensors). See docs/design.md, "Op architecture".
 
@@ -31,11 +32,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._cpp_backend import DeviceKernels
-from .backends import Backend, get_backend, resolve_backend
+from .backends import Backend, Grads, get_backend, in_float32, resolve_backend
 from .lowrank import lowrank_dense, lowrank_factor_grads
 
-__all__ = ["SCHEMAS", "FORWARD_OPS", "conv_out_size"]
+__all__ = ["SCHEMAS", "FORWARD_OPS", "DeviceKernels", "conv_out_size", "kernel_for", "op_names"]
 
 _LIB = torch.library.Library("gmem", "DEF")  # noqa: TOR901 - the namespace is this module's own
 
@@ -80,6 +80,120 @@ FORWARD_OPS = ("madafm_weight", "modulated_conv2d", "modulated_conv2d_lowrank", 
 
 for _schema in SCHEMAS.values():
     _LIB.define(_schema)
+
+# ---------------------------------------------------------------------------------------------
+# The kernels registered for a device, called below autograd (the "cpu" and "cuda" backends)
+# ---------------------------------------------------------------------------------------------
+_OVERLOADS: dict = {}
+
+
+def _call(op: str, *args):
+    """``torch.ops.gmem.<op>`` below autograd: the kernel registered for the inputs' device (the
+    op's Autograd kernel, below, is what called this)."""
+    overload = _OVERLOADS.get(op)
+    if overload is None:
+        overload = _OVERLOADS[op] = getattr(torch.ops.gmem, op).default
+    with torch._C._AutoDispatchBelowAutograd():
+        return overload(*args)
+
+
+def _none_unless(grads, mask) -> Grads:
+    """The ops return empty tensors for gradients not asked for; the Backend API wants None."""
+    return tuple(g if m else None for g, m in zip(grads, mask))  # type: ignore[return-value]
+
+
+def _contiguous_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
+    # Mixed-task bias may be an expanded (stride-0) view of [O]
+    return None if bias is None else bias.contiguous()
+
+
+# the CPU kernels compute in float32/float64 (CUDA has its own low-precision kernels)
+_cpu_in_float32 = in_float32(lambda backend, x: x is not None and x.device.type == "cpu")
+
+
+class DeviceKernels(Backend):
+    """The kernels registered on the ``gmem::`` ops for the device of the inputs, called below
+    autograd: the C++/CUDA kernels where the extension registered them, else the reference.
+
+    Also what a backend whose methods cannot be traced stands for under torch.compile (the op
+    itself, in the graph; :mod:`gmem.ops._ops`). bfloat16/float16 arguments on the CPU are computed
+    in float32 and rounded back (the CPU kernels compute in float32 and float64).
+    """
+
+    name = "device_kernels"
+    #: LowRank gamma/beta of a conv go to the kernels as factors (gmem::modulated_conv2d_lowrank)
+    supports_lowrank = True
+
+    @_cpu_in_float32
+    def madafm_weight(self, weight_norm, gamma, beta):
+        return _call("madafm_weight", weight_norm, gamma, beta)
+
+    @_cpu_in_float32
+    def madafm_weight_backward(self, grad_weight, weight_norm):
+        return tuple(_call("madafm_weight_backward", grad_weight, weight_norm))
+
+    @_cpu_in_float32
+    def modulated_conv2d(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
+        return _call("modulated_conv2d",
+            x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, list(stride), list(padding), list(dilation)
+        )
+
+    @_cpu_in_float32
+    def modulated_conv2d_backward(
+        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
+    ):
+        mask = [bool(m) for m in output_mask]
+        mask[3] = mask[3] and bias is not None
+        grads = _call("modulated_conv2d_backward",
+            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids,
+            list(stride), list(padding), list(dilation), mask,
+        )
+        return _none_unless(grads, mask)
+
+    @_cpu_in_float32
+    def modulated_conv2d_lowrank(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
+        """``gamma, beta = (u, s, v)``: ``[(T,) O, r], [(T,) r], [(T,) I, r]``, rebuilt in the weight build."""
+        return _call("modulated_conv2d_lowrank",
+            x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
+            list(stride), list(padding), list(dilation),
+        )
+
+    @_cpu_in_float32
+    def modulated_conv2d_lowrank_backward(
+        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
+    ):
+        """``(dx, (du, ds, dv) | None, (du, ds, dv) | None, dbias)`` shaped like the inputs."""
+        mask = [bool(m) for m in output_mask]
+        mask[3] = mask[3] and bias is not None
+        dx, *factor_grads, dbias = _call("modulated_conv2d_lowrank_backward",
+            grad_out, x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
+            list(stride), list(padding), list(dilation), mask,
+        )
+        return (
+            dx if mask[0] else None,
+            tuple(factor_grads[:3]) if mask[1] else None,
+            tuple(factor_grads[3:]) if mask[2] else None,
+            dbias if mask[3] else None,
+        )
+
+    @_cpu_in_float32
+    def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
+        return _call("modulated_linear", x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
+
+    @_cpu_in_float32
+    def modulated_linear_forward(self, x, weight_norm, gamma, beta, bias, task_ids):
+        return _call("modulated_linear_forward", x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
+
+    @_cpu_in_float32
+    def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask,
+                                  x_wn=None):
+        mask = [bool(m) for m in output_mask]
+        mask[3] = mask[3] and bias is not None
+        grads = _call("modulated_linear_backward",
+            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, mask, x_wn
+        )
+        return _none_unless(grads, mask)
+
 
 _DEVICE_KERNELS = DeviceKernels()
 

@@ -24,8 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._cpp_backend import in_float32
-from .backends import Backend, Grads, register_backend
+from .backends import Backend, Grads, in_float32, register_backend
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _kernels = None

@@ -154,6 +154,48 @@ class Backend:
         return f"<gmem backend {self.name!r}>"
 
 
+def in_float32(applies):
+    """Decorator for backend methods whose kernels lack bfloat16/float16 on the CPU (the C++ kernels;
+    the Triton interpreter, which has no numpy bfloat16): where ``applies(backend, first tensor)``,
+    low-precision arguments (autocast) are computed in float32 and results rounded back to their dtype.
+    """
+    return lambda method: _in_float32(method, applies)
+
+
+def _in_float32(method, applies):
+    import functools
+
+    low = (torch.bfloat16, torch.float16)
+
+    def up(value):
+        if isinstance(value, Tensor) and value.dtype in low:
+            return value.float()
+        if isinstance(value, tuple):
+            return tuple(up(v) for v in value)
+        return value
+
+    def down(value, dtype):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(down(v, dtype) for v in value)
+        return value
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if args[0].dtype in (torch.float32, torch.float64):  # the common case, in one step (per-call cost)
+            return method(self, *args, **kwargs)
+        dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if dtype not in low or not applies(self, first):
+            return method(self, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):  # the kernels' own ATen calls stay in float32
+            out = method(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return down(out, dtype)
+
+    return wrapper
+
+
 _REGISTRY: dict[str, tuple[int, Backend]] = {}
 
 
