@@ -128,13 +128,13 @@ def test_eager_and_compiled_calls_reach_the_same_registered_op(monkeypatch):
 
 
 def test_use_backend_is_a_per_thread_context_and_backend_is_its_shorthand(monkeypatch):
-    chosen = []
-    route = _ops._route
-    monkeypatch.setattr(_ops, "_route", lambda x: chosen.append(route(x).name) or route(x))
     monkeypatch.delenv("GMEM_BACKEND", raising=False)
     wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0]
     g, b = torch.randn(3, 2, dtype=DT), torch.randn(3, 2, dtype=DT)
-    auto = ops.backends.resolve_backend("auto", wn.device, wn.dtype, "t")
+    auto = ops.backends.resolve_backend("auto", wn.device, wn.dtype, "t")  # (runs the self-check, if due, now)
+    chosen = []
+    route = _ops._route
+    monkeypatch.setattr(_ops, "_route", lambda x: chosen.append(route(x).name) or route(x))
     with ops.use_backend("reference"):
         assert ops.current_backend() == "reference"
         ops.madafm_weight(wn, g, b)

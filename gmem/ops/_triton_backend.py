@@ -11,10 +11,10 @@ Tensors must be on CUDA, or on the CPU under the interpreter; anything else rais
 NotImplementedError. Nothing falls back to the reference silently.
 
 torch.compile: ``traceable = True``. Every method is plain torch ops (the device-side task grouping
-included, no host synchronisation) around ``gmem_triton::`` ops, one per kernel launch, registered
+included, no host synchronisation) around ``gmem::triton_`` ops, one per kernel launch, registered
 with ``torch.library.triton_op``; so ``gmem.ops`` calls these methods inside an autograd.Function
 that dynamo traces (``fullgraph=True`` works), and AOT autograd decomposes each op into its Triton
-kernel launch. Under the interpreter the ``gmem_triton::`` ops stay opaque (see gmem_kernels/NOTES.md).
+kernel launch. Under the interpreter the ``gmem::triton_`` ops stay opaque (see gmem_kernels/NOTES.md).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class TritonBackend(Backend):
     #: takes LowRank gamma/beta factors directly (``gmem::modulated_conv2d_lowrank``)
     supports_lowrank = True
     #: every method is traceable by dynamo: host code is torch ops (the task grouping included) and
-    #: each launch is a ``gmem_triton::`` op (``torch.library.triton_op``, see gmem_kernels/NOTES.md)
+    #: each launch is a ``gmem::triton_`` op (``torch.library.triton_op``, see gmem_kernels/NOTES.md)
     traceable = True
 
     def is_available(self) -> bool:

@@ -299,8 +299,11 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
     if backend is None or backend == "auto":
         backend = _current_for_trace()
-    name = _CHECKED.get((backend, device.type, dtype))  # a named backend already found usable here
-    return name if name is not None else _resolve(backend, device.type, dtype, op)
+    if not torch.compiler.is_compiling():  # (under dynamo the answer is a constant anyway: no guard on the memo)
+        name = _CHECKED.get((backend, device.type, dtype))  # a named backend already found usable here
+        if name is not None:
+            return name
+    return _resolve(backend, device.type, dtype, op)
 
 
 #: ``(name, device type, dtype) -> name`` for named (not "auto") backends found available and
