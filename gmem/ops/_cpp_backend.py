@@ -148,7 +148,7 @@ def _has_kernel(dispatch_key: str) -> bool:
     """Whether the loaded library registered its kernels for ``dispatch_key`` (asked once: it is slow)."""
     key = "kernels " + dispatch_key
     if key not in _state:
-        _state[key] = torch._C._dispatch_has_kernel_for_dispatch_key("gmem::madafm_weight", dispatch_key)
+        _state[key] = torch._C._dispatch_has_kernel_for_dispatch_key("gmem::madafm_weight", dispatch_key)  # noqa: SLF001
     return _state[key]
 
 

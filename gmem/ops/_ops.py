@@ -93,7 +93,7 @@ def _call(op: str, *args):
     overload = _OVERLOADS.get(op)
     if overload is None:
         overload = _OVERLOADS[op] = getattr(torch.ops.gmem, op).default
-    with torch._C._AutoDispatchBelowAutograd():
+    with torch._C._AutoDispatchBelowAutograd():  # noqa: SLF001
         return overload(*args)
 
 
@@ -200,7 +200,7 @@ _DEVICE_KERNELS = DeviceKernels()
 
 def _tracing() -> bool:
     """Whether the op runs on fake tensors (torch.compile tracing it, opcheck)."""
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None  # noqa: SLF001
 
 
 def _route(x: Tensor) -> Backend:
@@ -505,8 +505,8 @@ _FAKES = {
 # functions of gmem.ops.functional apply the same cast before they call in.
 # ---------------------------------------------------------------------------------------------
 def _autocast_kernel(name: str, device_type: str):
-    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)  # noqa: SLF001
+    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))  # noqa: SLF001
     op = getattr(torch.ops.gmem, name).default
 
     def cast(value, dtype):
@@ -517,7 +517,7 @@ def _autocast_kernel(name: str, device_type: str):
 
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(key):
+        with torch._C._ExcludeDispatchKeyGuard(key):  # noqa: SLF001
             return op(*(cast(a, dtype) for a in args))
 
     _LIB.impl(name, kernel, key_name, with_keyset=True)
@@ -539,5 +539,5 @@ def op_names() -> list[str]:
 
 def kernel_for(name: str, dispatch_key: str) -> bool:
     """Whether ``gmem::name`` has a kernel of its own for ``dispatch_key`` (e.g. "CPU": the C++ kernel)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gmem::{name}", dispatch_key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gmem::{name}", dispatch_key)  # noqa: SLF001
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -163,8 +164,6 @@ def in_float32(applies):
 
 
 def _in_float32(method, applies):
-    import functools
-
     low = (torch.bfloat16, torch.float16)
 
     def up(value):

@@ -112,7 +112,7 @@ def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.dev
     # RuntimeError naming the range), and the ids are clamped so that no kernel ever reads out of
     # bounds, even where the assert is reported only later (CUDA).
     if torch.compiler.is_compiling():
-        torch._assert_async(((task_ids >= 0) & (task_ids < num_tasks)).all(), _ids_out_of_range(op, num_tasks))
+        torch._assert_async(((task_ids >= 0) & (task_ids < num_tasks)).all(), _ids_out_of_range(op, num_tasks))  # noqa: SLF001
         return task_ids.clamp(0, num_tasks - 1)
     if n:
         lo, hi = int(task_ids.min()), int(task_ids.max())
