@@ -60,6 +60,10 @@ def resnet4_layers(model: str, size: int, nf: int, z_dim: int, embed: int) -> di
     return layers
 
 
+#: a tiny weight, W[16,16,3,3]: a few microseconds of arithmetic, so a call's time is what it costs
+#: to get from Python to the kernel and back (the per-call case)
+PER_CALL = Layer("tiny16.conv", 16, 16, 1)
+
 GPGAN256 = resnet4_layers("gpgan256", size=256, nf=64, z_dim=256, embed=1)
 DEMO32 = resnet4_layers("demo32", size=32, nf=32, z_dim=128, embed=64)
 
@@ -226,9 +230,11 @@ def quick_cases() -> list[Case]:
     """A small subset at small sizes: about two minutes on 2 CPU cores."""
     d, g = DEMO32, GPGAN256
     cases = [
+        Case("madafm_weight", PER_CALL, pass_="fwd+bwd", note="per-call cost"),
         Case("madafm_weight", d["b8.conv_0"], pass_="fwd+bwd"),
         Case("madafm_weight", g["b32.conv_0"], pass_="fwd+bwd"),
         Case("madafm_weight", d["b8.conv_0"], tasks=8, pass_="fwd"),
+        Case("madafm_weight", g["b16.conv_1"], tasks=8, pass_="fwd"),
         Case("modulated_conv2d", d["b8.conv_0"], batch=16, pass_="fwd"),
         Case("modulated_conv2d", d["b8.conv_0"], batch=16, pass_="fwd+bwd"),
         Case("modulated_conv2d", d["b32.conv_0"], batch=16, pass_="fwd+bwd"),

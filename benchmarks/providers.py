@@ -13,7 +13,10 @@
   ``reference`` and ``cpu`` mixed paths pay this plus the grouping and the weight builds);
 * ``plain``: ``F.conv2d`` / ``F.linear`` with a precomputed weight of the same shape, the limit a
   modulated op can approach (for ``madafm_weight``: a copy of a weight of the output's size, plus
-  one window sum of its gradient for ``fwd+bwd``: the memory-traffic floor).
+  one window sum of its gradient for ``fwd+bwd``: the memory-traffic floor);
+* ``aten`` (``madafm_weight``): the weight build as one ATen op with autograd
+  (``torch.addcmul`` of the broadcast styles and ``weight_norm``), called directly: what a call
+  costs without gmem's layers, the yardstick of the per-call cost.
 
 Each callable runs the case once: the forward (under ``no_grad`` for ``fwd``), or the forward and
 the gradients of the input and every style parameter (``fwd+bwd``, like a training step).
@@ -301,6 +304,10 @@ def build_providers(case: Case, inp: Inputs, device: str, names: list[str], comp
     if case.op == "modulated_conv2d" and inp.task_ids is not None and wanted("per_task_plain"):
         providers.append(Provider("per_task_plain", _per_task_plain_step(case, inp),
                                   note="per-task F.conv2d, precomputed weights, pre-grouped inputs"))
+    if case.op == "madafm_weight" and not isinstance(inp.gamma, LowRank) and wanted("aten"):
+        wn, g, b = inp.weight_norm, inp.gamma, inp.beta
+        providers.append(Provider("aten", _step(case, lambda: torch.addcmul(b[..., None, None], g[..., None, None], wn),
+                                                inp.leaves, inp.grad_out), note="one ATen op with autograd"))
     if wanted("plain"):
         if case.op == "madafm_weight":
             providers.append(Provider("plain", _plain_weight_step(case, inp), note="copy + window-sum floor"))

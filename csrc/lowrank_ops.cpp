@@ -1,4 +1,4 @@
-// Modulated convolution with low-rank styles (gmem_ext::modulated_conv2d_lowrank and its backward),
+// Modulated convolution with low-rank styles (gmem::modulated_conv2d_lowrank and its backward),
 // written once for both devices on top of the device kernel lowrank_forward (see modulated_ops.h).
 //
 // Forward: per task group (only the tasks present in the batch) the weight is built straight from
@@ -11,7 +11,7 @@
 #include "modulated_internal.h"
 #include "modulated_ops.h"
 
-namespace gmem_ext {
+namespace gmem {
 namespace {
 
 using namespace internal;
@@ -107,7 +107,7 @@ at::Tensor modulated_conv2d_lowrank(const DeviceKernels& k, const at::Tensor& x,
                                     const at::Tensor& beta_u, const at::Tensor& beta_s, const at::Tensor& beta_v,
                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const char* op = "gmem_ext::modulated_conv2d_lowrank";
+  const char* op = "gmem::modulated_conv2d_lowrank";
   check_conv(op, x, weight_norm, stride, padding, dilation);
   const int64_t out_ch = weight_norm.size(0), in_ch = weight_norm.size(1);
   const Factors gamma{gamma_u, gamma_s, gamma_v}, beta{beta_u, beta_s, beta_v};
@@ -125,7 +125,7 @@ LowRankGrads modulated_conv2d_lowrank_backward(
     const at::Tensor& beta_s, const at::Tensor& beta_v, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& task_ids, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, std::array<bool, 4> output_mask) {
-  const char* op = "gmem_ext::modulated_conv2d_lowrank_backward";
+  const char* op = "gmem::modulated_conv2d_lowrank_backward";
   check_conv(op, x, weight_norm, stride, padding, dilation);
   check_same(op, "grad_out", grad_out, x);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight_norm.size(0), op,
@@ -173,4 +173,4 @@ LowRankGrads modulated_conv2d_lowrank_backward(
           need_bias ? dbias.view(bias->sizes()) : empty_grad(x)};
 }
 
-}  // namespace gmem_ext
+}  // namespace gmem

@@ -12,7 +12,7 @@
 
 #include "modulated_ops.h"
 
-namespace gmem_ext {
+namespace gmem {
 namespace internal {
 
 at::Tensor empty_grad(const at::Tensor& like);
@@ -79,4 +79,4 @@ at::Tensor conv_backward_by_task(const at::Tensor& grad_out, const at::Tensor& x
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
 }  // namespace internal
-}  // namespace gmem_ext
+}  // namespace gmem

@@ -1,11 +1,16 @@
-// Device-independent parts of the gmem_ext ops: argument checks, grouping of mixed-task batches,
+// Device-independent parts of the gmem ops: argument checks, grouping of mixed-task batches,
 // and the ATen convolutions / GEMMs around the device element kernels (see modulated_ops.h).
 #include "modulated_ops.h"
 #include "modulated_internal.h"
 
+#include <cstdint>
 #include <vector>
 
-namespace gmem_ext {
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace gmem {
 // The helpers below are shared with lowrank_ops.cpp through modulated_internal.h.
 namespace internal {
 
@@ -124,12 +129,30 @@ void build_weight_into(const DeviceKernels& k, const at::Tensor& weight_norm, co
                    beta.contiguous().view({tasks, rows}), out);
 }
 
+// A fresh CPU tensor of several megabytes comes from the system (mmap) on every call, and writing it
+// first costs one page fault per 4 KiB page, which dominates a weight build of that size (stacked
+// tasks). Asking for transparent huge pages on it (Linux, THP in "madvise" mode or "always") makes
+// that one fault per 2 MiB. A hint only: nothing changes where the kernel refuses it.
+at::Tensor empty_for_writing(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
+  if (out.device().is_cpu() && bytes >= 2 * kHuge) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 at::Tensor build_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
                         const at::Tensor& beta) {
   std::vector<int64_t> shape(gamma.sizes().begin(), gamma.sizes().end());
   shape.push_back(weight_norm.size(2));
   shape.push_back(weight_norm.size(3));
-  at::Tensor weight = at::empty(shape, weight_norm.options());
+  at::Tensor weight = empty_for_writing(shape, weight_norm.options());
   build_weight_into(k, weight_norm, gamma, beta, weight);
   return weight;
 }
@@ -256,7 +279,7 @@ BuildWeight dense_weights(const DeviceKernels& k, const at::Tensor& weight_norm,
 
 at::Tensor madafm_weight(const DeviceKernels& k, const at::Tensor& weight_norm, const at::Tensor& gamma,
                          const at::Tensor& beta) {
-  const char* op = "gmem_ext::madafm_weight";
+  const char* op = "gmem::madafm_weight";
   TORCH_CHECK(weight_norm.dim() == 4, op, ": weight_norm must be [O, I, kh, kw], got ", weight_norm.sizes());
   check_styles(op, gamma, beta, weight_norm, weight_norm.sizes().slice(0, 2));
   return build_weight(k, weight_norm, gamma, beta);
@@ -264,7 +287,7 @@ at::Tensor madafm_weight(const DeviceKernels& k, const at::Tensor& weight_norm, 
 
 std::tuple<at::Tensor, at::Tensor> madafm_weight_backward(const DeviceKernels& k, const at::Tensor& grad_weight,
                                                           const at::Tensor& weight_norm) {
-  const char* op = "gmem_ext::madafm_weight_backward";
+  const char* op = "gmem::madafm_weight_backward";
   TORCH_CHECK(weight_norm.dim() == 4, op, ": weight_norm must be [O, I, kh, kw], got ", weight_norm.sizes());
   check_same(op, "grad_weight", grad_weight, weight_norm);
   TORCH_CHECK((grad_weight.dim() == 4 || grad_weight.dim() == 5) &&
@@ -278,7 +301,7 @@ at::Tensor modulated_conv2d(const DeviceKernels& k, const at::Tensor& x, const a
                             const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& task_ids, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const char* op = "gmem_ext::modulated_conv2d";
+  const char* op = "gmem::modulated_conv2d";
   check_conv(op, x, weight_norm, stride, padding, dilation);
   const StyleInfo styles = check_styles(op, gamma, beta, x, weight_norm.sizes().slice(0, 2));
   const at::Tensor ids = check_task_ids(op, task_ids, styles.stacked, x.size(0), x);
@@ -293,7 +316,7 @@ Grads modulated_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_o
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 std::array<bool, 4> output_mask) {
-  const char* op = "gmem_ext::modulated_conv2d_backward";
+  const char* op = "gmem::modulated_conv2d_backward";
   check_conv(op, x, weight_norm, stride, padding, dilation);
   check_same(op, "grad_out", grad_out, x);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight_norm.size(0), op,
@@ -371,7 +394,7 @@ at::Tensor modulated_linear(const DeviceKernels& k, const at::Tensor& x, const a
                             const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& task_ids) {
   return std::get<0>(
-      linear_forward("gmem_ext::modulated_linear", k, x, weight_norm, gamma, beta, bias, task_ids, false));
+      linear_forward("gmem::modulated_linear", k, x, weight_norm, gamma, beta, bias, task_ids, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> modulated_linear_forward(const DeviceKernels& k, const at::Tensor& x,
@@ -379,14 +402,14 @@ std::tuple<at::Tensor, at::Tensor> modulated_linear_forward(const DeviceKernels&
                                                             const at::Tensor& beta,
                                                             const std::optional<at::Tensor>& bias,
                                                             const std::optional<at::Tensor>& task_ids) {
-  return linear_forward("gmem_ext::modulated_linear_forward", k, x, weight_norm, gamma, beta, bias, task_ids, true);
+  return linear_forward("gmem::modulated_linear_forward", k, x, weight_norm, gamma, beta, bias, task_ids, true);
 }
 
 Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& task_ids,
                                 std::array<bool, 4> output_mask, const std::optional<at::Tensor>& x_wn) {
-  const char* op = "gmem_ext::modulated_linear_backward";
+  const char* op = "gmem::modulated_linear_backward";
   check_linear(op, x, weight_norm);
   check_same(op, "grad_out", grad_out, x);
   const int64_t m = x.size(0), out_features = weight_norm.size(0);
@@ -432,4 +455,4 @@ Grads modulated_linear_backward(const DeviceKernels& k, const at::Tensor& grad_o
           need_bias ? dbias.view(bias->sizes()) : empty_grad(x)};
 }
 
-}  // namespace gmem_ext
+}  // namespace gmem

@@ -1,4 +1,4 @@
-// The gmem_ext ops written once for every device on top of a few device kernels.
+// The gmem ops written once for every device on top of a few device kernels.
 //
 // The device files (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) provide the element kernels (mAdaFM
 // weight build and its backward reduction, the mFiLM epilogues) through a DeviceKernels table and
@@ -6,7 +6,7 @@
 // (oneDNN / cuDNN / BLAS), so the grouping logic here is shared by both devices.
 //
 // Argument conventions are those of gmem/ops/reference.py (canonical, already validated by the
-// Python layer; the checks here guard direct calls of torch.ops.gmem_ext.*):
+// Python layer; the checks here guard direct calls of torch.ops.gmem.*):
 //   conv:   x [N, I, H, W], weight_norm [O, I, kh, kw], gamma/beta [O, I] or [T, O, I],
 //           bias None | [O] (one task) | [T, O] (mixed), task_ids None | int64 [N]
 //   linear: x [M, I], weight_norm [O, I], gamma/beta [O] or [T, O], bias likewise.
@@ -19,7 +19,7 @@
 #include <optional>
 #include <tuple>
 
-namespace gmem_ext {
+namespace gmem {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -105,56 +105,4 @@ LowRankGrads modulated_conv2d_lowrank_backward(
     const std::optional<at::Tensor>& task_ids, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, std::array<bool, 4> output_mask);
 
-}  // namespace gmem_ext
-
-// Registers the ops for one dispatch key with the kernels of that device (used by the device files).
-#define GMEM_EXT_REGISTER_DEVICE_OPS(m, KERNELS)                                                                 \
-  m.impl("madafm_weight", [](const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b) {                 \
-    return gmem_ext::madafm_weight(KERNELS, wn, g, b);                                                           \
-  });                                                                                                            \
-  m.impl("madafm_weight_backward", [](const at::Tensor& dw, const at::Tensor& wn) {                            \
-    return gmem_ext::madafm_weight_backward(KERNELS, dw, wn);                                                    \
-  });                                                                                                            \
-  m.impl("modulated_conv2d",                                                                                     \
-         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,                \
-            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,     \
-            at::IntArrayRef p, at::IntArrayRef d) {                                                              \
-           return gmem_ext::modulated_conv2d(KERNELS, x, wn, g, b, bias, tid, s, p, d);                          \
-         });                                                                                                     \
-  m.impl("modulated_conv2d_backward",                                                                            \
-         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,               \
-            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,   \
-            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {                \
-           return gmem_ext::modulated_conv2d_backward(KERNELS, dy, x, wn, g, b, bias, tid, s, p, d, mask);       \
-         });                                                                                                     \
-  m.impl("modulated_linear",                                                                                     \
-         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,                \
-            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {                      \
-           return gmem_ext::modulated_linear(KERNELS, x, wn, g, b, bias, tid);                                   \
-         });                                                                                                     \
-  m.impl("modulated_linear_forward",                                                                             \
-         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,                \
-            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {                      \
-           return gmem_ext::modulated_linear_forward(KERNELS, x, wn, g, b, bias, tid);                           \
-         });                                                                                                     \
-  m.impl("modulated_linear_backward",                                                                            \
-         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,               \
-            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,   \
-            std::array<bool, 4> mask, const std::optional<at::Tensor>& x_wn) {                                   \
-           return gmem_ext::modulated_linear_backward(KERNELS, dy, x, wn, g, b, bias, tid, mask, x_wn);          \
-         });                                                                                                     \
-  m.impl("modulated_conv2d_lowrank",                                                                             \
-         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,              \
-            const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bv,             \
-            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,     \
-            at::IntArrayRef p, at::IntArrayRef d) {                                                              \
-           return gmem_ext::modulated_conv2d_lowrank(KERNELS, x, wn, gu, gs, gv, bu, bs, bv, bias, tid, s, p, d); \
-         });                                                                                                     \
-  m.impl("modulated_conv2d_lowrank_backward",                                                                    \
-         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu,              \
-            const at::Tensor& gs, const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs,             \
-            const at::Tensor& bv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,  \
-            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {                \
-           return gmem_ext::modulated_conv2d_lowrank_backward(KERNELS, dy, x, wn, gu, gs, gv, bu, bs, bv, bias,  \
-                                                               tid, s, p, d, mask);                              \
-         })
+}  // namespace gmem

@@ -66,12 +66,11 @@ def versions() -> dict:
 
 def extension() -> dict:
     """The compiled extension: how it was loaded, the library file, its ops and device code, flags."""
-    import torch
 
     from .hashing import cached_file_digest
-    from .ops import _cpp_backend, _ext_build, selfcheck
+    from .ops import _cpp_backend, _ext_build, _ops, selfcheck
 
-    info = {"loaded": _cpp_backend.extension_loaded(), "how": _cpp_backend._state.get("how"),
+    info = {"loaded": _cpp_backend.extension_loaded(), "how": _cpp_backend.load_method(),
             "error": _cpp_backend.load_error(), "cxx_flags": _ext_build.CXX_FLAGS, "nvcc_flags": _ext_build.NVCC_FLAGS,
             "default_cuda_archs": _ext_build.DEFAULT_CUDA_ARCH_LIST}
     if not info["loaded"]:
@@ -88,9 +87,9 @@ def extension() -> dict:
         archs = re.findall(rb"-arch (sm_\d+a?) ", data)
         info["cubins"] = {a.decode(): archs.count(a) for a in sorted(set(archs))}
         info["ptx"] = sorted({m.decode() for m in re.findall(rb"\.target (sm_\d+a?)", data)})
-    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("gmem_ext::"))
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    info["ops"] = {n.split("::", 1)[1]: [k for k in ("CPU", "CUDA", "Autograd") if has(n, k)] for n in ops}
+    # the kernels each gmem:: op has of its own per dispatch key (the compiled ones: CPU, CUDA)
+    info["ops"] = {n.split("::", 1)[1]: [k for k in ("CPU", "CUDA", "Autograd", "CompositeExplicitAutograd")
+                                         if _ops.kernel_for(n.split("::", 1)[1], k)] for n in _ops.op_names()}
     return info
 
 
@@ -109,7 +108,7 @@ def _why_unavailable(name: str) -> str:
     if name == "triton":
         from .ops import _triton_backend
 
-        return str(_triton_backend._import_error)
+        return str(_triton_backend.import_error())
     return "is_available() returned False"
 
 
@@ -122,12 +121,11 @@ def backends() -> list[dict]:
     _DTYPES = {"cpu": (torch.float32, torch.float64),
                "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
-    from .ops import backends as registry
+    from .ops.backends import registered_backends
 
-    registry._load_optional_backends()
     rows = []
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for name, (priority, backend) in sorted(registry._REGISTRY.items(), key=lambda kv: -kv[1][0]):
+    for name, priority, backend in registered_backends():
         available = backend.is_available()
         row = {"name": name, "priority": priority, "available": available,
                "dtypes": {d.type: [str(t).replace("torch.", "") for t in _DTYPES[d.type] if backend.supports(d, t)]

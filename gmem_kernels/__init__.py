@@ -8,7 +8,7 @@ Reached only through ``gmem.ops`` (``backend="triton"``); see ``NOTES.md`` for t
 * :mod:`.weight`: the modulated weight itself and its backward (elementwise);
 * :mod:`.grouping`: the device-side stable grouping of samples by task (no host synchronisation).
 
-Each kernel launch is a ``gmem_triton::`` operator (``torch.library.triton_op`` + ``wrap_triton``,
+Each kernel launch is a ``gmem::triton_`` operator (``torch.library.triton_op`` + ``wrap_triton``,
 see :func:`._config.kernel_op`), so torch.compile traces through these functions into the kernels;
 ``python -m gmem_kernels.trace_check`` checks that without a GPU.
 

@@ -1,5 +1,5 @@
 """Launch configuration: autotuned on a GPU, one small fixed configuration in the interpreter; and
-the registration of every launch as a ``gmem_triton::`` op (:func:`kernel_op`, :func:`wrap_triton`)."""
+the registration of every launch as a ``gmem::triton_`` op (:func:`kernel_op`, :func:`wrap_triton`)."""
 from __future__ import annotations
 
 import functools
@@ -119,7 +119,7 @@ def kernel_op(name: str):
     Calling the decorated function runs ``fn`` directly in eager mode (the custom-op dispatch would
     add ~8 us a call on the 2-core CPU machine: 3.5 vs 11.4 us for an empty conv forward), and the
     operator when torch.compile traces or a dispatch mode is active, so that compile
-    records ``gmem_triton::...`` nodes that AOT autograd decomposes into the kernel launches.
+    records ``gmem::triton_...`` nodes that AOT autograd decomposes into the kernel launches.
 
     Under the interpreter ``torch.library.wrap_triton`` cannot trace interpreted kernels, so the op
     is an opaque ``custom_op`` whose fake implementation is ``fn`` with launches skipped (see

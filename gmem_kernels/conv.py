@@ -216,7 +216,7 @@ def conv2d_forward(
     )
 
 
-@kernel_op("gmem_triton::conv2d_forward")
+@kernel_op("gmem::triton_conv2d_forward")
 def _conv_forward_op(
     x: Tensor, weight_norm: Tensor, gamma: list[Tensor], beta: list[Tensor], bias: Optional[Tensor],
     order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor, seg_task: Tensor,
@@ -469,7 +469,7 @@ def conv2d_backward(
     return dx, dgamma, dbeta, dbias
 
 
-@kernel_op("gmem_triton::conv2d_input_grad")
+@kernel_op("gmem::triton_conv2d_input_grad")
 def _conv_input_grad_op(
     grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: list[Tensor], beta: list[Tensor],
     order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor, seg_task: Tensor,
@@ -499,7 +499,7 @@ def _conv_input_grad_op(
     return dx
 
 
-@kernel_op("gmem_triton::conv2d_style_grad")
+@kernel_op("gmem::triton_conv2d_style_grad")
 def _conv_style_grad_op(
     x: Tensor, grad_out: Tensor, weight_norm: Tensor,
     order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor,
@@ -530,7 +530,7 @@ def _conv_style_grad_op(
     return dg.sum(0), db.sum(0)
 
 
-@kernel_op("gmem_triton::conv2d_bias_grad")
+@kernel_op("gmem::triton_conv2d_bias_grad")
 def _conv_bias_grad_op(
     grad_out: Tensor, order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor,
 ) -> Tensor:

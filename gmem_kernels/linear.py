@@ -167,7 +167,7 @@ def linear_forward(
     return _linear_forward_op(x, weight_norm, gamma, beta, bias, task_ids)
 
 
-@kernel_op("gmem_triton::linear_forward")
+@kernel_op("gmem::triton_linear_forward")
 def _linear_forward_op(
     x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
     task_ids: Optional[Tensor],
@@ -212,7 +212,7 @@ def linear_backward(
     return dx, dgamma, dbeta, dbias
 
 
-@kernel_op("gmem_triton::linear_input_grad")
+@kernel_op("gmem::triton_linear_input_grad")
 def _linear_input_grad_op(
     grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, task_ids: Optional[Tensor],
 ) -> Tensor:
@@ -235,7 +235,7 @@ def _linear_input_grad_op(
     return dx
 
 
-@kernel_op("gmem_triton::linear_style_grad")
+@kernel_op("gmem::triton_linear_style_grad")
 def _linear_style_grad_op(
     x: Tensor, grad_out: Tensor, weight_norm: Tensor,
     order: Optional[Tensor], seg_start: Tensor, seg_count: Tensor,

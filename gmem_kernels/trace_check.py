@@ -1,13 +1,13 @@
 """Trace every kernel op through torch.compile *without a GPU* and report what the graphs contain.
 
 Under the interpreter (``TRITON_INTERPRET=1``) torch cannot trace Triton kernels (its
-``wrap_triton`` hands interpreted kernels back unwrapped), so the ``gmem_triton::`` ops stay opaque
+``wrap_triton`` hands interpreted kernels back unwrapped), so the ``gmem::triton_`` ops stay opaque
 there. This check imports the kernels compiled-mode (``TRITON_INTERPRET=0``, as on a GPU) and runs
 dynamo and AOT autograd on CPU tensors up to the point where the kernels would run, then stops:
 
-* the dynamo graph must hold the ``gmem_triton::`` ops (one graph: ``fullgraph=True``);
+* the dynamo graph must hold the ``gmem::triton_`` ops (one graph: ``fullgraph=True``);
 * the AOT graph must hold ``triton_kernel_wrapper_functional`` nodes (the kernel launches, which
-  inductor can schedule) and no ``gmem_triton::`` op left undecomposed;
+  inductor can schedule) and no ``gmem::triton_`` op left undecomposed;
 * ``triton_op`` must have found the one kernel each op launches (read from the op's source).
 
 Without a GPU Triton has no driver, so torch's analysis of which arguments a kernel writes fails
@@ -27,6 +27,11 @@ from collections import Counter
 
 class _Stop(Exception):
     """Raised by the capturing backend once the AOT graph is seen (nothing runs: no GPU)."""
+
+
+def _is_launch_op(name: str) -> bool:
+    """A Triton launch op of gmem_kernels (``gmem::triton_*``), not a triton kernel HOP."""
+    return "gmem" in name and "triton_" in name
 
 
 def _targets(gm) -> Counter:
@@ -101,16 +106,16 @@ def main() -> int:
     except Exception as err:  # _Stop arrives wrapped by dynamo
         if "_Stop" not in repr(err) and not isinstance(err.__cause__, _Stop):
             raise
-    dynamo = {name: c for name, c in graphs.get("dynamo", {}).items() if "gmem_triton" in name}
+    dynamo = {name: c for name, c in graphs.get("dynamo", {}).items() if _is_launch_op(name)}
     aot = graphs.get("aot", Counter())
     launches = sum(c for name, c in aot.items() if "triton_kernel_wrapper" in name)
-    left = {name: c for name, c in aot.items() if "gmem_triton" in name}
+    left = {name: c for name, c in aot.items() if _is_launch_op(name)}
     # what triton_op found in each op's source (inductor uses it): exactly one kernel per op
     from torch._library.triton import get_triton_kernels_for_op
 
     found = {name: len(get_triton_kernels_for_op(name)) for name in dynamo}
-    print(f"dynamo graph: gmem_triton ops {dict(sorted(dynamo.items()))}")
-    print(f"aot graph: triton kernel launches {launches}, gmem_triton ops left {left}")
+    print(f"dynamo graph: triton launch ops {dict(sorted(dynamo.items()))}")
+    print(f"aot graph: triton kernel launches {launches}, triton launch ops left {left}")
     print(f"kernels registered per op: {found}")
     ok = dynamo and launches and not left and all(n == 1 for n in found.values())
     return 0 if ok else 1

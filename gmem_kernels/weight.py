@@ -1,7 +1,7 @@
 """The modulated weight ``gamma * weight_norm + beta`` and its backward, elementwise in Triton.
 
 Only for users who want the weight itself (the fused convolution never builds it in memory).
-Both functions are ``gmem_triton::`` ops (see :func:`._config.kernel_op`).
+Both functions are ``gmem::triton_`` ops (see :func:`._config.kernel_op`).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _madafm_weight_backward_kernel(dw_ptr, wn_ptr, dg_ptr, db_ptr, ROWS, OI, K,
     tl.store(db_ptr + row, db.to(db_ptr.dtype.element_ty), mask=row_ok)
 
 
-@kernel_op("gmem_triton::madafm_weight")
+@kernel_op("gmem::triton_madafm_weight")
 def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """``weight_norm [O, I, kh, kw]``, ``gamma, beta [O, I] | [T, O, I]`` -> ``[(T,) O, I, kh, kw]``."""
     o, c_in, kh, kw = weight_norm.shape
@@ -71,7 +71,7 @@ def madafm_weight(weight_norm: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     return out
 
 
-@kernel_op("gmem_triton::madafm_weight_backward")
+@kernel_op("gmem::triton_madafm_weight_backward")
 def madafm_weight_backward(grad_weight: Tensor, weight_norm: Tensor) -> tuple[Tensor, Tensor]:
     """``grad_weight [(T,) O, I, kh, kw]`` -> ``(dgamma, dbeta)``, each ``[(T,) O, I]``."""
     o, c_in, kh, kw = weight_norm.shape

@@ -43,6 +43,8 @@ def expected_providers(case: cases.Case) -> set[str]:
     wanted = {"reference", "torch_compile", "plain", *names}
     if case.op == "modulated_conv2d" and case.style_tasks:
         wanted |= {"grouped_conv", "per_task_plain"}
+    if case.op == "madafm_weight" and case.kind != "lowrank":
+        wanted |= {"aten"}  # the per-call yardstick: one ATen op
     return wanted
 
 

@@ -17,11 +17,15 @@ import torch
 import gmem.ops as ops
 from gmem.ops import LowRank, _ext_build
 from gmem.ops import _cpp_backend as cpp
-from gmem.ops.library import madafm_weight_op, modulated_conv2d_op, modulated_linear_op
+
+madafm_weight_op = torch.ops.gmem.madafm_weight.default
+modulated_conv2d_op = torch.ops.gmem.modulated_conv2d.default
+modulated_conv2d_lowrank_op = torch.ops.gmem.modulated_conv2d_lowrank.default
+modulated_linear_op = torch.ops.gmem.modulated_linear.default
 
 DT = torch.float64
 HAS_GPU = torch.cuda.is_available()
-_BUILD_POSSIBLE = (_ext_build.CSRC / "gmem_ext.cpp").exists() and any(
+_BUILD_POSSIBLE = (_ext_build.CSRC / "module.cpp").exists() and any(
     shutil.which(cc) for cc in ("c++", "g++", "clang++")
 )
 
@@ -319,8 +323,25 @@ def test_repeatable(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# the gmem_ext ops themselves: opcheck (schema, fake tensors, torch.compile tracing)
+# the compiled kernels on the gmem:: ops: opcheck (schema, fake tensors, torch.compile tracing)
 # ---------------------------------------------------------------------------------------------
+class _Kernels:
+    """``torch.ops.gmem`` called below autograd, as the "cpu"/"cuda" backends call it: the C++ kernel
+    registered for the device (forward ops called as they are would first choose a backend)."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.gmem, name)
+
+        def call(*args):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+
+        return call
+
+
+KERNELS = _Kernels()
+
+
 def _ext_cases(device):
     torch.manual_seed(11)
     kw = dict(device=device)
@@ -332,7 +353,7 @@ def _ext_cases(device):
     z, wl = torch.randn(5, 7, **kw), ops.normalize_weight(torch.randn(6, 7))[0].to(device)
     gl, bl, cl = torch.randn(3, 6, **kw), torch.randn(3, 6, **kw), torch.randn(3, 6, **kw)
     gz = torch.randn(5, 6, **kw)
-    E = torch.ops.gmem_ext
+    E = torch.ops.gmem
     conv = ([1, 1], [1, 1], [1, 1])
     return [
         (E.madafm_weight.default, (wn, g, b)),
@@ -356,7 +377,8 @@ def _ext_cases(device):
 @pytest.mark.parametrize("case", range(len(_ext_cases("cpu"))))
 def test_opcheck_ext_ops(device, case):
     op, args = _ext_cases(device)[case]
-    torch.library.opcheck(op, args)
+    with ops.use_backend(device):  # the forward ops choose the compiled kernels, the backward ops are them
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -365,7 +387,7 @@ def test_linear_forward_hands_over_x_wn_and_the_backward_uses_it(device, mixed):
     # modulated_linear_forward: the same output as modulated_linear plus x @ Wn^T; the backward given
     # that product returns what it computes without it (the product is the same GEMM), bit for bit
     torch.manual_seed(13)
-    E = torch.ops.gmem_ext
+    E = KERNELS
     m, i, o, tasks = 9, 7, 5, 3
     z, wn = torch.randn(m, i, device=device), ops.normalize_weight(torch.randn(o, i))[0].to(device)
     lead = (tasks,) if mixed else ()
@@ -398,9 +420,10 @@ def test_opcheck_public_ops_with_backend(device):
     z = torch.randn(5, 7, device=device, requires_grad=True)
     wl = ops.normalize_weight(torch.randn(6, 7))[0].to(device)
     gl = torch.randn(3, 6, device=device, requires_grad=True)
-    torch.library.opcheck(modulated_conv2d_op, (x, wn, g, b, c, t, [1, 1], [1, 1], [1, 1], device))
-    torch.library.opcheck(modulated_linear_op, (z, wl, gl, gl * 2, None, t, device))
-    torch.library.opcheck(madafm_weight_op, (wn, g, b, device))
+    with ops.use_backend(device):
+        torch.library.opcheck(modulated_conv2d_op, (x, wn, g, b, c, t, [1, 1], [1, 1], [1, 1]))
+        torch.library.opcheck(modulated_linear_op, (z, wl, gl, gl * 2, None, t))
+        torch.library.opcheck(madafm_weight_op, (wn, g, b))
 
 
 def test_auto_picks_the_compiled_backend():
@@ -416,7 +439,7 @@ def test_auto_picks_the_compiled_backend():
 
 
 def test_direct_calls_check_their_arguments():
-    E = torch.ops.gmem_ext
+    E = KERNELS
     wn = torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         E.madafm_weight(wn.half(), torch.randn(4, 3).half(), torch.randn(4, 3).half())
@@ -457,7 +480,7 @@ def test_failed_load_warns_once_and_disables_the_backends():
 
 
 # ---------------------------------------------------------------------------------------------
-# LowRank styles: the factored path (gmem_ext::modulated_conv2d_lowrank), never densified
+# LowRank styles: the factored path (gmem::modulated_conv2d_lowrank), never densified
 # ---------------------------------------------------------------------------------------------
 def lowrank_factors(lead, o, i, rank, device, dtype=DT):
     """``[u, s, v]`` leaves of one LowRank: ``u [*lead, O, r], s [*lead, r], v [*lead, I, r]``."""
@@ -645,7 +668,7 @@ def _lowrank_ext_cases(device):
     b = [torch.randn(3, 4, 1, **kw), torch.rand(3, 1, **kw), torch.randn(3, 3, 1, **kw)]
     c, t = torch.randn(3, 4, **kw), torch.tensor([2, 0, 2, 1, 2], **kw)
     g1, b1 = [f[0] for f in g], [f[1] for f in b]
-    E = torch.ops.gmem_ext
+    E = torch.ops.gmem
     conv = ([1, 1], [1, 1], [1, 1])
     return [
         (E.modulated_conv2d_lowrank.default, (x, wn, *g, *b, c, t, *conv)),
@@ -661,24 +684,24 @@ def _lowrank_ext_cases(device):
 @pytest.mark.parametrize("case", range(len(_lowrank_ext_cases("cpu"))))
 def test_opcheck_lowrank_ext_ops(device, case):
     op, args = _lowrank_ext_cases(device)[case]
-    torch.library.opcheck(op, args)
+    with ops.use_backend(device):
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_public_lowrank_op_with_backend(device):
-    from gmem.ops.library import modulated_conv2d_lowrank_op
-
     torch.manual_seed(27)
     x = torch.randn(5, 3, 6, 6, device=device, requires_grad=True)
     wn = ops.normalize_weight(torch.randn(4, 3, 3, 3))[0].to(device)
     fac = lowrank_factors((3,), 4, 3, 2, device, torch.float32) + lowrank_factors((3,), 4, 3, 1, device, torch.float32)
     c = torch.randn(3, 4, device=device, requires_grad=True)
     t = torch.tensor([2, 0, 2, 1, 2], device=device)
-    torch.library.opcheck(modulated_conv2d_lowrank_op, (x, wn, *fac, c, t, [1, 1], [1, 1], [1, 1], device))
+    with ops.use_backend(device):
+        torch.library.opcheck(modulated_conv2d_lowrank_op, (x, wn, *fac, c, t, [1, 1], [1, 1], [1, 1]))
 
 
 def test_lowrank_direct_calls_check_their_arguments():
-    E = torch.ops.gmem_ext
+    E = KERNELS
     x, wn = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
     g = [torch.randn(2, 4, 2), torch.rand(2, 2), torch.randn(2, 3, 2)]
     conv = ([1, 1], [0, 0], [1, 1])

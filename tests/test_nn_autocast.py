@@ -96,11 +96,10 @@ def test_custom_ops_carry_the_autocast_rule():
     x = torch.randn(2, 3, 5, 5)
     weight_norm, _, _ = ops.normalize_weight(torch.randn(4, 3, 3, 3))
     gamma, beta = torch.rand(4, 3) + 0.5, torch.randn(4, 3) * 0.1
-    with torch.autocast("cpu", torch.bfloat16):
-        out = torch.ops.gmem.modulated_conv2d(x, weight_norm, gamma, beta, None, None, [1, 1], [0, 0], [1, 1],
-                                              "reference")
+    with torch.autocast("cpu", torch.bfloat16), ops.use_backend("reference"):
+        out = torch.ops.gmem.modulated_conv2d(x, weight_norm, gamma, beta, None, None, [1, 1], [0, 0], [1, 1])
         lin = torch.ops.gmem.modulated_linear(x.flatten(1)[:, :7], torch.randn(4, 7), gamma[:, 0], beta[:, 0],
-                                              None, None, "reference")
+                                              None, None)
     assert out.dtype == torch.bfloat16 and lin.dtype == torch.bfloat16
     expected = ops.modulated_conv2d(x.bfloat16(), weight_norm.bfloat16(), gamma.bfloat16(), beta.bfloat16(),
                                     backend="reference")

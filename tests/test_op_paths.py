@@ -1,12 +1,15 @@
-"""The two ways into a gmem op (gmem.ops.library): eager calls go through a torch.autograd.Function
-that calls the backend directly, torch.compile (of non-traceable backends) through the custom ops.
-Both must give the same values and gradients, and each path must really be the one taken."""
+"""The one way into a gmem op (gmem.ops._ops): the public functions call ``torch.ops.gmem.*``, whose
+Autograd kernel runs the backend chosen by the context (``use_backend``, ``backend=``,
+``GMEM_BACKEND``, "auto"); eager calls and torch.compile reach that same registered op. Public calls
+and direct op calls must give the same values and gradients, and the path must really be that one."""
+import threading
+
 import formulas
 import pytest
 import torch
 
 import gmem.ops as ops
-from gmem.ops import LowRank, library
+from gmem.ops import LowRank, _ops
 
 DT = torch.float64
 
@@ -46,10 +49,12 @@ def _assert_matches(got, want, leaves, tol=1e-10):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_conv_paths_agree(backend, mixed):
     x, wn, gamma, beta, bias, ids = _conv_inputs(mixed)
-    args = (x, wn, gamma, beta, bias, ids, [2, 1], [1, 0], [1, 2], backend)
+    args = (x, wn, gamma, beta, bias, ids, [2, 1], [1, 0], [1, 2])
     leaves = (x, gamma, beta, bias)
-    direct = library.modulated_conv2d(*args)
-    via_op = library.modulated_conv2d_op(*args)
+    direct = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, stride=(2, 1), padding=(1, 0),
+                                  dilation=(1, 2), backend=backend)
+    with ops.use_backend(backend):
+        via_op = torch.ops.gmem.modulated_conv2d(*args)
     assert torch.equal(direct, via_op)
     for a, b in zip(_grads(direct, leaves), _grads(via_op, leaves)):
         assert torch.equal(a, b)
@@ -68,8 +73,9 @@ def test_linear_and_weight_paths_agree(backend, mixed):
     gamma = torch.randn(*lead, 5, dtype=DT, requires_grad=True)
     beta = torch.randn(*lead, 5, dtype=DT, requires_grad=True)
     ids = torch.tensor([1, 1, 0, 2]) if mixed else None
-    args = (x, wn, gamma, beta, None, ids, backend)
-    direct, via_op = library.modulated_linear(*args), library.modulated_linear_op(*args)
+    direct = ops.modulated_linear(x, wn, gamma, beta, None, task_ids=ids, backend=backend)
+    with ops.use_backend(backend):
+        via_op = torch.ops.gmem.modulated_linear(x, wn, gamma, beta, None, ids)
     assert torch.equal(direct, via_op)
     for a, b in zip(_grads(direct, (x, gamma, beta)), _grads(via_op, (x, gamma, beta))):
         assert torch.equal(a, b)
@@ -78,29 +84,91 @@ def test_linear_and_weight_paths_agree(backend, mixed):
     wn4 = ops.normalize_weight(torch.randn(4, 3, 3, 3, dtype=DT))[0]
     g4 = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
     b4 = torch.randn(*lead, 4, 3, dtype=DT, requires_grad=True)
-    direct, via_op = library.madafm_weight(wn4, g4, b4, backend), library.madafm_weight_op(wn4, g4, b4, backend)
+    direct = ops.madafm_weight(wn4, g4, b4, backend=backend)
+    with ops.use_backend(backend):
+        via_op = torch.ops.gmem.madafm_weight(wn4, g4, b4)
     assert torch.equal(direct, via_op)
     for a, b in zip(_grads(direct, (g4, b4)), _grads(via_op, (g4, b4))):
         assert torch.equal(a, b)
     _assert_matches(direct, g4[..., None, None] * wn4 + b4[..., None, None], (g4, b4))
 
 
-def test_eager_calls_never_touch_the_custom_ops(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the eager path went through a custom op")
-
-    for name in ("madafm_weight_op", "modulated_conv2d_op", "modulated_linear_op", "modulated_conv2d_lowrank_op",
-                 "madafm_weight_backward_op", "modulated_conv2d_backward_op", "modulated_linear_backward_op"):
-        monkeypatch.setattr(library, name, refuse)
+def test_eager_and_compiled_calls_reach_the_same_registered_op(monkeypatch):
+    """One path: eager calls and torch.compile both run the Autograd kernel registered on gmem::
+    (which chooses the backend), and the compiled graph holds that op."""
+    routed = []
+    route = _ops._route
+    monkeypatch.setattr(_ops, "_route", lambda x: routed.append(x.device.type) or route(x))
+    x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
     for backend in _backends():
-        x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
+        routed.clear()
         y = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend=backend)
         y.sum().backward()
-        z = ops.modulated_linear(torch.randn(2, 3, dtype=DT), torch.randn(4, 3, dtype=DT),
-                                 gamma[0, :, 0], beta[0, :, 0], backend=backend)
-        assert z.shape == (2, 4)
-        w = ops.madafm_weight(wn, gamma[0], beta[0], backend=backend)
-        w.sum().backward()
+        assert routed == ["cpu"], routed  # the op's Autograd kernel ran once
+        assert y.grad_fn.name() == "_ModulatedConv2dBackward"
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    routed.clear()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, g, b: ops.modulated_conv2d(x, wn, g, b, bias, task_ids=ids, padding=1),
+                      backend="aot_eager", fullgraph=True)
+    with ops.use_backend(_backends()[-1]):
+        y = f(x, gamma, beta)
+    assert routed, "compile did not run the op's Autograd kernel"
+    torch._dynamo.reset()
+    g = torch.compile(lambda x, g, b: ops.modulated_conv2d(x, wn, g, b, bias, task_ids=ids, padding=1),
+                      backend=recording_backend, fullgraph=True)
+    g(x, gamma, beta)
+    assert "gmem.modulated_conv2d.default" in seen, seen
+    torch.testing.assert_close(y, ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1))
+
+
+def test_use_backend_is_a_per_thread_context_and_backend_is_its_shorthand(monkeypatch):
+    monkeypatch.delenv("GMEM_BACKEND", raising=False)
+    wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0]
+    g, b = torch.randn(3, 2, dtype=DT), torch.randn(3, 2, dtype=DT)
+    auto = ops.backends.resolve_backend("auto", wn.device, wn.dtype, "t")  # (runs the self-check, if due, now)
+    chosen = []
+    route = _ops._route
+    monkeypatch.setattr(_ops, "_route", lambda x: chosen.append(route(x).name) or route(x))
+    with ops.use_backend("reference"):
+        assert ops.current_backend() == "reference"
+        ops.madafm_weight(wn, g, b)
+        with ops.use_backend("auto"):  # nested blocks override outer ones
+            ops.madafm_weight(wn, g, b)
+        ops.madafm_weight(wn, g, b, backend=_backends()[-1])  # the keyword beats the context
+    ops.madafm_weight(wn, g, b)
+    assert chosen == ["reference", auto, _backends()[-1], auto]
+    monkeypatch.setenv("GMEM_BACKEND", "reference")  # the environment variable: for a whole run
+    chosen.clear()
+    ops.madafm_weight(wn, g, b)
+    with ops.use_backend(_backends()[-1]):
+        ops.madafm_weight(wn, g, b)
+    assert chosen == ["reference", _backends()[-1]]
+    monkeypatch.delenv("GMEM_BACKEND")
+    # per thread: a thread inside use_backend does not change another thread's choice
+    seen, barrier = {}, threading.Barrier(2)
+
+    def worker(name):
+        with ops.use_backend(name):
+            barrier.wait()
+            seen[name] = ops.current_backend()
+            barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("reference", _backends()[-1])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"reference": "reference", _backends()[-1]: _backends()[-1]}
+    assert ops.current_backend() == "auto"
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        with ops.use_backend("nope"):
+            pass
 
 
 def test_no_grad_calls_skip_the_autograd_functions(monkeypatch):
@@ -122,8 +190,8 @@ def test_no_grad_calls_skip_the_autograd_functions(monkeypatch):
         def refuse(*args, **kwargs):
             raise AssertionError("a no-grad call went through autograd.Function.apply")
 
-        for function in (library._ModulatedConv2d, library._ModulatedConv2dLowRank, library._ModulatedLinear,
-                         library._MadafmWeight):
+        for function in (_ops._ModulatedConv2d, _ops._ModulatedConv2dLowRank, _ops._ModulatedLinear,
+                         _ops._MadafmWeight):
             monkeypatch.setattr(function, "apply", refuse)
         with torch.no_grad():
             for call, want in zip(calls, expected):
@@ -157,7 +225,7 @@ def test_eager_linear_backward_reuses_the_forward_product(monkeypatch):
 
 
 def test_compile_goes_through_the_custom_op():
-    """An opaque backend under torch.compile is one gmem:: custom op in the captured graph."""
+    """Under torch.compile a public op is one gmem:: op in the captured graph."""
     seen = []
 
     def recording_backend(gm, example_inputs):
@@ -178,7 +246,7 @@ def test_compile_goes_through_the_custom_op():
 
 @pytest.mark.parametrize("backend", _backends())
 def test_double_backward_on_the_eager_path(backend):
-    """R1-style gradient penalty: grad of a grad, through the autograd.Function path."""
+    """R1-style gradient penalty: grad of a grad, through the op's autograd."""
     x, wn, gamma, beta, bias, ids = _conv_inputs(mixed=True)
     y = ops.modulated_conv2d(x, wn, gamma, beta, bias, task_ids=ids, padding=1, backend=backend)
     (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
@@ -210,7 +278,7 @@ def test_lowrank_eager_path_matches_dense():
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("mixed", [False, True])
 def test_weight_build_gradcheck_and_double_backward(backend, mixed):
-    """madafm_weight: the cpu backend records a C++ autograd node (csrc/autograd.cpp) in eager mode."""
+    """madafm_weight: every backend records the op's one autograd node (gmem.ops._ops)."""
     torch.manual_seed(4)
     lead = (2,) if mixed else ()
     wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0]
@@ -221,6 +289,5 @@ def test_weight_build_gradcheck_and_double_backward(backend, mixed):
                                rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(fn, (gamma, beta))
     assert torch.autograd.gradgradcheck(fn, (gamma, beta))
-    if backend == "cpu":
-        out = fn(gamma, beta)
-        assert "MadafmWeightFunction" in out.grad_fn.name()
+    out = fn(gamma, beta)
+    assert out.grad_fn.name() == "_MadafmWeightBackward"

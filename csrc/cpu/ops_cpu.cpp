@@ -1,4 +1,4 @@
-// CPU implementation of the gmem_ext ops: the torch-free kernels of kernels/cpu_kernels.h run in
+// CPU implementation of the gmem ops: the torch-free kernels of kernels/cpu_kernels.h run in
 // parallel (at::parallel_for, deterministic partitions) for float32 and float64.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,7 +8,7 @@
 #include "../kernels/lowrank_kernels.h"
 #include "../modulated_ops.h"
 
-namespace gmem_ext {
+namespace gmem {
 namespace {
 
 // The kernels are built for the baseline ISA and, where GCC can, also for AVX2+FMA (target_clones:
@@ -78,7 +78,7 @@ const int64_t* ids_ptr(const at::Tensor& task_ids) {
 }
 
 void madafm_forward_cpu(const at::Tensor& wn, const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& weight) {
-  check_cpu_dtype("gmem_ext::madafm_weight", wn);
+  check_cpu_dtype("gmem::madafm_weight", wn);
   const int64_t rows = wn.size(0), window = wn.size(1), total = gamma.numel();
   AT_DISPATCH_FLOATING_TYPES(wn.scalar_type(), "madafm_forward_cpu", [&] {
     const scalar_t* w = wn.const_data_ptr<scalar_t>();
@@ -92,7 +92,7 @@ void madafm_forward_cpu(const at::Tensor& wn, const at::Tensor& gamma, const at:
 }
 
 void madafm_backward_cpu(const at::Tensor& grad_weight, const at::Tensor& wn, at::Tensor& dgamma, at::Tensor& dbeta) {
-  check_cpu_dtype("gmem_ext::madafm_weight_backward", wn);
+  check_cpu_dtype("gmem::madafm_weight_backward", wn);
   const int64_t rows = wn.size(0), window = wn.size(1), total = dgamma.numel();
   AT_DISPATCH_FLOATING_TYPES(wn.scalar_type(), "madafm_backward_cpu", [&] {
     const scalar_t* d = grad_weight.const_data_ptr<scalar_t>();
@@ -107,7 +107,7 @@ void madafm_backward_cpu(const at::Tensor& grad_weight, const at::Tensor& wn, at
 
 void film_forward_cpu(at::Tensor& h, const at::Tensor& rowsum, const at::Tensor& gamma, const at::Tensor& beta,
                       const at::Tensor& bias, const at::Tensor& task_ids) {
-  check_cpu_dtype("gmem_ext::modulated_linear", h);
+  check_cpu_dtype("gmem::modulated_linear", h);
   const int64_t m = h.size(0), o = h.size(1);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "film_forward_cpu", [&] {
     scalar_t* y = h.mutable_data_ptr<scalar_t>();
@@ -124,7 +124,7 @@ void film_forward_cpu(at::Tensor& h, const at::Tensor& rowsum, const at::Tensor&
 
 void film_backward_input_cpu(const at::Tensor& grad, const at::Tensor& gamma, const at::Tensor& beta,
                              const at::Tensor& task_ids, at::Tensor& gdy, at::Tensor& rowdot) {
-  check_cpu_dtype("gmem_ext::modulated_linear_backward", grad);
+  check_cpu_dtype("gmem::modulated_linear_backward", grad);
   const int64_t m = grad.size(0), o = grad.size(1);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "film_backward_input_cpu", [&] {
     const scalar_t* d = grad.const_data_ptr<scalar_t>();
@@ -141,7 +141,7 @@ void film_backward_input_cpu(const at::Tensor& grad, const at::Tensor& gamma, co
 
 void film_backward_style_cpu(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& rowsum,
                              const at::Tensor& task_ids, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dbias) {
-  check_cpu_dtype("gmem_ext::modulated_linear_backward", grad);
+  check_cpu_dtype("gmem::modulated_linear_backward", grad);
   const int64_t m = grad.size(0), o = grad.size(1);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "film_backward_style_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
@@ -159,7 +159,7 @@ void film_backward_style_cpu(const at::Tensor& grad, const at::Tensor& h, const 
 // weight [O*I, K] of one task from low-rank style factors (kernels/lowrank_kernels.h), threads over O.
 void lowrank_forward_cpu(const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& gvt,
                          const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bvt, at::Tensor& weight) {
-  check_cpu_dtype("gmem_ext::modulated_conv2d_lowrank", wn);
+  check_cpu_dtype("gmem::modulated_conv2d_lowrank", wn);
   const int64_t out_ch = gu.size(0), in_ch = gvt.size(1), window = wn.size(1);
   const int64_t rg = gu.size(1), rb = bu.size(1);
   AT_DISPATCH_FLOATING_TYPES(wn.scalar_type(), "lowrank_forward_cpu", [&] {
@@ -178,6 +178,58 @@ const DeviceKernels kCpuKernels{madafm_forward_cpu,      madafm_backward_cpu,   
                                 film_backward_input_cpu, film_backward_style_cpu, lowrank_forward_cpu};
 
 }  // namespace
-}  // namespace gmem_ext
+}  // namespace gmem
 
-TORCH_LIBRARY_IMPL(gmem_ext, CPU, m) { GMEM_EXT_REGISTER_DEVICE_OPS(m, gmem_ext::kCpuKernels); }
+// The kernels of every gmem:: op for the CPU dispatch key: each op body (modulated_ops.cpp,
+// lowrank_ops.cpp) run with this device's element kernels (the table above).
+TORCH_LIBRARY_IMPL(gmem, CPU, m) {
+  m.impl("madafm_weight", [](const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b) {
+    return gmem::madafm_weight(gmem::kCpuKernels, wn, g, b);
+  });
+  m.impl("madafm_weight_backward", [](const at::Tensor& dw, const at::Tensor& wn) {
+    return gmem::madafm_weight_backward(gmem::kCpuKernels, dw, wn);
+  });
+  m.impl("modulated_conv2d",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,
+            at::IntArrayRef p, at::IntArrayRef d) {
+           return gmem::modulated_conv2d(gmem::kCpuKernels, x, wn, g, b, bias, tid, s, p, d);
+         });
+  m.impl("modulated_conv2d_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,
+            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {
+           return gmem::modulated_conv2d_backward(gmem::kCpuKernels, dy, x, wn, g, b, bias, tid, s, p, d, mask);
+         });
+  m.impl("modulated_linear",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {
+           return gmem::modulated_linear(gmem::kCpuKernels, x, wn, g, b, bias, tid);
+         });
+  m.impl("modulated_linear_forward",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid) {
+           return gmem::modulated_linear_forward(gmem::kCpuKernels, x, wn, g, b, bias, tid);
+         });
+  m.impl("modulated_linear_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& g,
+            const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            std::array<bool, 4> mask, const std::optional<at::Tensor>& x_wn) {
+           return gmem::modulated_linear_backward(gmem::kCpuKernels, dy, x, wn, g, b, bias, tid, mask, x_wn);
+         });
+  m.impl("modulated_conv2d_lowrank",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,
+            const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bv,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,
+            at::IntArrayRef p, at::IntArrayRef d) {
+           return gmem::modulated_conv2d_lowrank(gmem::kCpuKernels, x, wn, gu, gs, gv, bu, bs, bv, bias, tid, s, p, d);
+         });
+  m.impl("modulated_conv2d_lowrank_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu,
+            const at::Tensor& gs, const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs,
+            const at::Tensor& bv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {
+           return gmem::modulated_conv2d_lowrank_backward(gmem::kCpuKernels, dy, x, wn, gu, gs, gv, bu, bs, bv, bias,
+                                                               tid, s, p, d, mask);
+         });
+}

@@ -4,11 +4,14 @@
 * :func:`madafm_weight`, :func:`modulated_conv2d` (mAdaFM) and :func:`modulated_linear` (mFiLM) take
   one style set, or a stack ``[T, ...]`` with ``task_ids`` choosing each sample's, dense or
   :class:`LowRank`.
-* :func:`available_backends` lists what runs here; ``backend="auto"`` picks the best for the device.
+* :func:`available_backends` lists what runs here; ``backend="auto"`` picks the best for the device;
+  :func:`use_backend` chooses one for the ops called inside it (``GMEM_BACKEND`` for a whole run).
+
+The ops are ``torch.ops.gmem.*`` (:mod:`gmem.ops._ops`: one schema each, no backend argument).
 
 :mod:`gmem.ops.reference` holds the pure-PyTorch definition every backend is tested against.
 """
-from .backends import Backend, available_backends, get_backend, register_backend
+from .backends import Backend, available_backends, current_backend, get_backend, register_backend, use_backend
 from .functional import madafm_weight, modulated_conv2d, modulated_linear, normalize_weight
 from .lowrank import LowRank
 
@@ -16,12 +19,14 @@ __all__ = [
     "Backend",
     "LowRank",
     "available_backends",
+    "current_backend",
     "get_backend",
     "madafm_weight",
     "modulated_conv2d",
     "modulated_linear",
     "normalize_weight",
     "register_backend",
+    "use_backend",
 ]
 
 # The compiled and Triton backends register themselves here, at import, so that the first op

@@ -1,4 +1,7 @@
-"""The compiled backends ``"cpu"`` and ``"cuda"``: the C++/CUDA ops of ``csrc/`` (torch.ops.gmem_ext).
+"""The compiled backends ``"cpu"`` and ``"cuda"``: the C++/CUDA kernels of ``csrc/``, registered by
+the extension on the ``gmem::`` ops for the ``CPU`` and ``CUDA`` dispatch keys. These backends call
+the op below autograd (the Autograd kernel of :mod:`gmem.ops._ops` already runs around them), which
+reaches those kernels.
 
 Loading, once per process, on first use of :mod:`gmem.ops` backends:
 
@@ -22,24 +25,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
 
-from . import _ext_build, _fakes
-from .backends import Backend, Grads, register_backend
+from . import _ext_build
+from ._ops import DeviceKernels
+from .backends import register_backend
 
-__all__ = ["CppBackend", "CudaBackend", "extension_loaded", "load_error"]
+__all__ = ["CppBackend", "CudaBackend", "DeviceKernels", "extension_loaded", "load_error", "load_method"]
 
 _state: dict = {"tried": False, "loaded": False, "error": None, "how": None}
 _load_lock = threading.Lock()  # one loader per process, even when threads ask at once
 
 
-def _ops():
-    return torch.ops.gmem_ext
-
 
 def _jit_build() -> None:
     """Build csrc/ into a cache directory keyed by the sources' hash and load it (no Python module)."""
-    if not (_ext_build.CSRC / "gmem_ext.cpp").exists():
+    if not (_ext_build.CSRC / "module.cpp").exists():
         raise RuntimeError(f"no C++ sources to build at {_ext_build.CSRC}")
     _ext_build.prepare_cuda_env()  # CUDA_HOME must be set before cpp_extension is imported
     from torch.utils import cpp_extension
@@ -126,13 +126,17 @@ def _load_once() -> bool:
             stacklevel=3,
         )
         return False
-    _register_fakes()
     return True
 
 
 def extension_loaded() -> bool:
-    """Whether the compiled gmem_ext ops are loaded (loading them on the first call)."""
+    """Whether the compiled kernels are loaded (loading them on the first call)."""
     return _load()
+
+
+def load_method() -> Optional[str]:
+    """How the extension was loaded: "gmem._C" (built in place or installed), "jit", or None."""
+    return _state["how"]
 
 
 def load_error() -> Optional[str]:
@@ -140,93 +144,20 @@ def load_error() -> Optional[str]:
     return _state["error"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations of the gmem_ext ops, for torch.compile and opcheck: the same
-# functions as the public gmem:: ops' (gmem.ops._fakes); the kernels return contiguous gradients.
-# ---------------------------------------------------------------------------------------------
-def _register_fakes() -> None:
-    fakes = {
-        "madafm_weight": _fakes.madafm_weight,
-        "madafm_weight_backward": _fakes.madafm_weight_backward,
-        "modulated_conv2d": _fakes.modulated_conv2d,
-        "modulated_conv2d_backward": _fakes.modulated_conv2d_backward(contiguous=True),
-        "modulated_linear": _fakes.modulated_linear,
-        "modulated_linear_backward": _fakes.modulated_linear_backward(contiguous=True),
-        # the ops below are absent from a gmem._C built before they existed
-        "modulated_linear_forward": _fakes.modulated_linear_forward,
-        "modulated_conv2d_lowrank": _fakes.modulated_conv2d_lowrank,
-        "modulated_conv2d_lowrank_backward": _fakes.modulated_conv2d_lowrank_backward(contiguous=True),
-    }
-    for name, fake in fakes.items():
-        if _has_op(name):
-            torch.library.register_fake("gmem_ext::" + name)(fake)
-
-
-def _has_op(name: str) -> bool:
-    return hasattr(torch.ops.gmem_ext, name)
-
-
-def _has_lowrank_ops() -> bool:
-    return _has_op("modulated_conv2d_lowrank")
+def _has_kernel(dispatch_key: str) -> bool:
+    """Whether the loaded library registered its kernels for ``dispatch_key`` (asked once: it is slow)."""
+    key = "kernels " + dispatch_key
+    if key not in _state:
+        _state[key] = torch._C._dispatch_has_kernel_for_dispatch_key("gmem::madafm_weight", dispatch_key)  # noqa: SLF001
+    return _state[key]
 
 
 # ---------------------------------------------------------------------------------------------
-# The backends
+# The backends: the kernels registered on the ops (gmem.ops._ops.DeviceKernels), where built
 # ---------------------------------------------------------------------------------------------
-def _none_unless(grads, mask) -> Grads:
-    """The ops return empty tensors for gradients not asked for; the Backend API wants None."""
-    return tuple(g if m else None for g, m in zip(grads, mask))  # type: ignore[return-value]
 
 
-def _contiguous_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
-    # Mixed-task bias may be an expanded (stride-0) view of [O]
-    return None if bias is None else bias.contiguous()
-
-
-def in_float32(applies):
-    """Decorator for backend methods whose kernels lack bfloat16/float16 on the CPU (the C++ kernels;
-    the Triton interpreter, which has no numpy bfloat16): where ``applies(backend, first tensor)``,
-    low-precision arguments (autocast) are computed in float32 and results rounded back to their dtype.
-    """
-    return lambda method: _in_float32(method, applies)
-
-
-def _in_float32(method, applies):
-    import functools
-
-    low = (torch.bfloat16, torch.float16)
-
-    def up(value):
-        if isinstance(value, Tensor) and value.dtype in low:
-            return value.float()
-        if isinstance(value, tuple):
-            return tuple(up(v) for v in value)
-        return value
-
-    def down(value, dtype):
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value.to(dtype)
-        if isinstance(value, (tuple, list)):
-            return type(value)(down(v, dtype) for v in value)
-        return value
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if dtype not in low or not applies(self, first):
-            return method(self, *args, **kwargs)
-        with torch.autocast("cpu", enabled=False):  # the kernels' own ATen calls stay in float32
-            out = method(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
-        return down(out, dtype)
-
-    return wrapper
-
-
-_cpu_in_float32 = in_float32(lambda backend, x: type(backend) is CppBackend)
-
-
-class CppBackend(Backend):
+class CppBackend(DeviceKernels):
     """C++ kernels on the CPU (float32, float64; bfloat16/float16 arguments computed in float32),
     ATen (oneDNN / BLAS) for convolutions and GEMMs."""
 
@@ -235,99 +166,11 @@ class CppBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def is_available(self) -> bool:
-        return _load()
-
-    @property
-    def supports_lowrank(self) -> bool:
-        """LowRank gamma/beta of a conv go to ``gmem_ext::modulated_conv2d_lowrank`` as factors.
-
-        False only for an extension built before that op existed (the styles are then densified).
-        """
-        return _load() and _has_lowrank_ops()
-
-    @property
-    def native_autograd(self) -> frozenset:
-        """gmem_ext::madafm_weight carries its autograd in C++ (csrc/autograd.cpp); asked once."""
-        if "native_autograd" not in _state:
-            has = _load() and torch._C._dispatch_has_kernel_for_dispatch_key("gmem_ext::madafm_weight", "Autograd")
-            _state["native_autograd"] = frozenset({"madafm_weight"}) if has else frozenset()
-        return _state["native_autograd"]
-
-    @_cpu_in_float32
-    def madafm_weight(self, weight_norm, gamma, beta):
-        return _ops().madafm_weight(weight_norm, gamma, beta)
-
-    @_cpu_in_float32
-    def madafm_weight_backward(self, grad_weight, weight_norm):
-        return tuple(_ops().madafm_weight_backward(grad_weight, weight_norm))
-
-    @_cpu_in_float32
-    def modulated_conv2d(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
-        return _ops().modulated_conv2d(
-            x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, list(stride), list(padding), list(dilation)
-        )
-
-    @_cpu_in_float32
-    def modulated_conv2d_backward(
-        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
-    ):
-        mask = [bool(m) for m in output_mask]
-        mask[3] = mask[3] and bias is not None
-        grads = _ops().modulated_conv2d_backward(
-            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids,
-            list(stride), list(padding), list(dilation), mask,
-        )
-        return _none_unless(grads, mask)
-
-    @_cpu_in_float32
-    def modulated_conv2d_lowrank(self, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation):
-        """``gamma, beta = (u, s, v)``: ``[(T,) O, r], [(T,) r], [(T,) I, r]``, rebuilt in the weight build."""
-        return _ops().modulated_conv2d_lowrank(
-            x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
-            list(stride), list(padding), list(dilation),
-        )
-
-    @_cpu_in_float32
-    def modulated_conv2d_lowrank_backward(
-        self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
-    ):
-        """``(dx, (du, ds, dv) | None, (du, ds, dv) | None, dbias)`` shaped like the inputs."""
-        mask = [bool(m) for m in output_mask]
-        mask[3] = mask[3] and bias is not None
-        dx, *factor_grads, dbias = _ops().modulated_conv2d_lowrank_backward(
-            grad_out, x, weight_norm, *gamma, *beta, _contiguous_bias(bias), task_ids,
-            list(stride), list(padding), list(dilation), mask,
-        )
-        return (
-            dx if mask[0] else None,
-            tuple(factor_grads[:3]) if mask[1] else None,
-            tuple(factor_grads[3:]) if mask[2] else None,
-            dbias if mask[3] else None,
-        )
-
-    @_cpu_in_float32
-    def modulated_linear(self, x, weight_norm, gamma, beta, bias, task_ids):
-        return _ops().modulated_linear(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
-
-    @_cpu_in_float32
-    def modulated_linear_forward(self, x, weight_norm, gamma, beta, bias, task_ids):
-        if not _has_op("modulated_linear_forward"):  # an extension built before the op existed
-            return super().modulated_linear_forward(x, weight_norm, gamma, beta, bias, task_ids)
-        return _ops().modulated_linear_forward(x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids)
-
-    @_cpu_in_float32
-    def modulated_linear_backward(self, grad_out, x, weight_norm, gamma, beta, bias, task_ids, output_mask,
-                                  x_wn=None):
-        mask = [bool(m) for m in output_mask]
-        mask[3] = mask[3] and bias is not None
-        extra = () if x_wn is None else (x_wn,)  # only passed by a build that has modulated_linear_forward
-        grads = _ops().modulated_linear_backward(
-            grad_out, x, weight_norm, gamma, beta, _contiguous_bias(bias), task_ids, mask, *extra
-        )
-        return _none_unless(grads, mask)
+        # a library built from other sources may lack the kernels (then the reference would answer)
+        return _load() and _has_kernel("CPU")
 
 
-class CudaBackend(CppBackend):
+class CudaBackend(DeviceKernels):
     """CUDA kernels (float32, float64, float16, bfloat16), cuDNN / cuBLAS through ATen."""
 
     name = "cuda"
@@ -340,7 +183,7 @@ class CudaBackend(CppBackend):
         if not _load():
             return False
         # a CPU-only build of the extension (no CUDA toolkit at build time) has no CUDA kernels
-        return torch._C._dispatch_has_kernel_for_dispatch_key("gmem_ext::madafm_weight", "CUDA")
+        return _has_kernel("CUDA")
 
 
 register_backend(CppBackend(), priority=10)

@@ -162,7 +162,10 @@ def _run(ops, backend: str, case, device, dtype, seed: int):
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in data["leaves"]]
     wn = data["fixed"][0].to(device=device, dtype=dtype)
     ids = None if data["ids"] is None else data["ids"].to(device)
-    out = call(ops, backend, *leaves, wn=wn, ids=ids)
+    # the backend chosen as a context too: the check may run while torch.compile traces a call
+    # (resolving "auto"), where an op's backend= keyword alone cannot set it (gmem.ops.backends)
+    with ops.use_backend(backend):
+        out = call(ops, backend, *leaves, wn=wn, ids=ids)
     grad_out = _inputs(seed + 1)(*out.shape).to(device=device, dtype=dtype)
     grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     return {"out": out, **{f"d {n}": g for n, g in zip(names, grads)}}

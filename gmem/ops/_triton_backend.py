@@ -11,10 +11,10 @@ Tensors must be on CUDA, or on the CPU under the interpreter; anything else rais
 NotImplementedError. Nothing falls back to the reference silently.
 
 torch.compile: ``traceable = True``. Every method is plain torch ops (the device-side task grouping
-included, no host synchronisation) around ``gmem_triton::`` ops, one per kernel launch, registered
+included, no host synchronisation) around ``gmem::triton_`` ops, one per kernel launch, registered
 with ``torch.library.triton_op``; so ``gmem.ops`` calls these methods inside an autograd.Function
 that dynamo traces (``fullgraph=True`` works), and AOT autograd decomposes each op into its Triton
-kernel launch. Under the interpreter the ``gmem_triton::`` ops stay opaque (see gmem_kernels/NOTES.md).
+kernel launch. Under the interpreter the ``gmem::triton_`` ops stay opaque (see gmem_kernels/NOTES.md).
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._cpp_backend import in_float32
-from .backends import Backend, Grads, register_backend
+from .backends import Backend, Grads, in_float32, register_backend
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _kernels = None
@@ -44,6 +43,11 @@ else:
 _interpreter_in_float32 = in_float32(lambda backend, x: x is not None and x.device.type == "cpu")
 
 
+def import_error() -> Optional[str]:
+    """Why the Triton kernels are unavailable here (None when they loaded)."""
+    return _import_error
+
+
 class TritonBackend(Backend):
     """Fused implicit-GEMM Triton kernels (``gmem_kernels``); see the module docstring."""
 
@@ -53,7 +57,7 @@ class TritonBackend(Backend):
     #: takes LowRank gamma/beta factors directly (``gmem::modulated_conv2d_lowrank``)
     supports_lowrank = True
     #: every method is traceable by dynamo: host code is torch ops (the task grouping included) and
-    #: each launch is a ``gmem_triton::`` op (``torch.library.triton_op``, see gmem_kernels/NOTES.md)
+    #: each launch is a ``gmem::triton_`` op (``torch.library.triton_op``, see gmem_kernels/NOTES.md)
     traceable = True
 
     def is_available(self) -> bool:

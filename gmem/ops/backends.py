@@ -1,10 +1,11 @@
-"""Backends behind one op definition (bitsandbytes-style).
+"""Backends: the implementations between which one device's kernels are chosen, and how the
+choice is made (bitsandbytes-style ``register_kernel`` by name).
 
-A backend is an object with the six methods of :class:`Backend`. Each receives canonical,
-validated arguments (see :mod:`gmem.ops.reference`) and returns plain tensors; autograd, fake
-tensors and torch.compile are handled once, in :mod:`gmem.ops.library`. The base class implements
-every method with the pure-PyTorch reference, so a backend overrides only what it accelerates and
-the rest always works.
+A backend is an object with the methods of :class:`Backend`. Each receives canonical, validated
+arguments (see :mod:`gmem.ops.reference`) and returns plain tensors; the op schemas, their autograd,
+fakes and Autocast kernels are written once, in :mod:`gmem.ops._ops`, whose Autograd kernel calls the
+backend chosen for the call. The base class implements every method with the pure-PyTorch
+reference, so a backend overrides only what it accelerates and the rest always works.
 
 Registering a backend::
 
@@ -16,22 +17,39 @@ Registering a backend::
 
     register_backend(MyBackend(), priority=30)
 
-``backend="auto"`` picks, for the device of the inputs, the available backend with the highest
-priority that supports the dtype and passed its self-check (:mod:`gmem.ops.selfcheck`);
-``GMEM_BACKEND=name`` in the environment overrides "auto".
+Choosing one (the first that applies):
+
+1. ``with gmem.ops.use_backend(name):`` around the calls (a context variable: per call, per thread,
+   per asyncio task), or an op's ``backend=name`` keyword (a shorthand for that context);
+2. the environment variable ``GMEM_BACKEND=name`` for a whole run;
+3. ``"auto"``: for the device of the inputs, the available backend with the highest priority that
+   supports the dtype and passed its self-check (:mod:`gmem.ops.selfcheck`).
+
+Under torch.compile the backend is chosen while the function is traced (AOT autograd runs the
+ops' Autograd kernels): the ``use_backend`` context (or ``GMEM_BACKEND``) in effect around the call
+of the compiled function decides; a ``backend=`` keyword *inside* the compiled function is checked
+(unknown or unavailable names raise) but cannot change that choice.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import reference
 from . import selfcheck as _selfcheck
+from .lowrank import lowrank_dense, lowrank_factor_grads
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "resolve_backend"]
+__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "registered_backends",
+           "resolve_backend", "use_backend", "current_backend"]
+
+#: the backend chosen by the innermost ``use_backend`` (or public op's ``backend=``), None outside any
+_SELECTED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("gmem_backend", default=None)
 
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
@@ -44,12 +62,12 @@ class Backend:
     device_types: tuple[str, ...] = ("cpu", "cuda")
     #: dtypes this backend computes in
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    #: whether torch.compile (dynamo) can trace this backend's methods, fullgraph, and should: then
-    #: compile sees its kernels instead of one opaque custom op (gmem.ops.library)
+    #: whether AOT autograd can trace this backend's methods into its kernels (torch.compile then
+    #: sees them, e.g. Triton launches); False: its kernels are the op's own (opaque) device kernels
     traceable: bool = False
-    #: public ops whose backend method records its own autograd (a C++ autograd kernel): eager calls
-    #: use the method as it is, with no Python autograd node around it (gmem.ops.library)
-    native_autograd: frozenset[str] = frozenset()
+    #: whether LowRank gamma/beta of a conv reach :meth:`modulated_conv2d_lowrank` as factors
+    #: (kernels that rebuild the styles from them); else the public op densifies them first
+    supports_lowrank: bool = False
 
     def is_available(self) -> bool:
         return True
@@ -87,6 +105,28 @@ class Backend:
             grad_out, x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, output_mask
         )
 
+    # -- convolution with low-rank styles (factors (u, s, v) each) ---------------------------
+    def modulated_conv2d_lowrank(
+        self, x: Tensor, weight_norm: Tensor, gamma: tuple, beta: tuple, bias: Optional[Tensor],
+        task_ids: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+    ) -> Tensor:
+        """``gamma, beta = (u, s, v)``: ``[(T,) O, r], [(T,) r], [(T,) I, r]``; here densified."""
+        return self.modulated_conv2d(x, weight_norm, lowrank_dense(*gamma), lowrank_dense(*beta), bias, task_ids,
+                                     stride, padding, dilation)
+
+    def modulated_conv2d_lowrank_backward(
+        self, grad_out: Tensor, x: Tensor, weight_norm: Tensor, gamma: tuple, beta: tuple,
+        bias: Optional[Tensor], task_ids: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+        dilation: Sequence[int], output_mask: Sequence[bool],
+    ):
+        """``(dx, (du, ds, dv) | None, (du, ds, dv) | None, dbias)`` shaped like the inputs."""
+        dx, dgamma, dbeta, dbias = self.modulated_conv2d_backward(
+            grad_out, x, weight_norm, lowrank_dense(*gamma), lowrank_dense(*beta), bias, task_ids, stride, padding,
+            dilation, output_mask)
+        g = None if dgamma is None else lowrank_factor_grads(dgamma, *gamma)
+        b = None if dbeta is None else lowrank_factor_grads(dbeta, *beta)
+        return dx, g, b, dbias
+
     # -- linear (mFiLM) ----------------------------------------------------------------------
     def modulated_linear(
         self, x: Tensor, weight_norm: Tensor, gamma: Tensor, beta: Tensor, bias: Optional[Tensor],
@@ -115,6 +155,46 @@ class Backend:
         return f"<gmem backend {self.name!r}>"
 
 
+def in_float32(applies):
+    """Decorator for backend methods whose kernels lack bfloat16/float16 on the CPU (the C++ kernels;
+    the Triton interpreter, which has no numpy bfloat16): where ``applies(backend, first tensor)``,
+    low-precision arguments (autocast) are computed in float32 and results rounded back to their dtype.
+    """
+    return lambda method: _in_float32(method, applies)
+
+
+def _in_float32(method, applies):
+    low = (torch.bfloat16, torch.float16)
+
+    def up(value):
+        if isinstance(value, Tensor) and value.dtype in low:
+            return value.float()
+        if isinstance(value, tuple):
+            return tuple(up(v) for v in value)
+        return value
+
+    def down(value, dtype):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(down(v, dtype) for v in value)
+        return value
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if args[0].dtype in (torch.float32, torch.float64):  # the common case, in one step (per-call cost)
+            return method(self, *args, **kwargs)
+        dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if dtype not in low or not applies(self, first):
+            return method(self, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):  # the kernels' own ATen calls stay in float32
+            out = method(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return down(out, dtype)
+
+    return wrapper
+
+
 _REGISTRY: dict[str, tuple[int, Backend]] = {}
 
 
@@ -123,6 +203,7 @@ def register_backend(backend: Backend, priority: int = 0) -> Backend:
     if not isinstance(backend, Backend):
         raise TypeError(f"register_backend: expected a gmem.ops.Backend, got {type(backend).__name__}")
     _REGISTRY[backend.name] = (priority, backend)
+    _CHECKED.clear()
     return backend
 
 
@@ -158,6 +239,12 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
+def registered_backends() -> list[tuple[str, int, Backend]]:
+    """``(name, priority, backend)`` of every registered backend (available or not), best first."""
+    _load_optional_backends()
+    return [(name, priority, b) for name, (priority, b) in sorted(_REGISTRY.items(), key=lambda kv: -kv[1][0])]
+
+
 def available_backends() -> list[str]:
     """Names of the backends usable on this machine (``"reference"`` always), best first."""
     _load_optional_backends()
@@ -165,11 +252,68 @@ def available_backends() -> list[str]:
     return [name for name, (_, b) in ranked if b.is_available()]
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
-    """The concrete backend name for ``backend`` ("auto" or a name) on ``device``/``dtype``."""
-    if not isinstance(backend, str):
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: the ops called inside it run on backend ``name`` ("auto", "reference", "cpu",
+    "cuda", "triton" or a registered name). Per call and thread-safe (a context variable); nested
+    blocks override outer ones; ``"auto"`` restores the automatic choice (``GMEM_BACKEND`` included).
+    Unknown names raise ValueError here; an unavailable backend raises at the first op it would run."""
+    if not isinstance(name, str):
+        raise TypeError(f"use_backend: name must be a string, got {type(name).__name__}")
+    if name != "auto":
+        get_backend(name)
+    token = _SELECTED.set(name)
+    try:
+        yield name
+    finally:
+        _SELECTED.reset(token)
+
+
+def current_backend() -> str:
+    """The backend name in effect here: the innermost ``use_backend``, else ``$GMEM_BACKEND``, else "auto"."""
+    name = _SELECTED.get()
+    if name is None or name == "auto":
+        return os.environ.get("GMEM_BACKEND", "auto") or "auto"
+    return name
+
+
+def call_with(name: str, op, *args):
+    """``op(*args)`` with backend ``name`` chosen for it (the public ops' ``backend=`` shorthand).
+
+    Under torch.compile the context cannot be set inside the traced function (see the module
+    docstring): the op is called as it is."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    token = _SELECTED.set(name)
+    try:
+        return op(*args)
+    finally:
+        _SELECTED.reset(token)
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The concrete backend name for ``backend`` ("auto", None or a name) on ``device``/``dtype``;
+    "auto" and None mean the backend in effect (:func:`current_backend`)."""
+    if backend is not None and not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
+    if backend is None or backend == "auto":
+        backend = _current_for_trace()
+    if not torch.compiler.is_compiling():  # (under dynamo the answer is a constant anyway: no guard on the memo)
+        name = _CHECKED.get((backend, device.type, dtype))  # a named backend already found usable here
+        if name is not None:
+            return name
     return _resolve(backend, device.type, dtype, op)
+
+
+#: ``(name, device type, dtype) -> name`` for named (not "auto") backends found available and
+#: supporting that device and dtype; cleared when a backend is registered
+_CHECKED: dict = {}
+
+
+# Under torch.compile, dynamo reads the context variable once, as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _current_for_trace() -> str:
+    return current_backend()
 
 
 # Resolution looks at the machine (loads the extension, imports Triton), never at tensor values:
@@ -177,8 +321,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: 
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str:
     device = torch.device(device_type)
-    if backend == "auto":
-        backend = os.environ.get("GMEM_BACKEND", "auto") or "auto"
     _load_optional_backends()
     if backend == "auto":
         for name, (_, b) in sorted(_REGISTRY.items(), key=lambda kv: -kv[1][0]):
@@ -196,6 +338,7 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, op: str) -> str
             f"{op}: backend={backend!r} does not support device {device.type!r} with dtype {dtype}"
             f" (it runs on {list(b.device_types)})"
         )
+    _CHECKED[(backend, device_type, dtype)] = backend
     return backend
 
 

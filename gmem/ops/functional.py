@@ -1,10 +1,13 @@
-"""Public functional ops: validate, bring arguments to canonical form, pick a backend, call the op.
+"""Public functional ops: validate, bring arguments to canonical form, call the ``torch.ops.gmem`` op.
+
+``backend=name`` is a shorthand for ``with gmem.ops.use_backend(name):`` around the call (see
+:mod:`gmem.ops.backends`); the op itself takes no backend (:mod:`gmem.ops._ops`).
 
 Under ``torch.autocast`` (cpu, cuda) the ops behave as ``nn.Conv2d``/``nn.Linear`` do: every
 floating-point argument that is not float64 is cast to the autocast dtype at the op (float32 style
 parameters and frozen statistics stay float32 where they are stored and get float32 gradients), and
-the backends accumulate in float32. The custom ops carry the same rule as their Autocast kernels
-(:mod:`gmem.ops.library`), so torch.compile and direct ``torch.ops.gmem`` calls see it too.
+the backends accumulate in float32. The ops carry the same rule in their Autocast kernels
+(:mod:`gmem.ops._ops`), so torch.compile and direct ``torch.ops.gmem`` calls see it too.
 
 Bad input raises before anything runs, with a message naming the argument and what was expected:
 TypeError (wrong type or dtype), ValueError (shapes, devices, unknown backend), IndexError (task ids
@@ -17,11 +20,16 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import library, reference
-from .backends import get_backend, resolve_backend
+from . import _ops, reference  # noqa: F401  (_ops: importing it defines torch.ops.gmem)
+from .backends import call_with, get_backend, resolve_backend
 from .lowrank import LowRank
 
 __all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear"]
+
+_MADAFM_WEIGHT = torch.ops.gmem.madafm_weight.default
+_MODULATED_CONV2D = torch.ops.gmem.modulated_conv2d.default
+_MODULATED_CONV2D_LOWRANK = torch.ops.gmem.modulated_conv2d_lowrank.default
+_MODULATED_LINEAR = torch.ops.gmem.modulated_linear.default
 
 Style = Union[Tensor, LowRank]
 IntPair = Union[int, tuple[int, int], list[int]]
@@ -104,7 +112,7 @@ def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.dev
     # RuntimeError naming the range), and the ids are clamped so that no kernel ever reads out of
     # bounds, even where the assert is reported only later (CUDA).
     if torch.compiler.is_compiling():
-        torch._assert_async(((task_ids >= 0) & (task_ids < num_tasks)).all(), _ids_out_of_range(op, num_tasks))
+        torch._assert_async(((task_ids >= 0) & (task_ids < num_tasks)).all(), _ids_out_of_range(op, num_tasks))  # noqa: SLF001
         return task_ids.clamp(0, num_tasks - 1)
     if n:
         lo, hi = int(task_ids.min()), int(task_ids.max())
@@ -184,10 +192,10 @@ def madafm_weight(weight_norm: Tensor, gamma: Style, beta: Style, *, backend: st
     gamma, beta, _ = _style_pair(op, gamma, beta, weight_norm, style_shape)
     name = resolve_backend(backend, weight_norm.device, weight_norm.dtype, op)
     if weight_norm.ndim == 4:
-        return library.madafm_weight(weight_norm, gamma, beta, name)
+        return call_with(name, _MADAFM_WEIGHT, weight_norm, gamma, beta)
     # mFiLM rows: view [O, I] as a conv weight [O, 1, I, 1] whose "kernel" is the row
     o, i = weight_norm.shape
-    out = library.madafm_weight(weight_norm.reshape(o, 1, i, 1), gamma[..., None], beta[..., None], name)
+    out = call_with(name, _MADAFM_WEIGHT, weight_norm.reshape(o, 1, i, 1), gamma[..., None], beta[..., None])
     return out.reshape(*gamma.shape[:-1], o, i)
 
 
@@ -240,8 +248,8 @@ def modulated_conv2d(
             return out
     gamma, beta, bias, task_ids = _styles(op, gamma, beta, bias, task_ids, x, (o, i), o, x.shape[0])
     name = resolve_backend(backend, x.device, x.dtype, op)
-    return library.modulated_conv2d(
-        x, weight_norm.detach(), gamma, beta, bias, task_ids, stride_, padding_, dilation_, name
+    return call_with(
+        name, _MODULATED_CONV2D, x, weight_norm.detach(), gamma, beta, bias, task_ids, stride_, padding_, dilation_
     )
 
 
@@ -257,12 +265,12 @@ def _modulated_conv2d_lowrank(op, x, weight_norm, gamma, beta, bias, task_ids, s
         return torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
 
     name = resolve_backend(backend, x.device, x.dtype, op)
-    if not getattr(get_backend(name), "supports_lowrank", False):
+    if not get_backend(name).supports_lowrank:
         return None  # before validating, so other backends see no extra work (the id range check syncs)
     _, _, bias, task_ids = _styles(op, proxy(gamma), proxy(beta), bias, task_ids, x, (o, i), o, x.shape[0])
-    return library.modulated_conv2d_lowrank(
-        x, weight_norm.detach(), gamma.u, gamma.s, gamma.v, beta.u, beta.s, beta.v, bias, task_ids,
-        stride, padding, dilation, name,
+    return call_with(
+        name, _MODULATED_CONV2D_LOWRANK, x, weight_norm.detach(), gamma.u, gamma.s, gamma.v, beta.u, beta.s,
+        beta.v, bias, task_ids, stride, padding, dilation,
     )
 
 
@@ -301,5 +309,5 @@ def modulated_linear(
     x2 = x.reshape(-1, i)
     if task_ids is not None and x2.shape[0] != n:  # inner dimensions share their sample's task
         task_ids = task_ids.repeat_interleave(x2.shape[0] // max(n, 1))
-    out = library.modulated_linear(x2, weight_norm.detach(), gamma, beta, bias, task_ids, name)
+    out = call_with(name, _MODULATED_LINEAR, x2, weight_norm.detach(), gamma, beta, bias, task_ids)
     return out.reshape(*lead, o)

@@ -225,7 +225,7 @@ def _fake_tensors_active() -> bool:
     """Whether a fake-tensor mode is active (tracing that is not dynamo's own eager constant folding):
     the cases cannot run on real tensors there."""
     try:
-        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None  # noqa: SLF001
     except AttributeError:  # an older torch
         return False
 
