@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
 
 from benchmarks import cases, e2e, report, run, timing  # noqa: E402
 from benchmarks.providers import compiled_backends  # noqa: E402
+from gmem import models  # noqa: E402
 
 REQUIRED = ("op", "case", "backend", "ms", "device", "machine", "torch", "triton", "dtype", "tf32",
             "threads", "pass", "batch", "tasks", "ms_min", "reps", "peak_bytes", "ratio_reference",
@@ -149,7 +150,6 @@ def test_gpgan256_layers_match_the_real_model():
     assert (g["fc"].c_in, g["fc"].c_out) == (257, 16384)
     assert (g["b4.conv_0"].c_in, g["b4.conv_0"].size) == (1024, 4)
     assert (g["b256.conv_1"].c_out, g["b256.conv_1"].size) == (64, 256)
-    models = pytest.importorskip("gmem.models")
     G = models.Generator(size=32, nf=32, z_dim=128, embed_size=64)
     for key, layer in cases.DEMO32.items():
         if key == "fc":
@@ -184,8 +184,6 @@ def test_targets_are_checked_against_the_right_baselines():
 
 
 def test_end_to_end_steps_run():
-    pytest.importorskip("gmem.nn")
-    pytest.importorskip("gmem.models")
     tiny = e2e.Model("tiny8", size=8, nf=4, z_dim=8, embed_size=4, batch=2, replay_batch=4, replay_tasks=2)
     env = {"device": "cpu", "threads": 1}
     records = e2e.run("cpu", quick=True, budget=timing.TINY, env=env, log=lambda s: None, model=tiny)

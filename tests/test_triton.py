@@ -4,6 +4,7 @@ Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets TRIT
 before anything imports Triton) at tiny shapes: the interpreter is slow. With a CUDA GPU the same
 tests run on the GPU, plus the GPU-only tests at real shapes and in bfloat16 at the end.
 """
+import importlib.util
 import os
 import pathlib
 import random
@@ -24,6 +25,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 if "triton" not in ops.available_backends():
+    if importlib.util.find_spec("triton") is not None and (HAS_GPU or INTERPRET):
+        # Triton is installed and there is a GPU or its interpreter was asked for: the backend must work,
+        # so a broken Triton (an import error, a version that does not fit) fails here instead of skipping
+        from gmem.ops import _triton_backend
+
+        raise RuntimeError(f"Triton is installed and {'a GPU is present' if HAS_GPU else 'TRITON_INTERPRET=1'}, "
+                           f"but the triton backend is unavailable: {_triton_backend.import_error()}")
     pytest.skip(
         "triton backend unavailable (needs Triton and a CUDA GPU, or TRITON_INTERPRET=1 before import)",
         allow_module_level=True,
