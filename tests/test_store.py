@@ -252,9 +252,9 @@ def test_tasks_symlink_outside_is_refused(tmp_path):
     shutil.move(tmp_path / "m" / "tasks", outside)
     (tmp_path / "m" / "tasks").symlink_to(outside)
     loaded = GANMemory.load(tmp_path / "m")
-    assert all("outside the memory" in e for e in loaded.verify().values())
+    assert all("symbolic link" in e for e in loaded.verify().values())
     add_task(mem, "c", 5)
-    with pytest.raises(ManifestError, match="outside the memory"):
+    with pytest.raises(ManifestError, match="symbolic link"):
         mem.save(tmp_path / "m")
     assert sorted(p.name for p in outside.iterdir()) == sorted(Path(e["file"]).name for e in
                                                                Store(tmp_path / "m").read_manifest()["tasks"])

@@ -29,14 +29,33 @@ def open_memory(memory: str):
     """The :class:`gmem.GANMemory` in directory ``memory``; FileNotFoundError saying how to create one if
     there is none, ValueError if ``memory`` is a file."""
     from ..memory import GANMemory
-    from ..store import MANIFEST
+    from ..store import MANIFEST, ManifestError
 
     if Path(memory).exists() and not Path(memory).is_dir():
         raise ValueError(f"{memory} is a file, not a memory directory")
-    if not (Path(memory) / MANIFEST).is_file():
+    if not (Path(memory) / MANIFEST).is_file() and not (Path(memory) / MANIFEST).is_symlink():
+        if has_task_files(memory):
+            raise FileNotFoundError(f"{memory}: {MANIFEST} is missing but task files are there; rebuild it "
+                                    f"from them with `gmem verify {memory} --repair`")
         raise FileNotFoundError(f"no GAN memory at {memory!r} ({MANIFEST} not found); create one with "
                                 f"`gmem learn {memory} NAME DATA`")
-    return GANMemory.load(memory)
+    try:
+        return GANMemory.load(memory)
+    except ManifestError as e:
+        raise ManifestError(repair_hint(str(e), memory)) from None
+
+
+def has_task_files(memory) -> bool:
+    """Whether ``memory`` holds task files (``tasks/*.safetensors``), with or without a manifest."""
+    tasks = Path(memory) / "tasks"
+    return tasks.is_dir() and not tasks.is_symlink() and any(tasks.glob("*.safetensors"))
+
+
+def repair_hint(message: str, memory) -> str:
+    """``message`` about a damaged manifest, plus how to rebuild it from the task files (which keeps them)."""
+    if "damaged manifest" in message and has_task_files(memory):
+        return f"{message}; rebuild it from the task files with `gmem verify {memory} --repair`"
+    return message
 
 
 def check_device(name: str):

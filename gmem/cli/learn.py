@@ -35,25 +35,28 @@ def _learn_preflight(args):
     if getattr(args, "keep", None) is not None:
         if not getattr(args, "compress", False):
             raise ValueError("--keep applies with --compress only")
+        cli_checks.check_number(args.keep, "--keep", 0, 1)
     if getattr(args, "compress_fc", False) and not getattr(args, "compress", False):
         raise ValueError("--compress-fc applies with --compress only")
-        cli_checks.check_number(args.keep, "--keep", 0, 1)
     if args.background is not None:
         from ..data import _background
 
         _background(args.background)
     device = cli_checks.check_device(args.device)
     memory = cli_checks.check_writable_directory(args.memory)
-    if (memory / MANIFEST).is_file():
+    if (memory / MANIFEST).is_file() or (memory / MANIFEST).is_symlink():
         if args.base:
             raise ValueError(f"--base applies to a new memory only; {memory} exists already")
-        mem = GANMemory.load(memory)
+        mem = cli_checks.open_memory(memory)
         if args.name in mem.tasks:
             raise ValueError(f"task {args.name!r} exists already in {memory} (tasks: {mem.tasks})")
         for task, problem in Store(memory).verify_files().items():
             if problem:
                 raise ValueError(f"{problem}; drop it with `gmem remove {memory} {task}` or repair the memory "
                                  f"with `gmem verify {memory} --repair`, then learn again")
+    elif cli_checks.has_task_files(memory):  # a lost manifest: learning would start a new memory over them
+        raise ValueError(f"{memory} has task files but no {MANIFEST}; rebuild it from them with "
+                         f"`gmem verify {memory} --repair`, then learn again")
     else:
         mem = GANMemory.from_base(*load_base(args.base)) if args.base else GANMemory.default()
     cli_checks.check_batch_size(mem, args.batch_size, device)

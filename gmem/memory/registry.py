@@ -248,6 +248,10 @@ class TaskRegistry:
         self.pending.pop(task, None)
         self.order.remove(task)
 
+    def uninstall(self, task: str) -> None:
+        """Take a task :meth:`install` put in the networks out again (no record kept: e.g. a trial install)."""
+        self._uninstall(task)
+
     def _uninstall(self, task: str, from_networks: bool = True) -> None:
         """Take ``task`` out of the knowledge bases, the networks' banks (``from_networks``; a task never
         read is not in them) and the heads. The bases go first: they refuse (ValueError naming them)
@@ -258,7 +262,7 @@ class TaskRegistry:
             gnn.remove_task(self.G, task)
             gnn.remove_task(self.D, task)
         self.heads.remove(task)
-        del self.records[task]
+        self.records.pop(task, None)
 
     # ------------------------------------------------------------------ running a task
     def trainable(self, task: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

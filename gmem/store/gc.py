@@ -64,7 +64,7 @@ def collect_garbage(directory, *, manifest: dict, grace: float = GC_GRACE_SECOND
         candidates += list(kb_dir.glob("knowledge-*.json")) + list(kb_dir.glob(".*.tmp"))
     for path in candidates:
         try:
-            if path.resolve() in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
+            if path.is_symlink() or path in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
                 continue
             path.unlink()
             deleted.append(path)

@@ -1,0 +1,206 @@
+"""The edges a first user hits (issue 24): links out of a memory, repair of a lost manifest, hints that
+work, training never thrown away, one-line errors, input bounds."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmem import GANMemory
+from gmem.cli import main
+from gmem.models import Discriminator, Generator, save_base
+from gmem.store import ManifestError, Store
+
+
+def tiny_base(seed=0):
+    torch.manual_seed(seed)
+    return Generator(32, 4, z_dim=8, embed_size=4), Discriminator(32, 4)
+
+
+def saved_memory(directory, names=("a", "b"), custom_base=False):
+    state = torch.get_rng_state()
+    try:
+        mem = GANMemory.from_base(*tiny_base())
+    finally:
+        torch.set_rng_state(state)
+    for n in names:
+        mem.learn(n, torch.zeros(4, 3, 32, 32), iterations=0, batch_size=2, seed=0, progress=False)
+    mem.save(directory)
+    return mem
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file below ``folder`` with its bytes (what must not change)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def outside(tmp_path):
+    d = tmp_path / "OUTSIDE"
+    d.mkdir()
+    (d / "v").write_text("precious")
+    return d
+
+
+# ------------------------------------------------------------------ 1. links
+def test_lock_link_is_refused_and_outside_unchanged(tmp_path, outside):
+    m = tmp_path / "m"
+    mem = saved_memory(m)
+    before = snapshot(outside)
+    (m / ".lock").unlink()
+    (m / ".lock").symlink_to(outside / "v")
+    mem.learn("c", torch.zeros(4, 3, 32, 32), iterations=0, batch_size=2, seed=0, progress=False)
+    with pytest.raises(ManifestError, match="symbolic link"):
+        mem.save(m)
+    assert snapshot(outside) == before
+
+
+def test_manifest_link_is_not_read(tmp_path, outside):
+    m = tmp_path / "m"
+    saved_memory(m)
+    shutil.move(m / "manifest.json", outside / "manifest.json")
+    (m / "manifest.json").symlink_to(outside / "manifest.json")
+    before = snapshot(outside)
+    with pytest.raises(ManifestError, match="symbolic link"):
+        GANMemory.load(m)
+    with pytest.raises(ManifestError, match="symbolic link"):
+        saved_memory(m, names=("z",))
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("what", ["runs", "run", "samples", "log", "claim"])
+def test_run_folder_links_are_refused(tmp_path, outside, what):
+    m = tmp_path / "m"
+    saved_memory(m)
+    from gmem.store.files import run_dir_name
+
+    run = m / "runs" / run_dir_name("b2")
+    if what == "runs":
+        (m / "runs").symlink_to(outside)
+    elif what == "run":
+        (m / "runs").mkdir()
+        run.symlink_to(outside)
+    else:
+        run.mkdir(parents=True)
+        target = {"samples": outside, "log": outside / "v", "claim": outside / "v"}[what]
+        (run / {"samples": "samples", "log": "log.jsonl", "claim": ".lock"}[what]).symlink_to(target)
+    before = snapshot(outside)
+    with pytest.raises(ManifestError, match="symbolic link"):
+        with Store(m).claim("b2"):
+            pass
+    assert snapshot(outside) == before
+
+
+def test_learn_cli_with_linked_runs_writes_nothing_outside(tmp_path, outside, capsys):
+    m = tmp_path / "m"
+    saved_memory(m)
+    (m / "runs").symlink_to(outside)
+    before = snapshot(outside)
+    rc = main(["learn", str(m), "b2", "emoji", "--iterations", "1", "--batch-size", "2", "--no-progress",
+               "--no-score"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "symbolic link" in err and "runs" in err
+    assert snapshot(outside) == before
+
+
+def test_task_file_and_knowledge_links_are_not_read(tmp_path, outside):
+    m = tmp_path / "m"
+    saved_memory(m)
+    task = next((m / "tasks").glob("a-*.safetensors"))
+    shutil.move(task, outside / task.name)
+    task.symlink_to(outside / task.name)
+    problems = GANMemory.load(m).verify()
+    assert "symbolic link" in problems["a"] and problems["b"] is None
+    store = Store(m)
+    rel, digest = store.write_knowledge(b'{"format":"gmem-knowledge-v1","matrices":{}}\n')
+    shutil.move(m / rel, outside / "k.json")
+    (m / rel).symlink_to(outside / "k.json")
+    with pytest.raises(Exception, match="symbolic link"):
+        store.read_knowledge({"file": rel, "sha256": digest})
+
+
+def test_base_file_link_is_not_read(tmp_path, outside):
+    base = tmp_path / "base_src"
+    save_base(*tiny_base(), base, dtype=torch.float32)
+    m = tmp_path / "m"
+    rc = main(["learn", str(m), "a", "emoji", "--base", str(base), "--iterations", "0", "--batch-size", "2",
+               "--no-progress", "--no-score"])
+    assert rc == 0
+    shutil.move(m / "base" / "base.safetensors", outside / "base.safetensors")
+    (m / "base" / "base.safetensors").symlink_to(outside / "base.safetensors")
+    with pytest.raises(ManifestError, match="symbolic link"):
+        GANMemory.load(m)
+
+
+# ------------------------------------------------------------------ 2. a lost or damaged manifest is rebuilt
+@pytest.fixture(scope="module")
+def cli_memory(tmp_path_factory):
+    """A memory on a tiny custom base with a plain task ``a`` and a conditional task ``c``."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("edges")
+    save_base(*tiny_base(), root / "base", dtype=torch.float32)
+    g = np.random.default_rng(0)
+    np.save(root / "a.npy", g.integers(0, 255, size=(6, 32, 32, 3), dtype=np.uint8))
+    np.savez(root / "c.npz", images=g.integers(0, 255, size=(6, 32, 32), dtype=np.uint8), labels=np.arange(6) % 3)
+    m = root / "memory"
+    common = ["--iterations", "1", "--batch-size", "2", "--no-progress", "--no-score", "--threads", "1"]
+    assert main(["learn", str(m), "a", str(root / "a.npy"), "--base", str(root / "base"), *common]) == 0
+    assert main(["learn", str(m), "c", str(root / "c.npz"), "--conditional", *common]) == 0
+    return m
+
+
+def _copy(memory, dest):
+    shutil.copytree(memory, dest, ignore=shutil.ignore_patterns("runs", ".lock"))
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["lost", "garbage", "bad field"])
+def test_verify_repair_rebuilds_the_manifest(cli_memory, tmp_path, capsys, damage):
+    m = _copy(cli_memory, tmp_path / "m")
+    before = GANMemory.load(m)
+    want = {t: before.sample(t, 3, seed=1) for t in before.tasks}
+    manifest = m / "manifest.json"
+    if damage == "lost":
+        manifest.unlink()
+    elif damage == "garbage":
+        manifest.write_bytes(b"\x00garbage")
+    else:
+        manifest.write_text(manifest.read_text().replace('"tasks": [', '"tasks": 7, "x": ['))
+    files = snapshot(m / "tasks")
+    capsys.readouterr()
+    assert main(["verify", str(m)]) == 1
+    err = capsys.readouterr().err
+    assert f"gmem verify {m} --repair" in err and "gmem learn" not in err
+    # learning into it refuses and points to the repair; nothing is deleted
+    assert main(["learn", str(m), "z", "emoji", "--iterations", "0", "--no-progress", "--no-score"]) == 1
+    err = capsys.readouterr().err
+    assert "--repair" in err and err.count("\n") == 1
+    assert snapshot(m / "tasks") == files
+    assert main(["verify", str(m), "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "rebuilt manifest.json" in out and "all readable" in out
+    after = GANMemory.load(m)
+    assert after.tasks == ["a", "c"] and after.num_classes("c") == 3 and after.num_classes("a") is None
+    for t, x in want.items():
+        assert torch.equal(after.sample(t, 3, seed=1), x)
+    assert main(["learn", str(m), "z", "emoji", "--iterations", "0", "--batch-size", "2", "--no-progress",
+                 "--no-score"]) == 0
+
+
+def test_rebuild_infers_classes_of_files_without_entry_metadata(cli_memory, tmp_path):
+    """Task files written before they carried their entry: num_classes comes from the head's shape."""
+    from gmem.store import task_bytes
+
+    m = _copy(cli_memory, tmp_path / "m")
+    mem = GANMemory.load(m)
+    new = tmp_path / "n"
+    for name in mem.tasks:
+        data = task_bytes(mem.task_tensors(name), name)  # no entry metadata, as before issue 24
+        Store(new).prepare().write_task(name, data)
+    shutil.copytree(m / "base", new / "base")
+    GANMemory.rebuild_manifest(new)
+    again = GANMemory.load(new)
+    assert again.num_classes("c") == 3 and again.num_classes("a") is None
+    assert torch.equal(again.sample("c", 2, seed=0), mem.sample("c", 2, seed=0))
