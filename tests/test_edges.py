@@ -1,8 +1,10 @@
 """The edges a first user hits (issue 24): links out of a memory, repair of a lost manifest, hints that
 work, training never thrown away, one-line errors, input bounds."""
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +206,74 @@ def test_rebuild_infers_classes_of_files_without_entry_metadata(cli_memory, tmp_
     again = GANMemory.load(new)
     assert again.num_classes("c") == 3 and again.num_classes("a") is None
     assert torch.equal(again.sample("c", 2, seed=0), mem.sample("c", 2, seed=0))
+
+
+# ------------------------------------------------------------------ 3. hints that work, --restart
+def test_resume_with_other_data_hint_restart_works(cli_memory, tmp_path, capsys):
+    m = _copy(cli_memory, tmp_path / "m")
+    data = cli_memory.parent
+    common = ["--batch-size", "2", "--no-progress", "--no-score", "--threads", "1"]
+    assert main(["learn", str(m), "r", str(data / "a.npy"), "--iterations", "1", *common]) == 0
+    assert main(["remove", str(m), "r"]) == 0  # its young run folder (checkpoint) stays
+    capsys.readouterr()
+    argv = ["learn", str(m), "r", str(data / "c.npz"), "--iterations", "1", *common]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--restart" in err
+    assert main(argv + ["--restart"]) == 0  # the hint, run
+    assert "r" in GANMemory.load(m).tasks
+
+
+# ------------------------------------------------------------------ 4. training is never thrown away
+def test_one_image_is_learned_and_saved_with_scoring_skipped(cli_memory, tmp_path, capsys):
+    m = _copy(cli_memory, tmp_path / "m")
+    one = tmp_path / "one.npy"
+    np.save(one, np.zeros((1, 32, 32, 3), np.uint8))
+    assert main(["learn", str(m), "solo", str(one), "--iterations", "1", "--batch-size", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "not scored" in captured.err and "at least 2 images" in captured.err
+    assert "solo" in GANMemory.load(m).tasks
+
+
+def test_a_scoring_failure_is_a_warning_after_the_task_is_saved(cli_memory, tmp_path, capsys, monkeypatch):
+    import gmem.eval
+
+    def broken(*_):
+        raise RuntimeError("scoring exploded")
+
+    monkeypatch.setattr(gmem.eval, "pixel_fid", broken)
+    m = _copy(cli_memory, tmp_path / "m")
+    assert main(["learn", str(m), "s", str(cli_memory.parent / "a.npy"), "--iterations", "1", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    assert "could not be scored" in capsys.readouterr().err and "s" in GANMemory.load(m).tasks
+
+
+# ------------------------------------------------------------------ 7. SIGTERM checkpoints like Ctrl-C
+def test_sigterm_stops_with_a_checkpoint_that_resumes(cli_memory, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    m = _copy(cli_memory, tmp_path / "m")
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    argv = [sys.executable, "-m", "gmem.cli", "learn", str(m), "t", str(cli_memory.parent / "a.npy"),
+            "--batch-size", "2", "--no-progress", "--no-score", "--checkpoint-every", "100000"]
+    proc = subprocess.Popen(argv + ["--iterations", "100000"], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    from gmem.store.files import run_dir_name
+
+    run = m / "runs" / run_dir_name("t")
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "resume" in err
+    assert (run / "checkpoint.pt").is_file()
+    done = subprocess.run(argv + ["--iterations", "1"], env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "(1 iterations" not in done.stdout  # resumed past iteration 1, not restarted

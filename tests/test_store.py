@@ -166,7 +166,7 @@ def test_same_name_twice_at_once_second_is_refused(pool, tmp_path):
     winner = 1 if results[0] == "saved" else 2
     mem = new_memory()
     add_task(mem, "x", winner)
-    expected = store_files.sha256_bytes(store_files.task_bytes(mem.task_tensors("x"), "x"))
+    expected = store_files.sha256_bytes(store_files.task_bytes(mem.task_tensors("x"), "x", mem.records["x"]))
     assert Store(tmp_path).read_manifest()["tasks"][0]["sha256"] == expected
 
 

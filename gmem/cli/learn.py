@@ -78,7 +78,7 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
                   ema_decay=args.ema, out_dir=run_dir, sample_every=args.sample_every,
                   checkpoint_every=args.checkpoint_every,
                   max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-                  progress=not args.no_progress,
+                  progress=not args.no_progress, restart=args.restart,
                   compress={"keep": getattr(args, "keep", None), "layers": layers}
                   if getattr(args, "compress", False) else False)
     except KeyboardInterrupt:
@@ -88,14 +88,28 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
               f"the last checkpoint in {run_dir}/", file=sys.stderr)
         return 130
     mem.records[args.name]["training"]["data"] = str(args.data)
-    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
-        n = min(256, len(dataset))
-        real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
-        mem.set_metric(args.name, "pixfid8", round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3))
-        # the base's score on the same images: what learning the task gained (gmem info shows both)
-        mem.set_metric(args.name, "pixfid8_source", round(pixel_fid(real, mem.sample("source", n, seed=0)), 3))
-    if dist.is_main():
+    if dist.is_main():  # the training is saved first: scoring can only add to it
         mem.save(memory)
+    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
+        import sys
+
+        if len(dataset) < 2:
+            print(f"gmem learn: warning: not scored: pixFID8 needs at least 2 images, the data has "
+                  f"{len(dataset)}", file=sys.stderr)
+        else:
+            try:
+                n = min(256, len(dataset))
+                real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
+                task_fid = round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3)
+                # the base's score on the same images: what learning the task gained (gmem info shows both)
+                source_fid = round(pixel_fid(real, mem.sample("source", n, seed=0)), 3)
+            except Exception as e:  # noqa: BLE001 - the task is saved; a score is not worth losing it
+                print(f"gmem learn: warning: the task is saved but could not be scored ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())})", file=sys.stderr)
+            else:
+                mem.set_metric(args.name, "pixfid8", task_fid)
+                mem.set_metric(args.name, "pixfid8_source", source_fid)
+                mem.save(memory)
     dist.barrier()
     m = mem.records[args.name]["metrics"]
     print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
@@ -137,6 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress-fc", action="store_true",
                    help="with --compress: also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
+    p.add_argument("--restart", action="store_true",
+                   help="discard a checkpoint of an earlier, different run of this task (other data or settings) "
+                        "and train from the start; without it such a checkpoint is refused, and one of the same "
+                        "run is resumed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -162,7 +180,10 @@ def run(args) -> int:
         except FileNotFoundError:
             pass
         print(_data_summary(args.data, dataset, run_dir), flush=True)
-        return _learn_train(args, memory, mem, dataset, run_dir)
+        from ..training.loop import stop_on_sigterm
+
+        with stop_on_sigterm():  # `kill PID` stops like Ctrl-C, with a checkpoint to resume from
+            return _learn_train(args, memory, mem, dataset, run_dir)
 
 
 def _data_summary(data, dataset, run_dir, shown: int = 5) -> str:

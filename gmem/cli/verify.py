@@ -19,7 +19,9 @@ HELP = ("read and check every task of a memory; --repair drops the unreadable on
 GC_HELP = ("Garbage collection (run by every save and remove, under the memory's lock): task files that left "
            "the manifest, temporary files of interrupted writes (e.g. runs/TASK/.checkpoint.pt.*.tmp of a killed "
            "learner) and the runs/TASK folders of tasks not in the manifest are deleted once unchanged for 10 "
-           "minutes; the folder of a task being learned right now (its learner holds the claim) is kept.")
+           "minutes; the folder of a task being learned right now (its learner holds the claim) is kept, and so is "
+           "one holding a checkpoint.pt (an interrupted learner: the same `gmem learn` command resumes it) until "
+           "its task is removed or learned again.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

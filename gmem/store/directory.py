@@ -178,11 +178,13 @@ class Store:
         """Store a knowledge-base layout file's bytes; ``(relative path, sha256)``."""
         return write_knowledge_file(self.directory, data)
 
-    def collect_garbage(self, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS) -> list[Path]:
-        """:func:`gmem.store.gc.collect_garbage` on this directory (call it under :meth:`lock`)."""
+    def collect_garbage(self, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS,
+                        removed=()) -> list[Path]:
+        """:func:`gmem.store.gc.collect_garbage` on this directory (call it under :meth:`lock`); ``removed``:
+        tasks just removed on request, whose run folders go with their checkpoints."""
         if manifest is None:
             manifest = self.read_manifest()
-        return collect_garbage(self.directory, manifest=manifest, grace=grace)
+        return collect_garbage(self.directory, manifest=manifest, grace=grace, removed=removed)
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict:
@@ -453,7 +455,7 @@ class Store:
             manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in names]
             self._write_manifest(manifest)
             self._touch_unreferenced([f for f in dropped if isinstance(f, str)], manifest)
-            self.collect_garbage(manifest=manifest)
+            self.collect_garbage(manifest=manifest, removed=names)
         return names
 
     def repair(self, *, also: Optional[dict] = None, timeout: Optional[float] = None) -> dict[str, str]:
