@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ class ArrayImages(TensorImages):
                         self.labels = _integer_labels(f["labels"], path)
         except DataError:
             raise
-        except (ValueError, OSError, EOFError, KeyError) as e:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:  # an .npz that is no zip
             raise DataError(f"{path}: cannot read array file ({type(e).__name__}: {e})") from None
         if arr.dtype != np.uint8:
             raise DataError(f"{path}: expected uint8 images, got dtype {arr.dtype}")

@@ -277,3 +277,38 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(cli_memory, tmp_path):
     done = subprocess.run(argv + ["--iterations", "1"], env=env, text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "(1 iterations" not in done.stdout  # resumed past iteration 1, not restarted
+
+
+# ------------------------------------------------------------------ 5. one-line errors
+def test_full_disk_while_writing_a_checkpoint_is_one_line(cli_memory, tmp_path, capsys, monkeypatch):
+    import gmem.atomic
+
+    def full(*_a, **_k):  # what torch's writer raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(gmem.atomic, "_free_bytes", lambda folder: 0)
+    m = _copy(cli_memory, tmp_path / "m")
+    manifest = (m / "manifest.json").read_bytes()
+    rc = main(["learn", str(m), "f", str(cli_memory.parent / "a.npy"), "--iterations", "1", "--batch-size", "2",
+               "--no-progress", "--no-score"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "disk is full" in err and "checkpoint.pt" in err
+    assert (m / "manifest.json").read_bytes() == manifest
+
+
+def test_npz_that_is_not_a_zip_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 this is not a zip at all" * 10)
+    rc = main(["learn", str(tmp_path / "m"), "x", str(tmp_path / "c.npz"), "--iterations", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "c.npz" in err and "cannot read" in err
+    assert not (tmp_path / "m").exists()  # a failed first learn leaves no empty memory directory behind
+
+
+@pytest.mark.parametrize("option", ["--nf", "--z-dim", "--embed-size"])
+def test_train_base_zero_width_is_one_line(tmp_path, capsys, option):
+    rc = main(["train-base", "--out", str(tmp_path / "o"), option, "0", "--iterations", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and option in err
+    assert not (tmp_path / "o").exists()

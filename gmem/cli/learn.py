@@ -166,6 +166,28 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pathlib import Path
+
+    new = not Path(args.memory).exists()
+    try:
+        return _run(args, dist, as_dataset)
+    except BaseException:
+        if new:
+            _remove_if_empty(Path(args.memory))
+        raise
+
+
+def _remove_if_empty(directory) -> None:
+    """Remove the empty folders of a memory directory this command created (a failed first ``learn``
+    leaves no empty memory behind); anything holding a file, e.g. another learner's, stays."""
+    import os
+
+    for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
+def _run(args, dist, as_dataset) -> int:
     memory, mem, device = _learn_preflight(args)
     dataset = as_dataset(args.data, mem.size, mem.channels, background=args.background)
     mem.to(device)

@@ -57,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         args.data = str(SOURCE_DATA)
+    for option, value, high in (("--nf", args.nf, 1024), ("--z-dim", args.z_dim, 4096),
+                                ("--embed-size", args.embed_size, 4096), ("--batch-size", args.batch_size, 1_000_000),
+                                ("--size", args.size, 1024)):
+        if not 1 <= value <= high:
+            raise ValueError(f"{option} must be an int in 1..{high}, got {value}")
+    if args.iterations < 0:
+        raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
     if args.threads:
         import torch
 
