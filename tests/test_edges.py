@@ -1,5 +1,6 @@
 """The edges a first user hits (issue 24): links out of a memory, repair of a lost manifest, hints that
 work, training never thrown away, one-line errors, input bounds."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -312,3 +313,86 @@ def test_train_base_zero_width_is_one_line(tmp_path, capsys, option):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and option in err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ 6. input bounds before allocation
+@pytest.mark.parametrize("argv,message", [
+    (["--scale", "1000"], "--scale"), (["--scale", "0"], "--scale"), (["--scale", "-2"], "--scale"),
+    (["-n", "0"], "-n"), (["-n", "100000000"], "-n"), (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-1"], "--seed"), (["-n", "5000", "--scale", "32"], "megapixels"),
+])
+def test_sample_bounds_are_one_line(cli_memory, tmp_path, capsys, argv, message):
+    rc = main(["sample", str(cli_memory), "a", "--out", str(tmp_path / "s.png"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_interpolate_and_learn_seed_bounds(cli_memory, tmp_path, capsys):
+    assert main(["interpolate", str(cli_memory), "a", "c", "--scale", "0", "--out", str(tmp_path / "i.png")]) == 1
+    assert main(["learn", str(tmp_path / "m"), "x", "emoji", "--seed", str(2**70), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--scale" in err and "--seed" in err and not (tmp_path / "m").exists()
+
+
+def test_huge_num_classes_in_a_manifest_is_refused_before_allocation(cli_memory, tmp_path):
+    import resource
+
+    m = _copy(cli_memory, tmp_path / "m")
+    manifest = json.loads((m / "manifest.json").read_text())
+    manifest["tasks"][1]["num_classes"] = 100_000
+    (m / "manifest.json").write_text(json.dumps(manifest))
+    mem = GANMemory.load(m)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(Exception, match="num_classes"):
+        mem.sample("c", 1, seed=0)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no GBs allocated
+    assert mem.sample("a", 1, seed=0).shape == (1, 3, 32, 32)
+
+
+def test_big_photos_are_decoded_at_reduced_size(tmp_path):
+    """A folder of large JPEG photos costs memory in proportion to the training size."""
+    import resource
+
+    from PIL import Image
+
+    from gmem.data import as_dataset
+
+    g = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(g.integers(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.jpg", quality=80)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ds = as_dataset(tmp_path, 32, 3)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert len(ds) == 3 and grown < 60_000, grown  # KiB; a full-size float decode is ~140 MB per photo
+
+
+def test_every_unreadable_image_is_named(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    for i in range(6):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not an image")
+    rc = main(["learn", str(tmp_path / "m"), "x", str(tmp_path), "--iterations", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "6 of 7 images" in err
+    assert all(f"bad{i}.png" in err for i in range(6))
+
+
+def test_transparency_warning_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / f"t{i}.png")
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "gmem.cli", "learn", str(tmp_path / "m"), "x", str(tmp_path),
+                           "--iterations", "0", "--batch-size", "2", "--no-progress", "--no-score"], env=env,
+                          text=True, capture_output=True, timeout=300)
+    err = done.stderr
+    assert done.returncode == 0 and "gmem learn: warning:" in err and "transparency" in err, err
+    assert "warnings.warn" not in err and "data.py" not in err and err.count("\n") == 1

@@ -85,7 +85,11 @@ def test_run_folder_being_learned_is_kept_young_or_claimed(tmp_path):
         assert (slow / "checkpoint.pt").is_file() and (fresh / "checkpoint.pt").is_file()
         assert deleted == [fresh / ".checkpoint.pt.1-00000000.tmp"]  # a stale temporary file goes even so
     age(slow)
-    assert collect_garbage(tmp_path, manifest=manifest()) == [slow]  # the learner died: claim released
+    # the learner died (claim released): its checkpoint stays for `gmem learn` to resume (issue 24)
+    assert collect_garbage(tmp_path, manifest=manifest()) == [] and (slow / "checkpoint.pt").is_file()
+    (slow / "checkpoint.pt").unlink()
+    age(slow)
+    assert collect_garbage(tmp_path, manifest=manifest()) == [slow]  # nothing to resume: it goes
     assert fresh.is_dir()
 
 

@@ -70,6 +70,18 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    import warnings
+
+    # a warning is one line for the user, not a source line of gmem
+    old_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_a, **_k: f"gmem {args.command}: warning: {message}\n"
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _run(args) -> int:
     from ..data import DataError
     from ..distributed import PeerFailure
     from ..models import CheckpointError

@@ -25,6 +25,7 @@ def _learn_preflight(args):
     validate_task_name(args.name)
     if isinstance(args.iterations, bool) or args.iterations < 0:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+    cli_checks.check_seed(args.seed)
     cli_checks.check_number(args.lr, "--lr", 0, 1e3, low_open=True)
     cli_checks.check_number(args.r1_gamma, "--r1-gamma", 0, 1e9)
     cli_checks.check_number(args.ema, "--ema", 0, 1)

@@ -204,6 +204,10 @@ class TaskRegistry:
 
     def install(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
         """Add ``task`` to the networks' banks and fill it from ``tensors`` (the task file's layout)."""
+        if num_classes is not None and num_classes > 1 and not any(t.ndim and t.shape[0] == num_classes
+                                                                   for t in tensors.values()):
+            # checked before anything is allocated: a manifest's num_classes sizes the new style rows
+            raise ValueError(f"num_classes={num_classes} matches no per-class tensor of the task file")
         g_state = {k[2:]: v for k, v in tensors.items() if k.startswith("G.")}
         d_state = {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}
         gnn.add_task(self.G, task, num_classes=num_classes)
