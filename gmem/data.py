@@ -290,6 +290,12 @@ class ImageFolder(TensorImages):
                           "for icons drawn for light backgrounds", stacklevel=2)
         groups = [p.relative_to(directory).parts[0] if len(p.relative_to(directory).parts) > 1 else ""
                   for p in files]
+        self.label_problem = None  # why the folder's labels cannot be used (learning with labels refuses)
+        if "" in groups and len(set(groups)) > 1:  # images beside the class folders belong to no class
+            top = [p.name for p, g in zip(files, groups) if not g]
+            self.label_problem = (f"{directory}: {len(top)} images sit beside the class sub-folders and belong to "
+                                  f"no class ({', '.join(top[:3])}{' ...' if len(top) > 3 else ''}); move them into "
+                                  "a class sub-folder and run again")
         self.classes = sorted(set(groups)) if len(set(groups)) > 1 else []
         self.files = files
         super().__init__(images, size, channels, name=str(directory))

@@ -396,3 +396,60 @@ def test_transparency_warning_is_one_line(tmp_path, capsys):
     err = done.stderr
     assert done.returncode == 0 and "gmem learn: warning:" in err and "transparency" in err, err
     assert "warnings.warn" not in err and "data.py" not in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ 8. the smaller ones
+@pytest.mark.parametrize("damage", ["task", "knowledge"])
+def test_info_lists_a_damaged_compressed_task(cli_memory, tmp_path, capsys, damage):
+    m = _copy(cli_memory, tmp_path / "m")
+    assert main(["learn", str(m), "k", str(cli_memory.parent / "a.npy"), "--compress", "--iterations", "1",
+                 "--batch-size", "2", "--no-progress", "--no-score"]) == 0
+    victim = next((m / "tasks").glob("k-*")) if damage == "task" else next((m / "knowledge").glob("*.json"))
+    victim.write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["info", str(m)]) == 0
+    out = capsys.readouterr().out
+    assert " a " in out and "DAMAGED" in out and victim.name in out
+    assert main(["info", str(m), "--verify"]) == 1
+    capsys.readouterr()
+    assert main(["info", str(m), "--json"]) == 0
+    assert "k" in json.loads(capsys.readouterr().out)["damaged"]
+
+
+def test_remove_on_a_missing_memory_says_so(tmp_path, capsys):
+    assert main(["remove", str(tmp_path / "nothing"), "a"]) == 1
+    err = capsys.readouterr().err
+    assert "no GAN memory" in err and ".lock" not in err and not (tmp_path / "nothing").exists()
+    (tmp_path / "plain").mkdir()
+    assert main(["remove", str(tmp_path / "plain"), "a"]) == 1
+    assert not (tmp_path / "plain" / ".lock").exists()
+
+
+def test_conditional_refuses_images_beside_the_class_folders(tmp_path, capsys):
+    from PIL import Image
+
+    for folder in ("cats", "dogs", ""):
+        (tmp_path / "d" / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / "d" / folder / f"{folder or 'top'}{i}.png")
+    rc = main(["learn", str(tmp_path / "m"), "x", str(tmp_path / "d"), "--conditional", "--iterations", "0",
+               "--no-progress", "--no-score"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "top0.png" in err and "class sub-folder" in err
+
+
+def test_bad_hash_message_shows_prefixes_that_differ(tmp_path):
+    from gmem.store import TaskFileError
+
+    m = tmp_path / "m"
+    saved_memory(m)
+    manifest = json.loads((m / "manifest.json").read_text())
+    real = manifest["tasks"][0]["sha256"]
+    manifest["tasks"][0]["sha256"] = real[:20] + ("0" if real[20] != "0" else "1") + real[21:]
+    (m / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TaskFileError) as e:
+        GANMemory.load(m).sample("a", 1, seed=0)
+    import re
+
+    shown = re.findall(r"sha256 ([0-9a-f]+)\.\.\. does not match ([0-9a-f]+)\.\.\.", str(e.value))[0]
+    assert shown[0] != shown[1]

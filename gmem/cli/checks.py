@@ -60,7 +60,19 @@ def open_memory(memory: str):
     """The :class:`gmem.GANMemory` in directory ``memory``; FileNotFoundError saying how to create one if
     there is none, ValueError if ``memory`` is a file."""
     from ..memory import GANMemory
-    from ..store import MANIFEST, ManifestError
+    from ..store import ManifestError
+
+    require_manifest(memory)
+    try:
+        return GANMemory.load(memory)
+    except ManifestError as e:
+        raise ManifestError(repair_hint(str(e), memory)) from None
+
+
+def require_manifest(memory) -> None:
+    """ValueError if ``memory`` is a file; FileNotFoundError saying what to do if it has no manifest (create a
+    memory, or rebuild the manifest from task files that are there: never a command that deletes them)."""
+    from ..store import MANIFEST
 
     if Path(memory).exists() and not Path(memory).is_dir():
         raise ValueError(f"{memory} is a file, not a memory directory")
@@ -70,10 +82,6 @@ def open_memory(memory: str):
                                     f"from them with `gmem verify {memory} --repair`")
         raise FileNotFoundError(f"no GAN memory at {memory!r} ({MANIFEST} not found); create one with "
                                 f"`gmem learn {memory} NAME DATA`")
-    try:
-        return GANMemory.load(memory)
-    except ManifestError as e:
-        raise ManifestError(repair_hint(str(e), memory)) from None
 
 
 def has_task_files(memory) -> bool:

@@ -234,8 +234,9 @@ def _read_checked(directory, entry: dict, field: str, owner: str, error: type) -
         raise error(f"{owner}: {e}") from None
     digest = sha256_bytes(data)
     if digest != expected:
-        raise error(f"{owner}: damaged file {shown} (sha256 {digest[:12]}... does not match "
-                    f"{expected[:12]}... in {MANIFEST})")
+        k = max(12, next(i for i, (a, b) in enumerate(zip(digest, expected)) if a != b) + 4)  # prefixes that differ
+        raise error(f"{owner}: damaged file {shown} (sha256 {digest[:k]}... does not match "
+                    f"{expected[:k]}... in {MANIFEST})")
     return data
 
 
