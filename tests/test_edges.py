@@ -453,3 +453,32 @@ def test_bad_hash_message_shows_prefixes_that_differ(tmp_path):
 
     shown = re.findall(r"sha256 ([0-9a-f]+)\.\.\. does not match ([0-9a-f]+)\.\.\.", str(e.value))[0]
     assert shown[0] != shown[1]
+
+
+# ------------------------------------------------------------------ every hint a message prints works
+def _hints(text: str) -> list[list[str]]:
+    import re
+    import shlex
+
+    return [shlex.split(h)[1:] for h in re.findall(r"`(gmem [^`]+)`", text)]
+
+
+def test_every_hint_of_a_damaged_memory_works_and_keeps_the_rest(cli_memory, tmp_path, capsys):
+    m = _copy(cli_memory, tmp_path / "m")
+    next((m / "tasks").glob("c-*.safetensors")).write_bytes(b"garbage")
+    capsys.readouterr()
+    learn = ["learn", str(m), "z", str(cli_memory.parent / "a.npy"), "--iterations", "0", "--batch-size", "2",
+             "--no-progress", "--no-score"]
+    messages = []
+    assert main(["verify", str(m)]) == 1
+    messages.append(capsys.readouterr().out)
+    assert main(learn) == 1
+    messages.append(capsys.readouterr().err)
+    hints = [h for text in messages for h in _hints(text)]
+    assert len(hints) >= 3, messages
+    for i, hint in enumerate(hints):
+        copy = _copy(m, tmp_path / f"h{i}")
+        hint = [str(copy) if a == str(m) else a for a in hint]
+        assert main(hint) == 0, hint
+        assert main([str(copy) if a == str(m) else a for a in learn]) == 0  # and then learning works
+        assert torch.equal(GANMemory.load(copy).sample("a", 2, seed=0), GANMemory.load(m).sample("a", 2, seed=0))

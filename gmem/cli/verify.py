@@ -52,8 +52,11 @@ def run(args) -> int:
         print(f"{args.memory}: {len(mem.tasks)} task(s), all readable")
         return 0
     if not args.repair:
+        import shlex
+
+        names = " ".join(shlex.quote(t) for t in problems)
         print(f"{args.memory}: {len(problems)} damaged task(s); drop them with `gmem verify {args.memory} --repair` "
-              f"or `gmem remove {args.memory} TASK`")
+              f"or `gmem remove {shlex.quote(str(args.memory))} {names}`")
         return 1
     dropped = Store(args.memory).repair(also={t: mem.records[t].get("sha256") for t in problems})
     print(f"{args.memory}: removed {len(dropped)} damaged task(s) from the manifest: {sorted(dropped)}")
