@@ -482,3 +482,17 @@ def test_every_hint_of_a_damaged_memory_works_and_keeps_the_rest(cli_memory, tmp
         assert main(hint) == 0, hint
         assert main([str(copy) if a == str(m) else a for a in learn]) == 0  # and then learning works
         assert torch.equal(GANMemory.load(copy).sample("a", 2, seed=0), GANMemory.load(m).sample("a", 2, seed=0))
+
+
+# ------------------------------------------------------------------ thread defaults
+def test_cli_defaults_to_one_thread_unless_told(cli_memory, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["info", str(cli_memory)]) == 0 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(["info", str(cli_memory)]) == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
