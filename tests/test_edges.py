@@ -496,3 +496,18 @@ def test_cli_defaults_to_one_thread_unless_told(cli_memory, tmp_path, monkeypatc
         assert main(["info", str(cli_memory)]) == 0 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_saving_over_old_orphaned_task_files_is_refused(tmp_path):
+    """GANMemory.save into a directory whose manifest was lost: refused, the task files stay."""
+    m = tmp_path / "m"
+    saved_memory(m)
+    (m / "manifest.json").unlink()
+    for p in (m / "tasks").iterdir():
+        os.utime(p, (1_000_000, 1_000_000))  # older than the garbage collector's grace period
+    files = snapshot(m / "tasks")
+    with pytest.raises(ManifestError, match="--repair"):
+        saved_memory(m, names=("z",))
+    assert all(k in snapshot(m / "tasks") for k in files)
+    GANMemory.rebuild_manifest(m)
+    assert {"a", "b"} <= set(GANMemory.load(m).tasks)  # (z's file was written before the refusal)

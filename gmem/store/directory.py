@@ -297,6 +297,8 @@ class Store:
                 current = self.read_manifest()
             except FileNotFoundError:
                 current = None
+            if current is None:
+                self._refuse_orphans(put)
             tasks = {e["name"]: e for e in current["tasks"]} if current else {}
             if current is not None:
                 if current["base"]["sha256"] != base["sha256"]:
@@ -341,6 +343,19 @@ class Store:
             self._touch_unreferenced(dropped, manifest)
             self.collect_garbage(manifest=manifest)
         return manifest
+
+    def _refuse_orphans(self, put: list[dict]) -> None:
+        """ManifestError when a directory without a manifest holds task files old enough for garbage
+        collection (a lost manifest: writing a new one would let them be deleted); young files may be
+        another first writer's, about to be committed."""
+        found, _ = self.scan_task_files()
+        ours = {e.get("file") for e in put}
+        now = time.time()
+        old = [f["file"] for f in found if f["file"] not in ours and now - f["mtime"] >= GC_GRACE_SECONDS]
+        if old:
+            raise ManifestError(f"{self.directory} has {len(old)} task files but no {MANIFEST} (e.g. {old[0]}); "
+                                f"rebuild it from them with `gmem verify {self.directory} --repair` before saving "
+                                "here (a new manifest would let them be deleted)")
 
     def _touch_unreferenced(self, files: list[str], manifest: dict) -> None:
         directory = self.directory
