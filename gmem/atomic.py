@@ -9,6 +9,7 @@ the file system allows it. On any error the temporary file is removed and the ta
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -60,7 +61,26 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 
 
 def atomic_torch_save(obj, path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (read it back with ``torch.load(weights_only=True)``)."""
+    """``torch.save(obj)`` to ``path`` atomically (read it back with ``torch.load(weights_only=True)``).
+
+    A write that fails inside torch's writer (which reports a full disk as a RuntimeError of its own)
+    is an OSError naming ``path``: ENOSPC when the disk has no room left, EIO otherwise.
+    """
     import torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:
+        if "write" not in str(e).lower():
+            raise
+        full = _free_bytes(Path(path).parent) < 1 << 20
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} while writing a checkpoint", str(path)) from None
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize

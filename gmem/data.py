@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ class ArrayImages(TensorImages):
                         self.labels = _integer_labels(f["labels"], path)
         except DataError:
             raise
-        except (ValueError, OSError, EOFError, KeyError) as e:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:  # an .npz that is no zip
             raise DataError(f"{path}: cannot read array file ({type(e).__name__}: {e})") from None
         if arr.dtype != np.uint8:
             raise DataError(f"{path}: expected uint8 images, got dtype {arr.dtype}")
@@ -206,12 +207,15 @@ def find_images(directory) -> list[Path]:
     return files
 
 
-def _load_image(path: Path, channels: int, background=None) -> tuple[torch.Tensor, bool]:
+def _load_image(path: Path, channels: int, background=None, size: int | None = None) -> tuple[torch.Tensor, bool]:
     """One image file -> (float ``[channels, H, W]`` in [-1, 1], whether it had transparency).
 
     16-bit (and 32-bit integer) greyscale is scaled from 0..65535, float images from 0..1;
     transparency is composited over ``background`` (default :data:`DEFAULT_BACKGROUND`, black).
-    Images over :data:`MAX_IMAGE_PIXELS` pixels are refused before decoding.
+    Images over :data:`MAX_IMAGE_PIXELS` pixels are refused before decoding. With ``size`` (the
+    training resolution) an image more than 4x larger per side is decoded at reduced size (JPEG
+    ``draft``, else an integer box ``reduce``) before it becomes float: memory in proportion to the
+    training size, not the photo's.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -221,7 +225,13 @@ def _load_image(path: Path, channels: int, background=None) -> tuple[torch.Tenso
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"image {path} is {im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
                                 "allowed (a decompression bomb or a very large image: shrink it first)")
+            factor = 0 if size is None else min(im.width, im.height) // (4 * size)
+            if factor >= 2 and im.format == "JPEG":
+                im.draft(im.mode, (im.width // factor, im.height // factor))  # decode at 1/2, 1/4 or 1/8
             im.load()
+            factor = 0 if size is None else min(im.width, im.height) // (4 * size)
+            if factor >= 2 and im.mode in ("L", "LA", "RGB", "RGBA", "I", "F", "I;16"):
+                im = im.reduce(factor)
             alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
             if im.mode.startswith("I"):  # 16/32-bit integer grey: PIL's convert("RGB") would clip to white
                 grey = np.asarray(im, dtype=np.float32) * (255.0 / 65535.0)
@@ -257,8 +267,22 @@ class ImageFolder(TensorImages):
     def __init__(self, directory, size: int, channels: int = 3, background=None):
         files = find_images(directory)
         self.skipped = scan_images(directory)[1]  # files that are not images by their suffix
-        loaded = [_load_image(p, channels, background) for p in files]
-        images = torch.stack([_resize(x.unsqueeze(0), size)[0] for x, _ in loaded])
+        loaded, bad = [], []
+        for p in files:  # resized one by one: a folder costs memory in proportion to the training size
+            try:
+                x, alpha = _load_image(p, channels, background, size)
+            except DataError as e:
+                bad.append((p, e))
+                continue
+            loaded.append((_resize(x.unsqueeze(0), size)[0], alpha))
+        if len(bad) == 1:
+            raise bad[0][1]
+        if bad:  # every unreadable image is named (the first few, then a count)
+            shown = "; ".join(str(e) for _, e in bad[:3])
+            more = f"; and {len(bad) - 3} more: {', '.join(p.name for p, _ in bad[3:8])}" if len(bad) > 3 else ""
+            raise DataError(f"{len(bad)} of {len(files)} images in {directory} cannot be read: {shown}{more}"
+                            + (" ..." if len(bad) > 8 else ""))
+        images = torch.stack([x for x, _ in loaded])
         transparent = sum(a for _, a in loaded)
         if transparent and background is None:
             warnings.warn(f"{directory}: {transparent} of {len(files)} images have transparency, composited over "
@@ -266,6 +290,12 @@ class ImageFolder(TensorImages):
                           "for icons drawn for light backgrounds", stacklevel=2)
         groups = [p.relative_to(directory).parts[0] if len(p.relative_to(directory).parts) > 1 else ""
                   for p in files]
+        self.label_problem = None  # why the folder's labels cannot be used (learning with labels refuses)
+        if "" in groups and len(set(groups)) > 1:  # images beside the class folders belong to no class
+            top = [p.name for p, g in zip(files, groups) if not g]
+            self.label_problem = (f"{directory}: {len(top)} images sit beside the class sub-folders and belong to "
+                                  f"no class ({', '.join(top[:3])}{' ...' if len(top) > 3 else ''}); move them into "
+                                  "a class sub-folder and run again")
         self.classes = sorted(set(groups)) if len(set(groups)) > 1 else []
         self.files = files
         super().__init__(images, size, channels, name=str(directory))

@@ -85,3 +85,8 @@ def test_checks_catch_a_changed_earlier_task(tmp_path):
     path.write_bytes(bytes(data))
     run.check(set(), verify_cli=False)
     assert run.n["earlier_changed"] == 1
+
+
+def test_edge_cases_of_issue_24_pass(tmp_path):
+    """The first-user cases (links, a lost/damaged manifest, hints, bounds, one-line errors) in one run."""
+    assert fault_inject.edge_cases(tmp_path) == []

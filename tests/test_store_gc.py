@@ -56,11 +56,20 @@ def test_stale_checkpoint_tmp_goes_the_run_folder_of_a_kept_task_stays(tmp_path)
 
 
 def test_run_folder_of_a_task_not_in_the_manifest_goes_when_old_and_unclaimed(tmp_path):
-    gone = run_folder(tmp_path, "removed", "checkpoint.pt", "samples/it_0000010.png", ".lock")
+    gone = run_folder(tmp_path, "removed", "samples/it_0000010.png", ".lock")
     kept = run_folder(tmp_path, "kept", "checkpoint.pt")
     age(gone, kept)
     assert collect_garbage(tmp_path, manifest=manifest("kept")) == [gone]
     assert not gone.exists() and (kept / "checkpoint.pt").is_file()
+
+
+def test_a_resumable_checkpoint_is_kept_unless_its_task_is_removed(tmp_path):
+    """A killed learner's checkpoint (its task never saved) stays, however old: `gmem learn` resumes it."""
+    killed = run_folder(tmp_path, "killed", "checkpoint.pt", "samples/it_0000010.png", ".lock")
+    removed = run_folder(tmp_path, "removed", "checkpoint.pt", ".lock")
+    age(killed, removed)
+    assert collect_garbage(tmp_path, manifest=manifest(), removed=["removed"]) == [removed]
+    assert (killed / "checkpoint.pt").is_file()
 
 
 def test_run_folder_being_learned_is_kept_young_or_claimed(tmp_path):
@@ -76,7 +85,11 @@ def test_run_folder_being_learned_is_kept_young_or_claimed(tmp_path):
         assert (slow / "checkpoint.pt").is_file() and (fresh / "checkpoint.pt").is_file()
         assert deleted == [fresh / ".checkpoint.pt.1-00000000.tmp"]  # a stale temporary file goes even so
     age(slow)
-    assert collect_garbage(tmp_path, manifest=manifest()) == [slow]  # the learner died: claim released
+    # the learner died (claim released): its checkpoint stays for `gmem learn` to resume (issue 24)
+    assert collect_garbage(tmp_path, manifest=manifest()) == [] and (slow / "checkpoint.pt").is_file()
+    (slow / "checkpoint.pt").unlink()
+    age(slow)
+    assert collect_garbage(tmp_path, manifest=manifest()) == [slow]  # nothing to resume: it goes
     assert fresh.is_dir()
 
 
@@ -98,7 +111,7 @@ def test_only_run_folders_are_considered_and_links_are_not_followed(tmp_path):
 
 
 def test_claim_after_its_folder_was_collected_works(tmp_path):
-    run = run_folder(tmp_path, "a", "checkpoint.pt", ".lock")
+    run = run_folder(tmp_path, "a", "samples/it_0000010.png", ".lock")
     age(run)
     assert collect_garbage(tmp_path, manifest=manifest()) == [run]
     with Store(tmp_path).claim("a") as again:

@@ -70,6 +70,34 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    import warnings
+
+    # a warning is one line for the user, not a source line of gmem
+    old_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_a, **_k: f"gmem {args.command}: warning: {message}\n"
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = old_format
+
+
+#: commands that choose their own threads (the demo: 1; doctor times the ops as the machine is)
+OWN_THREADS = ("demo", "doctor")
+
+
+def default_threads(args: argparse.Namespace) -> None:
+    """One torch CPU thread unless ``--threads N`` or ``OMP_NUM_THREADS`` says otherwise (README "Threads"):
+    on a busy shared machine two spinning OpenMP threads were 2x-100x slower than one, and one was never
+    more than 1.5x slower than the best setting measured."""
+    if args.command in OWN_THREADS or getattr(args, "threads", None) or os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run(args) -> int:
+    default_threads(args)
     from ..data import DataError
     from ..distributed import PeerFailure
     from ..models import CheckpointError

@@ -25,18 +25,76 @@ def check_number(value, option: str, low: float = -math.inf, high: float = math.
         raise ValueError(f"{option} must be a finite number in {span}, got {value!r}")
 
 
+MAX_SAMPLES = 10_000            # images one sample/interpolate command draws
+MAX_SCALE = 32                  # integer upscaling of a written grid
+MAX_GRID_PIXELS = 100_000_000   # pixels of a written grid (100 MP: ~300 MB as RGB bytes, a few GB while drawn)
+MAX_SEED = 2**63 - 1
+
+
+def check_int(value, option: str, low: int, high: int) -> int:
+    """``value`` if it is an int in [low, high] (not a bool), else ValueError naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{option} must be an int in {low:,}..{high:,}, got {value!r}")
+    return value
+
+
+def check_seed(seed, option: str = "--seed") -> int:
+    """A seed torch accepts: an int in 0..2**63-1."""
+    return check_int(seed, option, 0, MAX_SEED)
+
+
+def check_grid(count: int, nrow: int, size: int, scale: int, option: str = "-n") -> None:
+    """Bounds of an image grid before anything is drawn: ``count`` images of ``size`` pixels, ``nrow`` per
+    row, upscaled ``scale`` times (ValueError naming the option to lower)."""
+    check_int(scale, "--scale", 1, MAX_SCALE)
+    check_int(count, option, 1, MAX_SAMPLES)
+    rows = -(-count // max(1, nrow))
+    pixels = (rows * (size + 2) * scale) * (min(count, nrow) * (size + 2) * scale)
+    if pixels > MAX_GRID_PIXELS:
+        raise ValueError(f"the grid would have {pixels / 1e6:,.0f} megapixels ({count} images of {size}x{size} "
+                         f"at --scale {scale}); at most {MAX_GRID_PIXELS / 1e6:,.0f} are written: lower "
+                         f"{option} or --scale")
+
+
 def open_memory(memory: str):
     """The :class:`gmem.GANMemory` in directory ``memory``; FileNotFoundError saying how to create one if
     there is none, ValueError if ``memory`` is a file."""
     from ..memory import GANMemory
+    from ..store import ManifestError
+
+    require_manifest(memory)
+    try:
+        return GANMemory.load(memory)
+    except ManifestError as e:
+        raise ManifestError(repair_hint(str(e), memory)) from None
+
+
+def require_manifest(memory) -> None:
+    """ValueError if ``memory`` is a file; FileNotFoundError saying what to do if it has no manifest (create a
+    memory, or rebuild the manifest from task files that are there: never a command that deletes them)."""
     from ..store import MANIFEST
 
     if Path(memory).exists() and not Path(memory).is_dir():
         raise ValueError(f"{memory} is a file, not a memory directory")
-    if not (Path(memory) / MANIFEST).is_file():
+    if not (Path(memory) / MANIFEST).is_file() and not (Path(memory) / MANIFEST).is_symlink():
+        if has_task_files(memory):
+            raise FileNotFoundError(f"{memory}: {MANIFEST} is missing but task files are there; rebuild it "
+                                    f"from them with `gmem verify {memory} --repair`")
         raise FileNotFoundError(f"no GAN memory at {memory!r} ({MANIFEST} not found); create one with "
                                 f"`gmem learn {memory} NAME DATA`")
-    return GANMemory.load(memory)
+
+
+def has_task_files(memory) -> bool:
+    """Whether ``memory`` holds task files (``tasks/*.safetensors``), with or without a manifest."""
+    tasks = Path(memory) / "tasks"
+    return tasks.is_dir() and not tasks.is_symlink() and any(tasks.glob("*.safetensors"))
+
+
+def repair_hint(message: str, memory) -> str:
+    """``message`` about a damaged manifest, plus how to rebuild it from the task files (which keeps them)."""
+    if "damaged manifest" in message and has_task_files(memory):
+        return f"{message}; rebuild it from the task files with `gmem verify {memory} --repair`"
+    return message
 
 
 def check_device(name: str):

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..memory import GANMemory
+    from ..models import CheckpointError
 
     mem = open_memory(args.memory) if args.memory else GANMemory.default()
     base = mem.parameter_counts()
@@ -30,14 +31,21 @@ def run(args) -> int:
             "z_dim": mem.z_dim, "base": {**mem.base_source, "sha256": mem.base_hash},
             "generator_weights": base["generator_base"], "discriminator_weights": base["discriminator_base"],
             "conversion": mem.conversion, "tasks": []}
+    unreadable = {}
     for t in mem.tasks:
-        c = mem.parameter_counts(t)
         r = mem.records[t]
+        try:
+            c = mem.parameter_counts(t)
+        except CheckpointError as e:  # a damaged task file or knowledge base: listed, like any damaged task
+            unreadable[t] = str(e)
+            c = {"generator_style": None, "generator_stored": None, "generator_style_ratio": 0.0,
+                 "discriminator_style": None, "discriminator_fc": 0}
         info["tasks"].append({"name": t, "classes": mem.num_classes(t), "class_names": r.get("classes"),
                               "generator_style": c["generator_style"], "generator_stored": c["generator_stored"],
                               "compressed": "compression" in r, "compression": r.get("compression"),
                               "generator_style_ratio": round(c["generator_style_ratio"], 4),
-                              "discriminator_style": c["discriminator_style"] + c["discriminator_fc"],
+                              "discriminator_style": None if c["discriminator_style"] is None
+                              else c["discriminator_style"] + c["discriminator_fc"],
                               "file": r.get("file"), "training": r.get("training", {}),
                               "metrics": r.get("metrics", {})})
     if args.layers:
@@ -45,7 +53,10 @@ def run(args) -> int:
     problems = {}
     if args.verify:
         problems = {t: e for t, e in mem.verify().items() if e}
+        problems.update({t: e for t, e in unreadable.items() if t not in problems})
         info["damaged"] = problems
+    elif unreadable:
+        info["damaged"] = unreadable
     if args.json:
         print(json.dumps(info, indent=2))
         return 1 if problems else 0
@@ -65,11 +76,15 @@ def run(args) -> int:
             if "pixfid8" in m:  # the task's score next to the base's on the same images
                 score = f"pixfid8: base {m.get('pixfid8_source', '?')} -> task {m['pixfid8']}"
                 extra = f"{score}, {extra}" if extra else score
+            if t["name"] in unreadable:
+                print(f"{i:>3} {t['name']:<18}{str(t['classes'] or '-'):>8}  DAMAGED: {unreadable[t['name']]}")
+                continue
             print(f"{i:>3} {t['name']:<18}{str(t['classes'] or '-'):>8}{t['generator_style']:>11,}"
                   f"{100 * t['generator_style_ratio']:>7.1f}%{t['discriminator_style']:>10,}"
                   f"{m.get('iterations_done', '-')!s:>7}{m.get('train_seconds', '-')!s:>9}  {extra}")
-    if mem.tasks:
-        print("\n".join(storage_lines(info["tasks"])))
+    readable = [t for t in info["tasks"] if t["name"] not in unreadable]
+    if readable:
+        print("\n".join(storage_lines(readable)))
     if args.layers:
         print("modulated generator layers:", ", ".join(info["layers"]))
     if args.verify:

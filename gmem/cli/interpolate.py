@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .checks import image_format, open_memory, write_grid
+from .checks import MAX_SAMPLES, MAX_SCALE, check_grid, check_int, check_seed, image_format, open_memory, write_grid
 
 HELP = "interpolate between two tasks' styles (all or some groups/layers) for fixed latents"
 
@@ -42,11 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    if args.steps < 2 and args.lam is None:
-        raise ValueError("--steps must be >= 2")
+    if args.lam is None:
+        check_int(args.steps, "--steps", 2, MAX_SAMPLES)
+    check_int(args.n, "-n", 1, MAX_SAMPLES)
+    check_int(args.scale, "--scale", 1, MAX_SCALE)
+    check_seed(args.seed)
     image_format(args.out)
     mem = open_memory(args.memory)
     lams = args.lam or torch.linspace(0, 1, args.steps).tolist()
+    check_grid(len(lams) * args.n, len(lams), mem.size, args.scale, option="-n or --steps")
     groups = [g for g in args.groups.split(",") if g]
     layers = [g for g in args.layers.split(",") if g] if args.layers else None
     if layers:

@@ -25,6 +25,7 @@ def _learn_preflight(args):
     validate_task_name(args.name)
     if isinstance(args.iterations, bool) or args.iterations < 0:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+    cli_checks.check_seed(args.seed)
     cli_checks.check_number(args.lr, "--lr", 0, 1e3, low_open=True)
     cli_checks.check_number(args.r1_gamma, "--r1-gamma", 0, 1e9)
     cli_checks.check_number(args.ema, "--ema", 0, 1)
@@ -35,25 +36,28 @@ def _learn_preflight(args):
     if getattr(args, "keep", None) is not None:
         if not getattr(args, "compress", False):
             raise ValueError("--keep applies with --compress only")
+        cli_checks.check_number(args.keep, "--keep", 0, 1)
     if getattr(args, "compress_fc", False) and not getattr(args, "compress", False):
         raise ValueError("--compress-fc applies with --compress only")
-        cli_checks.check_number(args.keep, "--keep", 0, 1)
     if args.background is not None:
         from ..data import _background
 
         _background(args.background)
     device = cli_checks.check_device(args.device)
     memory = cli_checks.check_writable_directory(args.memory)
-    if (memory / MANIFEST).is_file():
+    if (memory / MANIFEST).is_file() or (memory / MANIFEST).is_symlink():
         if args.base:
             raise ValueError(f"--base applies to a new memory only; {memory} exists already")
-        mem = GANMemory.load(memory)
+        mem = cli_checks.open_memory(memory)
         if args.name in mem.tasks:
             raise ValueError(f"task {args.name!r} exists already in {memory} (tasks: {mem.tasks})")
         for task, problem in Store(memory).verify_files().items():
             if problem:
                 raise ValueError(f"{problem}; drop it with `gmem remove {memory} {task}` or repair the memory "
                                  f"with `gmem verify {memory} --repair`, then learn again")
+    elif cli_checks.has_task_files(memory):  # a lost manifest: learning would start a new memory over them
+        raise ValueError(f"{memory} has task files but no {MANIFEST}; rebuild it from them with "
+                         f"`gmem verify {memory} --repair`, then learn again")
     else:
         mem = GANMemory.from_base(*load_base(args.base)) if args.base else GANMemory.default()
     cli_checks.check_batch_size(mem, args.batch_size, device)
@@ -75,7 +79,7 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
                   ema_decay=args.ema, out_dir=run_dir, sample_every=args.sample_every,
                   checkpoint_every=args.checkpoint_every,
                   max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-                  progress=not args.no_progress,
+                  progress=not args.no_progress, restart=args.restart,
                   compress={"keep": getattr(args, "keep", None), "layers": layers}
                   if getattr(args, "compress", False) else False)
     except KeyboardInterrupt:
@@ -85,14 +89,28 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
               f"the last checkpoint in {run_dir}/", file=sys.stderr)
         return 130
     mem.records[args.name]["training"]["data"] = str(args.data)
-    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
-        n = min(256, len(dataset))
-        real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
-        mem.set_metric(args.name, "pixfid8", round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3))
-        # the base's score on the same images: what learning the task gained (gmem info shows both)
-        mem.set_metric(args.name, "pixfid8_source", round(pixel_fid(real, mem.sample("source", n, seed=0)), 3))
-    if dist.is_main():
+    if dist.is_main():  # the training is saved first: scoring can only add to it
         mem.save(memory)
+    if not args.no_score and dist.is_main():  # under torchrun rank 0 scores and saves, the others wait
+        import sys
+
+        if len(dataset) < 2:
+            print(f"gmem learn: warning: not scored: pixFID8 needs at least 2 images, the data has "
+                  f"{len(dataset)}", file=sys.stderr)
+        else:
+            try:
+                n = min(256, len(dataset))
+                real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
+                task_fid = round(pixel_fid(real, mem.sample(args.name, n, seed=0)), 3)
+                # the base's score on the same images: what learning the task gained (gmem info shows both)
+                source_fid = round(pixel_fid(real, mem.sample("source", n, seed=0)), 3)
+            except Exception as e:  # noqa: BLE001 - the task is saved; a score is not worth losing it
+                print(f"gmem learn: warning: the task is saved but could not be scored ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())})", file=sys.stderr)
+            else:
+                mem.set_metric(args.name, "pixfid8", task_fid)
+                mem.set_metric(args.name, "pixfid8_source", source_fid)
+                mem.save(memory)
     dist.barrier()
     m = mem.records[args.name]["metrics"]
     print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
@@ -120,7 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-every", type=int, default=None, help="iterations between sample grids")
     p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1, or OMP_NUM_THREADS: robust on a busy machine)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--background", default=None,
                    help="colour that transparent pixels of image files are composited over: black (the default, "
@@ -134,6 +153,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress-fc", action="store_true",
                    help="with --compress: also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
+    p.add_argument("--restart", action="store_true",
+                   help="discard a checkpoint of an earlier, different run of this task (other data or settings) "
+                        "and train from the start; without it such a checkpoint is refused, and one of the same "
+                        "run is resumed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -145,6 +168,28 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pathlib import Path
+
+    new = not Path(args.memory).exists()
+    try:
+        return _run(args, dist, as_dataset)
+    except BaseException:
+        if new:
+            _remove_if_empty(Path(args.memory))
+        raise
+
+
+def _remove_if_empty(directory) -> None:
+    """Remove the empty folders of a memory directory this command created (a failed first ``learn``
+    leaves no empty memory behind); anything holding a file, e.g. another learner's, stays."""
+    import os
+
+    for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
+def _run(args, dist, as_dataset) -> int:
     memory, mem, device = _learn_preflight(args)
     dataset = as_dataset(args.data, mem.size, mem.channels, background=args.background)
     mem.to(device)
@@ -159,7 +204,10 @@ def run(args) -> int:
         except FileNotFoundError:
             pass
         print(_data_summary(args.data, dataset, run_dir), flush=True)
-        return _learn_train(args, memory, mem, dataset, run_dir)
+        from ..training.loop import stop_on_sigterm
+
+        with stop_on_sigterm():  # `kill PID` stops like Ctrl-C, with a checkpoint to resume from
+            return _learn_train(args, memory, mem, dataset, run_dir)
 
 
 def _data_summary(data, dataset, run_dir, shown: int = 5) -> str:

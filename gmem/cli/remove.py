@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .verify import GC_HELP
 
@@ -17,10 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..store import Store
+    from ..store import ManifestError, Store
+    from .checks import repair_hint, require_manifest
 
-    if Path(args.memory).exists() and not Path(args.memory).is_dir():
-        raise ValueError(f"{args.memory} is a file, not a memory directory")
-    removed = Store(args.memory).remove_tasks(args.tasks)
+    require_manifest(args.memory)  # before the lock: nothing is created in a directory that holds no memory
+    try:
+        removed = Store(args.memory).remove_tasks(args.tasks)
+    except ManifestError as e:
+        raise ManifestError(repair_hint(str(e), args.memory)) from None
     print(f"removed {', '.join(repr(t) for t in removed)} from {args.memory}")
     return 0

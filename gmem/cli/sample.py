@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checks import image_format, open_memory, write_grid
+from .checks import MAX_SAMPLES, MAX_SCALE, check_grid, check_int, check_seed, image_format, open_memory, write_grid
 
 HELP = "draw samples of one or more tasks of a GAN memory as a PNG grid"
 
@@ -36,13 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    if args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
+    check_int(args.n, "-n", 1, MAX_SAMPLES)
+    check_int(args.scale, "--scale", 1, MAX_SCALE)
+    check_seed(args.seed)
+    check_int(args.n * len(args.tasks), "-n times the number of tasks", 1, MAX_SAMPLES)
     image_format(args.out)
     if args.tensor and Path(args.tensor).is_dir():
         raise ValueError(f"--tensor {args.tensor} is a directory; give a file name such as "
                          f"{args.tensor}/samples.safetensors")
     mem = open_memory(args.memory)
+    check_grid(args.n * len(args.tasks), args.n, mem.size, args.scale)
     z = mem.latents(args.n, seed=args.seed)
     if args.labels is not None and len(args.labels) not in (1, args.n):
         raise ValueError(f"--labels needs 1 or n={args.n} values, got {len(args.labels)}")

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-every", type=int, default=500, help="iterations between sample grids (default 500)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (default 500)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (at a checkpoint) after this much wall time")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1, or OMP_NUM_THREADS: robust on a busy machine)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint.pt exists")
     p.add_argument("--restart", action="store_true",
@@ -57,6 +58,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         args.data = str(SOURCE_DATA)
+    for option, value, high in (("--nf", args.nf, 1024), ("--z-dim", args.z_dim, 4096),
+                                ("--embed-size", args.embed_size, 4096), ("--batch-size", args.batch_size, 1_000_000),
+                                ("--size", args.size, 1024)):
+        if not 1 <= value <= high:
+            raise ValueError(f"{option} must be an int in 1..{high}, got {value}")
+    if args.iterations < 0:
+        raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
     if args.threads:
         import torch
 

@@ -314,6 +314,12 @@ class GANMemory:
         """
         return persist.load_memory(cls, directory, lazy=lazy)
 
+    @classmethod
+    def rebuild_manifest(cls, directory) -> dict:
+        """Rebuild the lost or damaged manifest of ``directory`` from its task and knowledge-base files
+        (:func:`gmem.memory.persist.rebuild_manifest`); ``{"tasks": [...], "skipped": {what: why}}``."""
+        return persist.rebuild_manifest(cls, directory)
+
     def verify(self) -> dict[str, Optional[str]]:
         """Read every task not read yet; ``{task: None or the error message}``."""
         return persist.verify_tasks(self)

@@ -57,6 +57,8 @@ def task_labels(dataset, labels, num_classes) -> tuple[Optional[Tensor], Optiona
             raise ValueError("num_classes given without labels: pass labels=True (dataset labels) or a tensor")
         return None, None
     if labels is True:
+        if getattr(dataset, "label_problem", None):
+            raise DataError(dataset.label_problem)
         labels = getattr(dataset, "labels", None)
         if labels is None:
             raise DataError("labels=True but the data has no labels (use class sub-folders or an .npz "

@@ -22,7 +22,8 @@ from ..store import MANIFEST, Store, StoreBackend, TaskFileError, task_bytes
 from . import compression
 from .registry import D_MODULATED, G_MODULATED, base_state
 
-__all__ = ["StoreLink", "state_hash", "save_memory", "save_base_once", "load_memory", "verify_tasks"]
+__all__ = ["StoreLink", "state_hash", "save_memory", "save_base_once", "load_memory", "verify_tasks",
+           "rebuild_manifest"]
 
 
 @dataclass
@@ -90,12 +91,13 @@ def save_memory(mem, directory) -> Path:
         if task in pending:
             data = link.store.read_task_bytes(task, record)
         else:
-            data = task_bytes(mem.task_tensors(task), task)
+            data = task_bytes(mem.task_tensors(task), task, record)
         rel, digest = store.write_task(task, data)
         entry = {k: v for k, v in record.items() if k not in ("file", "sha256")}
         entry.update({"file": rel, "sha256": digest, **counts})
         put.append(entry)
-    write_base = None if base_entry["kind"] == "default" else (lambda: save_base_once(mem, directory / "base"))
+    write_base = (None if base_entry["kind"] == "default"
+                  else (lambda: save_base_once(mem, store.folder("base", "base.path"))))
     knowledge = compression.knowledge_entry_for_save(mem, same)
     if callable(knowledge):
         knowledge = knowledge(store)
@@ -140,7 +142,7 @@ def load_memory(cls, directory, *, lazy: bool = True):
         G, D = load_default_base()
         source = {"kind": "default", "file_sha256": base.get("file_sha256")}
     else:
-        G, D = load_base(store.inside(base.get("path", "base"), "base.path"))
+        G, D = load_base(store.folder(base.get("path", "base"), "base.path"))
         source = {"kind": "custom"}
     conv = manifest.get("conversion", {})
     mem = cls(G, D, g_include=conv.get("generator", G_MODULATED), d_include=conv.get("discriminator", D_MODULATED),
@@ -173,3 +175,110 @@ def verify_tasks(mem) -> dict[str, Optional[str]]:
         except TaskFileError as e:
             out[name] = str(e)
     return out
+
+
+def _old_manifest(store: Store) -> dict:
+    """What can still be read of a damaged manifest (a JSON object), else ``{}``."""
+    import json
+
+    try:
+        old = json.loads(store.inside(MANIFEST, "manifest").read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError, CheckpointError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def rebuild_manifest(cls, directory) -> dict:
+    """Rebuild a lost or damaged manifest from the task files (each names its task, and its file name its
+    hash) and the knowledge-base files; returns ``{"tasks": [names], "skipped": {file or task: why}}``.
+
+    The base is the one the damaged manifest names if it still can be read, else ``base/`` (a custom
+    base) or the embedded one; each task file must fit it. A task with several files (older versions
+    left for garbage collection) keeps the one the old manifest names, else the newest. Metrics (timings,
+    scores) are not in the task files and are left empty.
+    """
+    store = Store(directory)
+    if store.manifest_state() == "ok":
+        raise CheckpointError(f"{store.directory / MANIFEST} is readable; nothing to rebuild")
+    old = _old_manifest(store)
+    base = old.get("base") if isinstance(old.get("base"), dict) else {}
+    custom = base.get("kind") == "custom" or (not base and store.inside("base", "base.path").is_dir())
+    if custom:
+        G, D = load_base(store.folder(base.get("path", "base") if isinstance(base.get("path"), str) else "base",
+                                      "base.path"))
+        source = {"kind": "custom"}
+    else:
+        G, D = load_default_base()
+        source = {"kind": "default", "file_sha256": None}
+    conv = old.get("conversion") if isinstance(old.get("conversion"), dict) else {}
+    mem = cls(G, D, g_include=conv.get("generator", G_MODULATED), d_include=conv.get("discriminator", D_MODULATED),
+              d_fc_per_task=conv.get("discriminator_fc_per_task", True), base_source=source)
+    if source["kind"] == "default":
+        source["file_sha256"] = base.get("file_sha256")
+    found, skipped = store.scan_task_files()
+    named = {e.get("name"): e.get("file") for e in old.get("tasks", []) if isinstance(e, dict)} \
+        if isinstance(old.get("tasks"), list) else {}
+    chosen: dict[str, dict] = {}
+    for f in sorted(found, key=lambda f: f["mtime"]):
+        prev = chosen.get(f["name"])
+        if prev is None or named.get(f["name"]) != prev["file"]:
+            chosen[f["name"]] = f
+    order = [n for n in named if n in chosen] + sorted((n for n in chosen if n not in named),
+                                                       key=lambda n: chosen[n]["mtime"])
+    entries = []
+    for name in order:
+        f = chosen[name]
+        entry = {"name": name, "file": f["file"], "sha256": f["sha256"], **f["entry"], "metrics": {}}
+        if "compression" not in entry:  # a naive task: it must fit this base
+            problem = _fits(mem, name, store, entry, f["shapes"])
+            if problem:
+                skipped[name] = problem
+                continue
+        entry.setdefault("num_classes", None)
+        entries.append(entry)
+    compressed = {e["name"] for e in entries if "compression" in e}
+    knowledge = None
+    if compressed:
+        def rows(k):
+            return {r[0] for m in k["index"]["matrices"].values() for r in m["tasks"]}
+        usable = [k for k in store.scan_knowledge_files() if rows(k) <= compressed]
+        if usable:
+            best = max(usable, key=lambda k: (len(rows(k)), k["mtime"]))
+            knowledge = {"file": best["file"], "sha256": best["sha256"]}
+            covered = rows(best)
+        else:
+            covered = set()
+        for e in list(entries):
+            if e["name"] in compressed and e["name"] not in covered:
+                skipped[e["name"]] = "compressed task whose knowledge-base file is missing or damaged"
+                entries.remove(e)
+    from ..store import FORMAT
+
+    manifest = {"format": FORMAT, "gmem_version": __version__, "base": _base_entry(mem),
+                "conversion": mem.conversion, "tasks": entries}
+    if knowledge:
+        manifest["knowledge"] = knowledge
+    store.replace_manifest(manifest)
+    return {"tasks": [e["name"] for e in entries], "skipped": skipped}
+
+
+def _fits(mem, name: str, store: Store, entry: dict, shapes: dict) -> Optional[str]:
+    """None if task file ``entry`` installs on ``mem``'s base (``num_classes`` inferred from the head for
+    files written before the entry was kept in them), else why not."""
+    try:
+        tensors = store.read_task(name, entry)
+    except TaskFileError as e:
+        return str(e)
+    tries = [entry["num_classes"]] if "num_classes" in entry else [None]
+    rows = (shapes.get("Dfc.weight") or [None])[0]
+    if "num_classes" not in entry and isinstance(rows, int):
+        tries.append(rows)
+    for classes in tries:
+        try:
+            mem.registry.install(name, tensors, classes)
+        except (ValueError, RuntimeError, KeyError):
+            continue
+        mem.registry.uninstall(name)
+        entry["num_classes"] = classes
+        return None
+    return "does not fit this memory's base (a task of another base or conversion)"

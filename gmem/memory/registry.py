@@ -204,6 +204,10 @@ class TaskRegistry:
 
     def install(self, task: str, tensors: dict[str, Tensor], num_classes: Optional[int]) -> None:
         """Add ``task`` to the networks' banks and fill it from ``tensors`` (the task file's layout)."""
+        if num_classes is not None and num_classes > 1 and not any(t.ndim and t.shape[0] == num_classes
+                                                                   for t in tensors.values()):
+            # checked before anything is allocated: a manifest's num_classes sizes the new style rows
+            raise ValueError(f"num_classes={num_classes} matches no per-class tensor of the task file")
         g_state = {k[2:]: v for k, v in tensors.items() if k.startswith("G.")}
         d_state = {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}
         gnn.add_task(self.G, task, num_classes=num_classes)
@@ -248,6 +252,10 @@ class TaskRegistry:
         self.pending.pop(task, None)
         self.order.remove(task)
 
+    def uninstall(self, task: str) -> None:
+        """Take a task :meth:`install` put in the networks out again (no record kept: e.g. a trial install)."""
+        self._uninstall(task)
+
     def _uninstall(self, task: str, from_networks: bool = True) -> None:
         """Take ``task`` out of the knowledge bases, the networks' banks (``from_networks``; a task never
         read is not in them) and the heads. The bases go first: they refuse (ValueError naming them)
@@ -258,7 +266,7 @@ class TaskRegistry:
             gnn.remove_task(self.G, task)
             gnn.remove_task(self.D, task)
         self.heads.remove(task)
-        del self.records[task]
+        self.records.pop(task, None)
 
     # ------------------------------------------------------------------ running a task
     def trainable(self, task: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

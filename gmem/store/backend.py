@@ -55,6 +55,9 @@ class StoreBackend(Protocol):
     def inside(self, rel, field: str = "path") -> Path:
         """A location read from the manifest, refused if it leaves the store."""
 
+    def folder(self, rel, field: str = "path") -> Path:
+        """A folder read from the manifest (e.g. the base), refused if it or anything in it leaves the store."""
+
     def lock(self, timeout: Optional[float] = None) -> contextlib.AbstractContextManager:
         """The writers' lock around a manifest update."""
 

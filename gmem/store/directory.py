@@ -16,23 +16,31 @@ from typing import Callable, Iterable, Optional
 from ..atomic import atomic_write_bytes
 from .files import (
     _HEX64,
+    KNOWLEDGE_DIR,
     LOCK_NAME,
     MANIFEST,
+    TASKS_DIR,
     KnowledgeFileError,
     LockTimeoutError,
     ManifestError,
     TaskConflictError,
     TaskFileError,
+    check_knowledge_bytes,
     columns_lost,
     entry_path,
     index_without,
     inside,
     knowledge_bytes,
+    no_links_below,
     prepare_directory,
+    read_bytes_nofollow,
     read_knowledge,
     read_task,
     read_task_bytes,
     run_dir_name,
+    sha256_bytes,
+    task_file_info,
+    task_file_name,
     validate_task_name,
     write_knowledge_file,
     write_task_file,
@@ -104,6 +112,17 @@ def validate_manifest(manifest, path) -> dict:
     return manifest
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file ``path`` (created), refusing a symbolic link (ManifestError naming it)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ManifestError(f"{path} is a symbolic link; gmem does not follow links inside a memory directory "
+                                "(it would write outside it): remove the link") from None
+        raise
+
+
 class Store:
     """The memory directory ``directory`` as a store: the one owner of its manifest, lock, task and
     knowledge files, verification, repair and garbage collection (the rules are the module docstring's).
@@ -129,6 +148,12 @@ class Store:
         """``directory / rel`` resolved, refused (ManifestError) if it leaves the directory."""
         return inside(self.directory, rel, field)
 
+    def folder(self, rel, field: str = "path") -> Path:
+        """:meth:`inside` for a folder: also refused (ManifestError naming it) if anything in it is a link."""
+        path = self.inside(rel, field)
+        no_links_below(self.directory, path)
+        return path
+
     def entry_path(self, entry: dict) -> Path:
         """Where a manifest entry's task file is (confined to the directory)."""
         return entry_path(self.directory, entry)
@@ -153,11 +178,13 @@ class Store:
         """Store a knowledge-base layout file's bytes; ``(relative path, sha256)``."""
         return write_knowledge_file(self.directory, data)
 
-    def collect_garbage(self, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS) -> list[Path]:
-        """:func:`gmem.store.gc.collect_garbage` on this directory (call it under :meth:`lock`)."""
+    def collect_garbage(self, *, manifest: Optional[dict] = None, grace: float = GC_GRACE_SECONDS,
+                        removed=()) -> list[Path]:
+        """:func:`gmem.store.gc.collect_garbage` on this directory (call it under :meth:`lock`); ``removed``:
+        tasks just removed on request, whose run folders go with their checkpoints."""
         if manifest is None:
             manifest = self.read_manifest()
-        return collect_garbage(self.directory, manifest=manifest, grace=grace)
+        return collect_garbage(self.directory, manifest=manifest, grace=grace, removed=removed)
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict:
@@ -165,11 +192,11 @@ class Store:
         directory = self.directory
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a memory must be a directory, this is a file", str(directory))
-        path = directory / MANIFEST
+        path = self.inside(MANIFEST, "manifest")
         if not path.is_file():
             raise FileNotFoundError(f"no GAN memory at {directory}: {MANIFEST} not found")
         try:
-            manifest = json.loads(path.read_bytes())
+            manifest = json.loads(read_bytes_nofollow(path))
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"{path}: damaged manifest (not JSON: {e})") from None
         return validate_manifest(manifest, path)
@@ -187,8 +214,10 @@ class Store:
         naming the process that holds it. The lock dies with its process: no stale lock files.
         """
         timeout = LOCK_TIMEOUT if timeout is None else timeout
-        path = self.directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"no GAN memory at {self.directory} (the directory does not exist)")
+        path = self.inside(LOCK_NAME, "lock")
+        fd = _open_lock(path)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -215,11 +244,13 @@ class Store:
         before it trains anything. The claim file lives in the task's run directory.
         """
         directory = self.directory
-        run = directory / RUNS_DIR / run_dir_name(validate_task_name(name))
+        rel = f"{RUNS_DIR}/{run_dir_name(validate_task_name(name))}"
         while True:  # garbage collection may delete an abandoned run folder, claim file included, meanwhile
+            run = self.inside(rel, "run folder")  # runs/ and the run folder: no links
             run.mkdir(parents=True, exist_ok=True)
+            no_links_below(self.directory, run)  # samples/, log.jsonl, checkpoint.pt, .lock: no links either
             try:
-                fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_lock(run / LOCK_NAME)
             except FileNotFoundError:
                 continue
             try:
@@ -266,6 +297,8 @@ class Store:
                 current = self.read_manifest()
             except FileNotFoundError:
                 current = None
+            if current is None:
+                self._refuse_orphans(put)
             tasks = {e["name"]: e for e in current["tasks"]} if current else {}
             if current is not None:
                 if current["base"]["sha256"] != base["sha256"]:
@@ -311,6 +344,19 @@ class Store:
             self.collect_garbage(manifest=manifest)
         return manifest
 
+    def _refuse_orphans(self, put: list[dict]) -> None:
+        """ManifestError when a directory without a manifest holds task files old enough for garbage
+        collection (a lost manifest: writing a new one would let them be deleted); young files may be
+        another first writer's, about to be committed."""
+        found, _ = self.scan_task_files()
+        ours = {e.get("file") for e in put}
+        now = time.time()
+        old = [f["file"] for f in found if f["file"] not in ours and now - f["mtime"] >= GC_GRACE_SECONDS]
+        if old:
+            raise ManifestError(f"{self.directory} has {len(old)} task files but no {MANIFEST} (e.g. {old[0]}); "
+                                f"rebuild it from them with `gmem verify {self.directory} --repair` before saving "
+                                "here (a new manifest would let them be deleted)")
+
     def _touch_unreferenced(self, files: list[str], manifest: dict) -> None:
         directory = self.directory
         """Start the grace period of files that just left the manifest (a reader may still be about to read them)."""
@@ -320,6 +366,72 @@ class Store:
                 continue
             with contextlib.suppress(ManifestError, OSError):
                 os.utime(inside(directory, rel))
+
+    # ------------------------------------------------------------------------------------- rebuilding
+    def manifest_state(self) -> str:
+        """``"ok"``, ``"missing"`` or ``"damaged"``: whether the manifest can be read."""
+        try:
+            self.read_manifest()
+            return "ok"
+        except FileNotFoundError:
+            return "missing"
+        except ManifestError:
+            return "damaged"
+
+    def scan_task_files(self) -> tuple[list[dict], dict[str, str]]:
+        """The task files in ``tasks/`` that are whole: ``([{name, file, sha256, entry, shapes, mtime}],
+        {file: why not usable})`` (a file is whole when its name carries the SHA-256 of its bytes and
+        its metadata names its task; links are never followed)."""
+        found, bad = [], {}
+        try:
+            tasks = self.inside(TASKS_DIR, "tasks directory")
+        except ManifestError as e:
+            return [], {TASKS_DIR: str(e)}
+        for path in sorted(tasks.glob("*.safetensors")) if tasks.is_dir() else []:
+            rel = f"{TASKS_DIR}/{path.name}"
+            try:
+                data = read_bytes_nofollow(self.inside(rel, "task file"))
+                digest = sha256_bytes(data)
+                name, entry, shapes = task_file_info(data)
+                if rel != task_file_name(name, digest):
+                    raise ValueError(f"its bytes (sha256 {digest[:16]}...) do not match its name: damaged")
+            except (OSError, ValueError, TypeError, ManifestError) as e:
+                bad[rel] = str(e)
+                continue
+            found.append({"name": name, "file": rel, "sha256": digest, "entry": entry, "shapes": shapes,
+                          "mtime": path.lstat().st_mtime})
+        return found, bad
+
+    def scan_knowledge_files(self) -> list[dict]:
+        """The whole knowledge-base files: ``[{file, sha256, index, mtime}]``."""
+        out = []
+        try:
+            folder = self.inside(KNOWLEDGE_DIR, "knowledge directory")
+        except ManifestError:
+            return out
+        for path in sorted(folder.glob("knowledge-*.json")) if folder.is_dir() else []:
+            rel = f"{KNOWLEDGE_DIR}/{path.name}"
+            try:
+                data = read_bytes_nofollow(self.inside(rel, "knowledge file"))
+                digest = sha256_bytes(data)
+                if path.name != f"knowledge-{digest[:16]}.json":
+                    continue
+                out.append({"file": rel, "sha256": digest, "index": check_knowledge_bytes(data, path),
+                            "mtime": path.lstat().st_mtime})
+            except (OSError, ValueError, ManifestError, KnowledgeFileError):
+                continue
+        return out
+
+    def replace_manifest(self, manifest: dict, *, timeout: Optional[float] = None) -> dict:
+        """Write a rebuilt ``manifest`` (validated) under the lock, only where the present one is missing
+        or damaged (ManifestError otherwise: a readable manifest is never replaced wholesale)."""
+        validate_manifest(manifest, self.directory / MANIFEST)
+        with self.lock(timeout):
+            if self.manifest_state() == "ok":
+                raise ManifestError(f"{self.directory / MANIFEST} is readable; it is not rebuilt (use "
+                                    f"`gmem verify {self.directory} --repair` to drop damaged tasks)")
+            self._write_manifest(manifest)
+        return manifest
 
     # ------------------------------------------------------------------------------------- maintenance
     def verify_files(self) -> dict[str, Optional[str]]:
@@ -358,7 +470,7 @@ class Store:
             manifest["tasks"] = [e for e in manifest["tasks"] if e["name"] not in names]
             self._write_manifest(manifest)
             self._touch_unreferenced([f for f in dropped if isinstance(f, str)], manifest)
-            self.collect_garbage(manifest=manifest)
+            self.collect_garbage(manifest=manifest, removed=names)
         return names
 
     def repair(self, *, also: Optional[dict] = None, timeout: Optional[float] = None) -> dict[str, str]:

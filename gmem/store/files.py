@@ -84,16 +84,54 @@ def run_dir_name(name: str) -> str:
 
 
 def inside(directory, rel, field: str = "path") -> Path:
-    """``directory / rel`` resolved, if it stays inside ``directory`` (symlinks followed); else ManifestError."""
+    """``directory / rel`` (the directory resolved), if it stays inside ``directory`` and no part of it
+    below the directory is a symbolic link; else ManifestError naming the link.
+
+    Nothing the store reads or writes may leave the memory directory, so a link anywhere on the way
+    (``tasks/``, ``runs/``, ``base/``, a task file...) is refused rather than followed, even one that
+    points inside the directory. The memory directory itself may be reached through links.
+    """
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise ManifestError(f"{field} must be a non-empty relative path, got {rel!r}")
     if os.path.isabs(rel) or rel.startswith("\\"):
         raise ManifestError(f"{field} {rel!r} is an absolute path; paths in a memory are relative to it")
     root = Path(directory).resolve()
-    path = (root / rel).resolve()
+    path = Path(os.path.normpath(root / rel))
     if path != root and root not in path.parents:
         raise ManifestError(f"{field} {rel!r} resolves to {path}, outside the memory directory {root}")
+    refuse_links(root, path)
     return path
+
+
+def refuse_links(root: Path, path: Path) -> None:
+    """ManifestError if ``path`` (below the resolved directory ``root``) or a folder on the way to it is a
+    symbolic link (the store never follows one: it could lead outside the memory)."""
+    for part in [path, *path.parents]:
+        if part == root or root not in part.parents:
+            break
+        if part.is_symlink():
+            raise ManifestError(f"{part} is a symbolic link; gmem does not follow links inside a memory directory "
+                                f"(it could read or write outside it): replace it by the file or folder itself")
+
+
+def no_links_below(root, folder: Path) -> None:
+    """ManifestError naming the first symbolic link in ``folder`` or anywhere below it (not followed)."""
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            refuse_links(Path(root).resolve(), Path(top) / name)
+
+
+def read_bytes_nofollow(path: Path) -> bytes:
+    """The bytes of ``path``, refusing (ManifestError) a symbolic link in its last part (``O_NOFOLLOW``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ManifestError(f"{path} is a symbolic link; gmem does not follow links inside a memory "
+                                "directory (it could read outside it): replace it by the file itself") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def entry_path(directory, entry: dict) -> Path:
@@ -107,13 +145,23 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.bool: "BOOL"}
 
 
-def task_bytes(tensors: dict[str, Tensor], task: str) -> bytes:
+#: the parts of a task's manifest entry its file carries too (``entry`` metadata), so that a lost or
+#: damaged manifest can be rebuilt from the task files (:func:`task_file_info`); all deterministic
+#: (no timings), so equal tasks still give equal bytes
+ENTRY_IN_FILE = ("num_classes", "classes", "compression", "training")
+
+
+def task_bytes(tensors: dict[str, Tensor], task: str, entry: dict | None = None) -> bytes:
     """Deterministic safetensors bytes of a task's tensors: equal tensors give equal bytes in any process.
 
     The header is JSON with sorted keys (safetensors itself writes metadata in a per-process random
     order), tensors are laid out in name order; :func:`safetensors.torch.load` reads the result.
+    The metadata names the task and (``entry``) the :data:`ENTRY_IN_FILE` parts of its manifest entry.
     """
     header: dict = {"__metadata__": {"format": TASK_FORMAT, "task": task}}
+    if entry:
+        kept = {k: entry[k] for k in ENTRY_IN_FILE if k in entry}
+        header["__metadata__"]["entry"] = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     chunks, offset = [], 0
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
@@ -180,11 +228,15 @@ def _read_checked(directory, entry: dict, field: str, owner: str, error: type) -
                     f"({expected!r}), so {shown} cannot be checked")
     if not path.is_file():
         raise error(f"{owner}: file missing: {shown}")
-    data = path.read_bytes()
+    try:
+        data = read_bytes_nofollow(path)
+    except ManifestError as e:
+        raise error(f"{owner}: {e}") from None
     digest = sha256_bytes(data)
     if digest != expected:
-        raise error(f"{owner}: damaged file {shown} (sha256 {digest[:12]}... does not match "
-                    f"{expected[:12]}... in {MANIFEST})")
+        k = max(12, next(i for i, (a, b) in enumerate(zip(digest, expected)) if a != b) + 4)  # prefixes that differ
+        raise error(f"{owner}: damaged file {shown} (sha256 {digest[:k]}... does not match "
+                    f"{expected[:k]}... in {MANIFEST})")
     return data
 
 
@@ -202,6 +254,30 @@ def read_task(directory, name: str, entry: dict) -> dict[str, Tensor]:
         return st_load(data)
     except Exception as e:  # safetensors raises its own error types for damaged data
         raise TaskFileError(f"task {name!r}: cannot read {entry_path(directory, entry)}: {e}") from None
+
+
+def task_file_info(data: bytes) -> tuple[str, dict, dict]:
+    """``(task name, entry parts, {tensor: shape})`` from a task file's bytes (its safetensors header);
+    ValueError if it is not a task file."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("header longer than the file")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"header is not JSON ({e})") from None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT or not isinstance(meta.get("task"), str):
+        raise ValueError(f"not a {TASK_FORMAT} file (no task name in its metadata)")
+    try:
+        entry = json.loads(meta.get("entry", "{}"))
+    except ValueError:
+        entry = {}
+    entry = {k: v for k, v in entry.items() if k in ENTRY_IN_FILE} if isinstance(entry, dict) else {}
+    shapes = {k: v.get("shape") for k, v in header.items() if isinstance(v, dict)}
+    return validate_task_name(meta["task"]), entry, shapes
 
 
 # ------------------------------------------------------------------------------------- knowledge base
@@ -230,6 +306,15 @@ def write_knowledge_file(directory, data: bytes) -> tuple[str, str]:
     else:
         atomic_write_bytes(path, data)
     return rel, digest
+
+
+def check_knowledge_bytes(data: bytes, shown) -> dict:
+    """The knowledge-base index in ``data`` (a knowledge file's bytes), checked; KnowledgeFileError if not."""
+    try:
+        index = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise KnowledgeFileError(f"knowledge base: damaged file {shown}: not JSON ({e})") from None
+    return _check_index(index, shown)
 
 
 def _check_index(index, shown) -> dict:

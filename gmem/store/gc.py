@@ -13,8 +13,10 @@ ago, a writer may be about to reference a file it just wrote, a learner may be w
   ``runs/<task>/.checkpoint.pt.<pid>-<hex>.tmp`` of a learner that was killed) are deleted once
   older than the grace period;
 - a ``runs/<task>/`` folder (``gmem learn``'s samples and checkpoint) whose task is not in the
-  manifest (it was removed, or its learner died before saving) is deleted with everything in it once
-  nothing in it has changed for the grace period and no process holds its claim (the ``.lock`` a
+  manifest is deleted with everything in it once nothing in it has changed for the grace period and
+  no process holds its claim, unless it holds a ``checkpoint.pt`` (a learner that was killed or
+  interrupted before saving: the same ``gmem learn`` command resumes it, at any later time); the
+  folder of a task removed by this update (``removed``: asked for) goes with its checkpoint (the ``.lock`` a
   learner keeps locked while it trains, :meth:`gmem.store.Store.claim`). A task being learned right now is
   therefore kept: its learner holds the claim, and its checkpoint is young. The run folder of a task
   in the manifest is kept (its samples and final checkpoint), only its stale temporary files go.
@@ -37,10 +39,12 @@ __all__ = ["GC_GRACE_SECONDS", "RUNS_DIR", "collect_garbage"]
 
 GC_GRACE_SECONDS = 600.0     # unreferenced files younger than this are kept (a reader may still need them)
 RUNS_DIR = "runs"
+CHECKPOINT = "checkpoint.pt"  # gmem.training.loop.CHECKPOINT_NAME: a run that can be resumed
 _RUN_FOLDER = re.compile(r"[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}")  # gmem.store.files.run_dir_name
 
 
-def collect_garbage(directory, *, manifest: dict, grace: float = GC_GRACE_SECONDS) -> list[Path]:
+def collect_garbage(directory, *, manifest: dict, grace: float = GC_GRACE_SECONDS,
+                    removed=()) -> list[Path]:
     """Delete what the manifest no longer needs and is older than ``grace`` seconds (the module's rules).
 
     Call it under the store's lock with the manifest just written (:meth:`gmem.store.Store.commit`
@@ -64,16 +68,16 @@ def collect_garbage(directory, *, manifest: dict, grace: float = GC_GRACE_SECOND
         candidates += list(kb_dir.glob("knowledge-*.json")) + list(kb_dir.glob(".*.tmp"))
     for path in candidates:
         try:
-            if path.resolve() in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
+            if path.is_symlink() or path in referenced or not path.is_file() or now - path.stat().st_mtime < grace:
                 continue
             path.unlink()
             deleted.append(path)
         except OSError:
             continue
-    return deleted + _collect_runs(directory, manifest, now, grace)
+    return deleted + _collect_runs(directory, manifest, now, grace, {run_dir_name(n) for n in removed})
 
 
-def _collect_runs(directory: Path, manifest: dict, now: float, grace: float) -> list[Path]:
+def _collect_runs(directory: Path, manifest: dict, now: float, grace: float, removed: set) -> list[Path]:
     """The ``runs/`` rules: abandoned run folders of tasks not in the manifest, stale temporary files."""
     try:
         runs = inside(directory, RUNS_DIR, "runs directory")
@@ -86,7 +90,8 @@ def _collect_runs(directory: Path, manifest: dict, now: float, grace: float) -> 
     for run in sorted(runs.iterdir()):
         if run.is_symlink() or not run.is_dir() or not _RUN_FOLDER.fullmatch(run.name):
             continue
-        if run.name not in in_manifest and _remove_abandoned(run, now, grace):
+        resumable = (run / CHECKPOINT).is_file() and run.name not in removed
+        if run.name not in in_manifest and not resumable and _remove_abandoned(run, now, grace):
             deleted.append(run)
             continue
         for root, _, files in os.walk(run):  # does not follow symbolic links

@@ -7,7 +7,10 @@ them), the time limit is one decision for all ranks, and :meth:`TrainLoop.run` r
 only once the last checkpoint is written."""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,9 +24,31 @@ from .progress import Progress
 from .resume import check_fingerprint
 from .step import GANStep
 
-__all__ = ["TrainLoop", "CHECKPOINT_NAME"]
+__all__ = ["TrainLoop", "CHECKPOINT_NAME", "request_stop", "stop_on_sigterm"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_STOP = threading.Event()  # set by a signal handler: the running loop stops after its current iteration
+
+
+def request_stop() -> None:
+    """Ask the running :class:`TrainLoop` to stop after the current iteration, saving a checkpoint first
+    (it then raises KeyboardInterrupt). Safe to call from a signal handler."""
+    _STOP.set()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Inside the block SIGTERM stops training like Ctrl-C, but at an iteration's end with a checkpoint
+    (:func:`request_stop`), so the same command resumes it. Main thread only; a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _STOP.clear()
 
 
 class TrainLoop:
@@ -146,6 +171,11 @@ class TrainLoop:
                     self.save_checkpoint()
                 for cb in self.callbacks:
                     cb(it, losses)
+                if dist.any_rank(_STOP.is_set()) and not done:  # SIGTERM: stop here with a checkpoint
+                    _STOP.clear()
+                    if out is not None and it % self.checkpoint_every != 0 and not out_of_time:
+                        self.save_checkpoint()
+                    raise KeyboardInterrupt(f"stopped by a signal at iteration {it}")
                 if out_of_time and not done:
                     stopped_early = True
                     if main:
