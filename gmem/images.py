@@ -8,7 +8,7 @@ import torch
 
 from .atomic import atomic_write
 
-__all__ = ["image_grid", "save_grid"]
+__all__ = ["image_grid", "grid_image", "save_grid"]
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> torch.Tensor:
@@ -33,11 +33,10 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -
     return grid
 
 
-def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1, format: str = "PNG",
-              row_labels: Optional[Sequence[str]] = None) -> None:
-    """Write images ``[N, C, H, W]`` in [-1, 1] as one grid (atomically), upscaled by ``scale``.
+def grid_image(images: torch.Tensor, nrow: Optional[int] = None, scale: int = 1,
+               row_labels: Optional[Sequence[str]] = None):
+    """Images ``[N, C, H, W]`` in [-1, 1] as one ``PIL.Image`` grid, upscaled by ``scale``.
 
-    ``format``: a Pillow format name (``"PNG"`` by default; lossy formats are written at quality 95).
     ``row_labels``: one text per grid row (e.g. the task of each row), written in a margin on the left.
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -48,23 +47,33 @@ def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    if row_labels is not None:
-        pad, h = 2, images.shape[2]
-        nrow = nrow or int(math.ceil(math.sqrt(images.shape[0])))
-        rows = int(math.ceil(images.shape[0] / nrow))
-        if len(row_labels) != rows:
-            raise ValueError(f"row_labels has {len(row_labels)} texts for {rows} grid rows")
-        font = ImageFont.load_default()
-        measure = ImageDraw.Draw(img)
-        texts = [str(t) for t in row_labels]
-        margin = 8 + max(int(measure.textlength(t, font=font)) for t in texts)
-        labelled = Image.new(img.mode, (img.width + margin, img.height), 0)
-        labelled.paste(img, (margin, 0))
-        draw = ImageDraw.Draw(labelled)
-        white = 255 if img.mode == "L" else (255, 255, 255)
-        for r, text in enumerate(texts):
-            middle = (pad + r * (h + pad) + h // 2) * scale
-            draw.text((4, middle), text, fill=white, font=font, anchor="lm")
-        img = labelled
+    if row_labels is None:
+        return img
+    pad, h = 2, images.shape[2]
+    nrow = nrow or int(math.ceil(math.sqrt(images.shape[0])))
+    rows = int(math.ceil(images.shape[0] / nrow))
+    if len(row_labels) != rows:
+        raise ValueError(f"row_labels has {len(row_labels)} texts for {rows} grid rows")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(img)
+    texts = [str(t) for t in row_labels]
+    margin = 8 + max(int(measure.textlength(t, font=font)) for t in texts)
+    labelled = Image.new(img.mode, (img.width + margin, img.height), 0)
+    labelled.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    white = 255 if img.mode == "L" else (255, 255, 255)
+    for r, text in enumerate(texts):
+        middle = (pad + r * (h + pad) + h // 2) * scale
+        draw.text((4, middle), text, fill=white, font=font, anchor="lm")
+    return labelled
+
+
+def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1, format: str = "PNG",
+              row_labels: Optional[Sequence[str]] = None) -> None:
+    """Write :func:`grid_image` of ``images`` to ``path`` (atomically).
+
+    ``format``: a Pillow format name (``"PNG"`` by default; lossy formats are written at quality 95).
+    """
+    img = grid_image(images, nrow, scale, row_labels)
     options = {"quality": 95} if format in ("JPEG", "WEBP") else {}
     atomic_write(path, lambda f: img.save(f, format=format, **options))

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..images import image_grid
+from ..images import grid_image
 from .batcher import SampleBatcher, SampleRequest
 
 __all__ = ["make_app", "png_bytes", "BadRequest", "MAX_N", "MAX_TASKS"]
@@ -49,12 +49,8 @@ class BadRequest(Exception):
 
 def png_bytes(images: torch.Tensor, nrow: int) -> bytes:
     """Images ``[N, C, H, W]`` in [-1, 1] as the bytes of one PNG grid, ``nrow`` images per row."""
-    from PIL import Image
-
-    grid = image_grid(images.float(), nrow)
-    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    grid_image(images, nrow).save(buf, format="PNG")
     return buf.getvalue()
 
 
