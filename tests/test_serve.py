@@ -11,11 +11,8 @@ import asyncio
 import hashlib
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -29,24 +26,16 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Starlette's TestClient announces a successor of httpx at import
     from starlette.testclient import TestClient
 
+from served import ROOT, serving, small_memory
+
 from gmem import GANMemory
 from gmem.serve import SampleBatcher, SampleRequest, make_app
 from gmem.serve.app import MAX_N
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def memory_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("served") / "memory"
-    mem = GANMemory.default()
-    mem.learn("shirts", "fashion_mnist", iterations=1, batch_size=4, seed=0, progress=False)
-    mem.learn("faces", "emoji", iterations=1, batch_size=4, seed=1, progress=False)
-    # a large step, so that the classes differ visibly after two iterations
-    mem.learn("classes", "fashion_mnist", iterations=2, batch_size=16, seed=2, progress=False, labels=True,
-              lr=1e-2)
-    mem.save(directory)
-    return directory
+    return small_memory(tmp_path_factory.mktemp("served") / "memory")
 
 
 @pytest.fixture(scope="module")
@@ -193,34 +182,13 @@ def test_serving_never_writes_the_memory(memory_dir, tmp_path):
     assert _tree(memory_dir) == before
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gmem_serve_command(memory_dir):
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "gmem.cli", "serve", str(memory_dir), "--port", str(port)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/api/memory", timeout=5)
-                break
-            except httpx.TransportError:
-                if p.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"gmem serve did not come up:\n{p.stdout.read() if p.poll() is not None else ''}")
-                time.sleep(0.3)
+    with serving(memory_dir) as served:
+        r = httpx.get(served.url + "api/memory", timeout=5)
         assert [t["name"] for t in r.json()["tasks"]] == ["shirts", "faces", "classes"]
-        png = httpx.post(f"http://127.0.0.1:{port}/sample", json={"task": "faces", "n": 2, "seed": 0}, timeout=60)
+        png = httpx.post(served.url + "sample", json={"task": "faces", "n": 2, "seed": 0}, timeout=60)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
-    finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        out, _ = p.communicate(timeout=30)
-    assert "Traceback" not in out, out
+    assert "Traceback" not in served.output, served.output
 
 
 @pytest.mark.parametrize("args, words", [

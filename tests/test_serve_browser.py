@@ -10,20 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from served import TASKS, serving, small_memory
 
-from gmem import GANMemory
-
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
@@ -41,38 +34,14 @@ def _chromium(*args: str, timeout: float = 120) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("browser") / "memory"
-    mem = GANMemory.default()
-    mem.learn("shirts", "fashion_mnist", iterations=1, batch_size=4, seed=0, progress=False)
-    mem.learn("smileys", "emoji", iterations=1, batch_size=4, seed=1, progress=False)
-    mem.learn("classes", "fashion_mnist", iterations=1, batch_size=4, seed=2, progress=False, labels=True)
-    mem.save(directory)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "gmem.cli", "serve", str(directory), "--port", str(port)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            httpx.get(url + "api/memory", timeout=5).raise_for_status()
-            break
-        except httpx.TransportError:
-            if p.poll() is not None or time.monotonic() > deadline:
-                os.killpg(p.pid, signal.SIGKILL)
-                pytest.fail("gmem serve did not come up")
-            time.sleep(0.3)
-    yield url
-    os.killpg(p.pid, signal.SIGTERM)
-    p.wait(timeout=30)
+    with serving(small_memory(tmp_path_factory.mktemp("browser") / "memory")) as served:
+        yield served.url
 
 
 def test_page_in_chromium_shows_every_task_and_moves_the_slider(server, tmp_path):
     dom = _chromium("--virtual-time-budget=60000", "--dump-dom", server + "#move-slider")
     assert 'data-ready="1"' in dom, dom[-3000:]
-    assert re.findall(r'<div class="task" data-task="([^"]+)">', dom) == ["source", "shirts", "smileys", "classes"]
+    assert re.findall(r'<div class="task" data-task="([^"]+)">', dom) == ["source", *TASKS]
     grids = re.findall(r'<img class="grid" alt="samples" src="blob:[^"]+" data-url="[^"]+" data-loads="(\d+)"', dom)
     assert len(grids) == 4 and all(int(k) >= 1 for k in grids), "every task's grid arrived"
     interp = re.search(r'<img id="iimg" class="grid" alt="interpolation" src="blob:[^"]+" data-url="[^"]+" '
