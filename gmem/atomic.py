@@ -63,19 +63,52 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 def atomic_torch_save(obj, path) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (read it back with ``torch.load(weights_only=True)``).
 
-    A write that fails inside torch's writer (which reports a full disk as a RuntimeError of its own)
-    is an OSError naming ``path``: ENOSPC when the disk has no room left, EIO otherwise.
+    A write that fails inside torch's writer (which reports it as a RuntimeError of its own, e.g.
+    ``[enforce fail at inline_container.cc] unexpected pos``) is the OSError of the failed write
+    (ENOSPC for a full disk), naming ``path``.
     """
     import torch
 
+    writes = []
+
+    def save(f):
+        recorder = _WriteErrors(f)
+        writes.append(recorder)
+        torch.save(obj, recorder)
+
     try:
-        return atomic_write(path, lambda f: torch.save(obj, f))
-    except RuntimeError as e:
-        if "write" not in str(e).lower():
+        return atomic_write(path, save)
+    except OSError as e:
+        if e.filename is not None:
             raise
-        full = _free_bytes(Path(path).parent) < 1 << 20
-        code = errno.ENOSPC if full else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} while writing a checkpoint", str(path)) from None
+        error = e
+    except RuntimeError as e:
+        error = writes[-1].error if writes else None
+        if error is None:
+            if "write" not in str(e).lower() and "inline_container" not in str(e):
+                raise
+            full = _free_bytes(Path(path).parent) < 1 << 20
+            error = OSError(errno.ENOSPC if full else errno.EIO, "")
+    code = error.errno or errno.EIO
+    raise OSError(code, f"{os.strerror(code)} while writing a checkpoint", str(path)) from None
+
+
+class _WriteErrors:
+    """A binary file for ``torch.save`` that remembers the OSError of a failed write: torch's writer
+    turns it into a RuntimeError without the errno."""
+
+    def __init__(self, f):
+        self.file, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _free_bytes(folder: Path) -> int:

@@ -299,6 +299,24 @@ def test_full_disk_while_writing_a_checkpoint_is_one_line(cli_memory, tmp_path, 
     assert (m / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_full_disk_inside_torchs_writer_is_enospc(monkeypatch, tmp_path):
+    """torch's zip writer turns the failed write into "[enforce fail at inline_container.cc] unexpected
+    pos ..." (no errno): the checkpoint writer must still say the disk is full."""
+    import errno
+
+    import gmem.atomic
+
+    def to_dev_full(path, write):  # every write fails with ENOSPC, as on a full disk
+        with open("/dev/full", "wb", buffering=0) as f:
+            write(f)
+
+    monkeypatch.setattr(gmem.atomic, "atomic_write", to_dev_full)
+    with pytest.raises(OSError) as e:
+        gmem.atomic.atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "checkpoint.pt")
+    assert e.value.errno == errno.ENOSPC and "checkpoint.pt" in str(e.value)
+
+
 def test_npz_that_is_not_a_zip_is_one_line(tmp_path, capsys):
     (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 this is not a zip at all" * 10)
     rc = main(["learn", str(tmp_path / "m"), "x", str(tmp_path / "c.npz"), "--iterations", "0", "--no-progress"])

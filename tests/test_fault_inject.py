@@ -7,10 +7,12 @@ the tool's default (see its docstring).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from gmem.store import Store
@@ -18,6 +20,7 @@ from gmem.store import files as store_files
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+import fault_cases  # noqa: E402
 import fault_inject  # noqa: E402
 
 
@@ -89,4 +92,34 @@ def test_checks_catch_a_changed_earlier_task(tmp_path):
 
 def test_edge_cases_of_issue_24_pass(tmp_path):
     """The first-user cases (links, a lost/damaged manifest, hints, bounds, one-line errors) in one run."""
-    assert fault_inject.edge_cases(tmp_path) == []
+    assert fault_cases.edge_cases(tmp_path) == []
+
+
+# a few of each family of tools/fault_cases.py (the tool runs them all: fault_inject.py --edges)
+DAMAGE = ["manifest:deep-nesting", "manifest:file-outside", "manifest:num-classes-huge", "task:fifo",
+          "task:link-loop", "task:crafted-matching-hash", "base:crafted-matching-hash", "base:truncated-half"]
+
+
+def test_damaged_and_crafted_files_end_in_one_line(tmp_path):
+    """Deep JSON nesting once raised RecursionError with a traceback; FIFOs must not block."""
+    lines = []
+    assert fault_cases.damage_cases(tmp_path, log=lines.append, kinds=DAMAGE) == []
+    assert len(lines) == len(DAMAGE)
+
+
+def test_hostile_task_names_are_learned_or_refused_in_one_line(tmp_path):
+    lines = []
+    names = ["../evil", "-x", "a\nb", "名前", "x" * 129, "source", "$HOME"]
+    assert fault_cases.hostile_names(tmp_path, log=lines.append, names=names) == []
+    assert len(lines) == len(names)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_at_three_levels(tmp_path):
+    """A full disk while checkpointing once printed torch's "[enforce fail at inline_container.cc]"."""
+    lines = []
+    failed = fault_cases.full_disk(tmp_path, log=lines.append, levels=3)
+    if failed and failed[0][1].startswith("skipped"):
+        pytest.skip(failed[0][1])
+    assert failed == []
+    assert any("learn rc 1" in line for line in lines) and any("learn rc 0" in line for line in lines)

@@ -24,13 +24,12 @@ Usage (real learners, ``python -m gmem.cli learn``)::
 manifest commit), so the kill/damage/check loop runs in seconds (``tests/test_fault_inject.py``).
 Prints one summary line; exits 1 if any check failed.
 
-``--edges`` runs the first-user edge cases of issue 24 instead (:func:`edge_cases`): symbolic links out
-of the memory (``runs/``, ``.lock``, ``manifest.json``, ``tasks/``), a lost and a damaged manifest
-(the advice given must keep the task files, and ``gmem verify --repair`` must rebuild it), resuming
-with other data (the ``--restart`` hint, run), a one-image folder, an ``.npz`` that is not a zip,
-``train-base --nf 0``, ``sample --scale 1000`` and ``--seed 2**70``. Each must end in one line
-(``gmem <command>: error: ...``) or succeed, without a traceback, a lost task or a changed file
-outside the memory.
+``--edges [FAMILIES]`` runs the hostile cases of :mod:`fault_cases` instead (next to this file): the
+first-user edge cases of issue 24 (symbolic links out of the memory, a lost or damaged manifest and
+the advice given, hints that must work, input bounds), 26 kinds of file damage on task files,
+manifests and stored bases, hostile task names, and a full disk at 13 levels (root only). Each must
+end in a report or one line (``gmem <command>: error: ...``) without a traceback, a lost task or a
+changed file outside the memory.
 """
 from __future__ import annotations
 
@@ -51,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import fault_cases  # noqa: E402  (next to this file)
 
 from gmem.store import Store  # noqa: E402
 from gmem.store import files as store_files  # noqa: E402
@@ -378,144 +379,31 @@ class Run:
                 f"dropped as damaged {len(self.dropped)}")
 
 
-def _gmem(*argv) -> tuple[int, str, str]:
-    """``gmem ARGV`` in this process: ``(exit code, stdout, stderr)``; a traceback is exit code -1."""
-    import contextlib
-    import io
-    import traceback
+def run_edges(opts, parser) -> int:
+    """``--edges``: each family of :mod:`fault_cases` in turn, one line per case, a JSON summary last."""
+    families = list(fault_cases.FAMILIES) if opts.edges == "all" else opts.edges.split(",")
+    unknown = [f for f in families if f not in fault_cases.FAMILIES]
+    if unknown:
+        parser.error(f"--edges: unknown families {unknown}; choose from {', '.join(fault_cases.FAMILIES)}")
+    work = Path(tempfile.mkdtemp(prefix="gmem-edges-")) if opts.memory is None else Path(opts.memory)
+    summary, t0 = {}, time.monotonic()
+    for family in families:
+        print(f"{family}:", flush=True)
+        lines: list[str] = []
 
-    from gmem.cli import main as cli_main
+        def log(line: str, lines=lines) -> None:
+            lines.append(line)
+            print(line, flush=True)
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli_main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except Exception:  # noqa: BLE001 - a traceback is what the cases look for
-            traceback.print_exc()
-            rc = -1
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _tree(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
-            for p in sorted(folder.rglob("*"))}
-
-
-def edge_cases(work: Path) -> list[tuple[str, str]]:
-    """Issue 24's first-user cases against copies of a small memory in ``work``; ``[(case, problem)]``
-    for those that failed (empty: all passed). See the module docstring."""
-    import numpy as np
-
-    work.mkdir(parents=True, exist_ok=True)
-    quick = ["--iterations", "1", "--batch-size", "2", "--no-progress", "--no-score"]
-    seed_mem = work / "seed"
-    rc, _, err = _gmem("learn", seed_mem, "t1", "emoji", *quick)
-    if rc != 0:
-        return [("setup", err.strip()[-300:])]
-    np.save(work / "one.npy", np.zeros((1, 32, 32, 3), np.uint8))
-    (work / "bad.npz").write_bytes(b"PK\x03\x04 not a zip" * 8)
-    failed: list[tuple[str, str]] = []
-
-    def one_line(rc, err, must=""):
-        lines = err.strip().splitlines()
-        if rc != 1 or len(lines) != 1 or ": error: " not in lines[0] or must not in lines[0]:
-            return f"rc {rc}, expected one line with {must!r}: {err.strip()[-300:]}"
-        return None
-
-    def case(name, fn):
-        m = work / name
-        shutil.copytree(seed_mem, m, ignore=shutil.ignore_patterns("runs", ".lock"))
-        outside = work / f"{name}-outside"
-        outside.mkdir()
-        (outside / "v").write_text("precious")
-        before = {"outside": _tree(outside)}
-        tasks = _tree(m / "tasks")
-
-        def mark():  # a case that moved files outside (to link to them) takes the snapshot again
-            before["outside"] = _tree(outside)
-
-        try:
-            problem = fn(m, outside, mark)
-        except Exception as e:  # noqa: BLE001
-            problem = f"{type(e).__name__}: {e}"
-        if problem is None and _tree(outside) != before["outside"]:
-            problem = "a file outside the memory changed"
-        if problem is None and name != "link-tasks" and not set(tasks) <= set(_tree(m / "tasks")):
-            problem = "a task file was deleted"
-        if problem:
-            failed.append((name, problem))
-
-    def link_runs(m, outside, mark):
-        (m / "runs").symlink_to(outside)
-        return one_line(*_gmem("learn", m, "b", "emoji", *quick)[::2], "symbolic link")
-
-    def link_lock(m, outside, mark):
-        (m / ".lock").unlink(missing_ok=True)
-        (m / ".lock").symlink_to(outside / "v")
-        return one_line(*_gmem("learn", m, "c", "emoji", *quick)[::2], "symbolic link")
-
-    def link_manifest(m, outside, mark):
-        shutil.move(m / "manifest.json", outside / "manifest.json")
-        (m / "manifest.json").symlink_to(outside / "manifest.json")
-        mark()
-        return one_line(*_gmem("info", m)[::2], "symbolic link")
-
-    def link_tasks(m, outside, mark):
-        shutil.move(m / "tasks", outside / "tasks")
-        (m / "tasks").symlink_to(outside / "tasks")
-        mark()
-        rc, out, _ = _gmem("verify", m)
-        return None if rc == 1 and "symbolic link" in out else f"verify: rc {rc}: {out[-300:]}"
-
-    def manifest_lost_or_damaged(damage):
-        def fn(m, outside, mark):
-            if damage:
-                (m / "manifest.json").write_bytes(b"\x00garbage")
-            else:
-                (m / "manifest.json").unlink()
-            rc, out, err = _gmem("verify", m)
-            if rc != 1 or "--repair" not in out + err or "gmem learn" in out + err:
-                return f"verify advice: rc {rc}: {(out + err)[-300:]}"
-            problem = one_line(*_gmem("learn", m, "z", "emoji", *quick)[::2], "--repair")
-            if problem:
-                return "learn: " + problem
-            rc, out, err = _gmem("verify", m, "--repair")
-            if rc != 0 or "t1" not in json.loads(_gmem("info", m, "--json")[1])["tasks"][0]["name"]:
-                return f"repair: rc {rc}: {(out + err)[-300:]}"
-            return None
-        return fn
-
-    def restart_hint(m, outside, mark):
-        if _gmem("learn", m, "r", "emoji", *quick)[0] != 0 or _gmem("remove", m, "r")[0] != 0:
-            return "setup of the resume case failed"
-        rc, _, err = _gmem("learn", m, "r", "fashion_mnist", *quick)
-        if one_line(rc, err, "--restart"):
-            return one_line(rc, err, "--restart")
-        rc, _, err = _gmem("learn", m, "r", "fashion_mnist", *quick, "--restart")
-        return None if rc == 0 else f"--restart: rc {rc}: {err[-300:]}"
-
-    def one_image(m, outside, mark):
-        rc, _, err = _gmem("learn", m, "solo", work / "one.npy", "--iterations", "1", "--batch-size", "1",
-                           "--no-progress")
-        return None if rc == 0 and "Traceback" not in err else f"rc {rc}: {err[-300:]}"
-
-    cases = [("link-runs", link_runs), ("link-lock", link_lock), ("link-manifest", link_manifest),
-             ("link-tasks", link_tasks), ("manifest-lost", manifest_lost_or_damaged(False)),
-             ("manifest-damaged", manifest_lost_or_damaged(True)), ("restart-hint", restart_hint),
-             ("one-image", one_image),
-             ("npz-not-zip", lambda m, o, mark: one_line(*_gmem("learn", m, "n", work / "bad.npz",
-                                                                *quick)[::2], "bad.npz")),
-             ("train-base-nf-0", lambda m, o, mark: one_line(*_gmem("train-base", "--out", work / "tb", "--nf",
-                                                                    "0")[::2], "--nf")),
-             ("sample-scale", lambda m, o, mark: one_line(*_gmem("sample", m, "t1", "--scale", "1000", "--out",
-                                                                 work / "s.png")[::2], "--scale")),
-             ("sample-seed", lambda m, o, mark: one_line(*_gmem("sample", m, "t1", "--seed", 2**70, "--out",
-                                                                work / "s.png")[::2], "--seed"))]
-    for name, fn in cases:
-        case(name, fn)
-    return failed
+        failed = fault_cases.FAMILIES[family](work / family, log=log)
+        skipped = [p for _, p in failed if p.startswith("skipped")]
+        summary[family] = {"cases": len(lines), "skipped": skipped,
+                           "failed": [f"{n}: {p}"[:300] for n, p in failed if not p.startswith("skipped")]}
+    bad = sum(len(v["failed"]) for v in summary.values())
+    print(f"fault_inject --edges: {sum(v['cases'] for v in summary.values())} cases, {bad} failed; "
+          f"{time.monotonic() - t0:.0f} s")
+    print(json.dumps(summary))
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
@@ -536,15 +424,12 @@ def main(argv=None) -> int:
                    help="what each learner gets, drawn from this list: kill during training, in the save window, none")
     p.add_argument("--fake", action="store_true", help="forked store writers instead of gmem learn (fast)")
     p.add_argument("--fake-step", type=float, default=0.02, help="seconds per fake iteration")
-    p.add_argument("--edges", action="store_true", help="run issue 24's first-user edge cases instead (edge_cases)")
+    p.add_argument("--edges", nargs="?", const="all", default=None, metavar="FAMILIES",
+                   help="run the hostile cases of tools/fault_cases.py instead: all, or a comma-separated list of "
+                        + ", ".join(fault_cases.FAMILIES))
     opts = p.parse_args(argv)
     if opts.edges:
-        work = Path(tempfile.mkdtemp(prefix="gmem-edges-")) if opts.memory is None else Path(opts.memory)
-        failed = edge_cases(work)
-        for name, problem in failed:
-            print(f"FAILED {name}: {problem}")
-        print(json.dumps({"edge_cases": 12, "failed": len(failed)}))
-        return 1 if failed else 0
+        return run_edges(opts, p)
     if not set(opts.kill_modes.split(",")) <= {"train", "save", "none"}:
         p.error(f"--kill-modes: choose from train, save, none; got {opts.kill_modes!r}")
     if opts.memory is None:

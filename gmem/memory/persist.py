@@ -183,7 +183,7 @@ def _old_manifest(store: Store) -> dict:
 
     try:
         old = json.loads(store.inside(MANIFEST, "manifest").read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError, CheckpointError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, CheckpointError):
         return {}
     return old if isinstance(old, dict) else {}
 

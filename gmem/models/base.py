@@ -45,7 +45,7 @@ def base_config(directory) -> dict:
     try:
         config = json.loads(path.read_text())
         config["generator"], config["discriminator"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{path}: damaged base config ({type(e).__name__}: {e})") from None
     check_base_config(config, path)
     return config

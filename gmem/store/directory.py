@@ -197,7 +197,7 @@ class Store:
             raise FileNotFoundError(f"no GAN memory at {directory}: {MANIFEST} not found")
         try:
             manifest = json.loads(read_bytes_nofollow(path))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
             raise ManifestError(f"{path}: damaged manifest (not JSON: {e})") from None
         return validate_manifest(manifest, path)
 

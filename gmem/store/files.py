@@ -266,14 +266,14 @@ def task_file_info(data: bytes) -> tuple[str, dict, dict]:
         raise ValueError("header longer than the file")
     try:
         header = json.loads(data[8:8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise ValueError(f"header is not JSON ({e})") from None
     meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT or not isinstance(meta.get("task"), str):
         raise ValueError(f"not a {TASK_FORMAT} file (no task name in its metadata)")
     try:
         entry = json.loads(meta.get("entry", "{}"))
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         entry = {}
     entry = {k: v for k, v in entry.items() if k in ENTRY_IN_FILE} if isinstance(entry, dict) else {}
     shapes = {k: v.get("shape") for k, v in header.items() if isinstance(v, dict)}
@@ -312,7 +312,7 @@ def check_knowledge_bytes(data: bytes, shown) -> dict:
     """The knowledge-base index in ``data`` (a knowledge file's bytes), checked; KnowledgeFileError if not."""
     try:
         index = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise KnowledgeFileError(f"knowledge base: damaged file {shown}: not JSON ({e})") from None
     return _check_index(index, shown)
 
@@ -351,7 +351,7 @@ def read_knowledge(directory, entry: dict) -> dict:
     data = _read_checked(directory, entry, "knowledge.", "knowledge base", KnowledgeFileError)
     try:
         index = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise KnowledgeFileError(f"knowledge base: damaged file {shown} (not JSON: {e})") from None
     return _check_index(index, shown)
 
