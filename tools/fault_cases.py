@@ -43,7 +43,7 @@ class _Timeout(Exception):
     pass
 
 
-def gmem(*argv, timeout: int = 120) -> tuple[int, str, str]:
+def gmem(*argv, timeout: int = 900) -> tuple[int, str, str]:
     """``gmem ARGV`` in this process: ``(exit code, stdout, stderr)``; a traceback is exit code -1 and a
     command still running after ``timeout`` seconds (e.g. blocked reading a FIFO) exit code -2."""
     from gmem.cli import main as cli_main
@@ -358,7 +358,7 @@ def damage_cases(work: Path, log=None, kinds: Optional[list[str]] = None) -> lis
             problems = []
             for argv in (("verify", m), ("info", m), ("sample", m, "t1", "-n", "2", "--out", work / "d.png"),
                          ("learn", m, "t3", "emoji", *QUICK)):
-                p = clean(*gmem(*argv, timeout=60))
+                p = clean(*gmem(*argv, timeout=300))
                 if p:
                     problems.append(f"gmem {argv[0]}: {p}")
             if "t2" in entries and target == "task":  # the undamaged task: still readable, same images

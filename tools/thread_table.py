@@ -4,12 +4,13 @@
 Two measurements, each for ``threads in (1, 2)`` x ``OMP_WAIT_POLICY in (active, passive)``:
 
 * ``step``: one GAN-memory training step (:func:`benchmarks.e2e.train_step_fn`, the embedded base's
-  size: 32 px, nf 32, batch 16, the C++ CPU backend). One process per wait policy (OpenMP reads the
-  policy once, when torch loads it); inside it, trials of ``--steps`` steps alternate between 1 and 2
-  threads, so both thread counts see the same background load. Reported: the fastest trial (what a
-  quiet moment gives) and the median trial, in ms per step.
+  size: 32 px, nf 32, batch 16, the C++ CPU backend). One process per setting (OpenMP reads the wait
+  policy once, when torch loads it, and spinning workers of a 2-thread region would slow a later
+  1-thread one), ``--trials`` trials of ``--steps`` steps each, the settings in turn ``--repeats``
+  times so that each sees the same background load. Reported: the fastest trial (what a quiet moment
+  gives) and the median trial, in ms per step.
 * ``learn``: wall time of ``gmem learn MEM t emoji --iterations N --no-score`` (start-up included), the
-  four settings run in turn ``--repeats`` times; reported: fastest and median.
+  four settings in turn with the steps above; reported: fastest and median.
 
 Then the same again with one competing busy process (a Python spin loop, niced to 0 like a user's
 job). The background load of other users is printed (load average) next to each block: on a shared
@@ -17,7 +18,7 @@ machine, "quiet" means only that this script started no competitor.
 
 Usage::
 
-    OMP_NUM_THREADS= python tools/thread_table.py [--steps 3] [--trials 8] [--iterations 24] [--repeats 2]
+    OMP_NUM_THREADS= python tools/thread_table.py [--steps 3] [--trials 3] [--iterations 24] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -36,26 +37,25 @@ POLICIES = ("ACTIVE", "PASSIVE")
 THREADS = (1, 2)
 
 
-def _child_steps(steps: int, trials: int) -> None:
-    """In a child process: alternate 1 and 2 threads over ``trials`` rounds; print JSON ms/step lists."""
+def _child_steps(threads: int, steps: int, trials: int) -> None:
+    """In a child process with ``threads`` torch threads: ``trials`` timings of ``steps`` steps; prints
+    a JSON list of ms per step. One thread count per process: with the spinning wait policy, OpenMP
+    workers left from a 2-thread region would slow a later 1-thread region down in the same process."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from benchmarks.e2e import Model, train_step_fn
 
+    torch.set_num_threads(threads)
     model = Model("base32", size=32, nf=32, z_dim=128, embed_size=64, batch=16, replay_batch=16, replay_tasks=1)
     step = train_step_fn(model, "cpu", "cpu")
-    times = {t: [] for t in THREADS}
-    for t in THREADS:  # warm-up at each thread count
-        torch.set_num_threads(t)
-        step()
+    step()  # warm-up
+    times = []
     for _ in range(trials):
-        for t in THREADS:
-            torch.set_num_threads(t)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[t].append((time.perf_counter() - start) * 1e3 / steps)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) * 1e3 / steps)
     print(json.dumps(times))
 
 
@@ -63,12 +63,12 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def _steps(policy: str, steps: int, trials: int) -> dict:
+def _steps(threads: int, policy: str, steps: int, trials: int) -> list[float]:
     env = {**os.environ, "OMP_WAIT_POLICY": policy}
     env.pop("OMP_NUM_THREADS", None)
-    out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(steps), "--trials", str(trials)],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    out = subprocess.run([sys.executable, __file__, "--child", str(threads), "--steps", str(steps), "--trials",
+                          str(trials)], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _learn(threads: int, policy: str, iterations: int, work: Path) -> float:
@@ -88,13 +88,13 @@ def _load() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3, help="training steps per trial")
-    p.add_argument("--trials", type=int, default=8, help="trials per thread count (alternating)")
+    p.add_argument("--trials", type=int, default=3, help="trials per process")
     p.add_argument("--iterations", type=int, default=24, help="iterations of each gmem learn run")
     p.add_argument("--repeats", type=int, default=2, help="gmem learn runs per setting")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _child_steps(args.steps, args.trials)
+        _child_steps(args.child, args.steps, args.trials)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,11 +102,12 @@ def main(argv=None) -> int:
             spinner = _spinner() if busy else None
             try:
                 load_start = _load()
-                steps = {pol: _steps(pol, args.steps, args.trials) for pol in POLICIES}
+                steps = {(t, pol): [] for t in THREADS for pol in POLICIES}
                 learn = {(t, pol): [] for t in THREADS for pol in POLICIES}
-                for _ in range(args.repeats):
+                for _ in range(args.repeats):  # the settings in turn, so each sees the same background load
                     for t in THREADS:
                         for pol in POLICIES:
+                            steps[(t, pol)] += _steps(t, pol, args.steps, args.trials)
                             learn[(t, pol)].append(_learn(t, pol, args.iterations, Path(tmp)))
                 load_end = _load()
             finally:
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
                     spinner.wait()
             for t in THREADS:
                 for pol in POLICIES:
-                    s, lr = steps[pol][t], learn[(t, pol)]
+                    s, lr = steps[(t, pol)], learn[(t, pol)]
                     rows.append({"busy": busy, "threads": t, "policy": pol.lower(),
                                  "step_ms_min": min(s), "step_ms_median": statistics.median(s),
                                  "learn_s_min": min(lr), "learn_s_median": statistics.median(lr),
