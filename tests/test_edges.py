@@ -516,6 +516,39 @@ def test_cli_defaults_to_one_thread_unless_told(cli_memory, tmp_path, monkeypatc
         torch.set_num_threads(old)
 
 
+def test_several_threads_run_with_sleeping_openmp_workers(cli_memory, tmp_path):
+    """`gmem` asked for 2 threads restarts itself with OMP_WAIT_POLICY=PASSIVE (spinning workers were 3-7x
+    slower beside a busy process); a policy the user set is kept."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GMEM_NO_RESTART")}
+    argv = [sys.executable, "-m", "gmem.cli", "learn", str(_copy(cli_memory, tmp_path / "m")), "p",
+            str(cli_memory.parent / "a.npy"), "--iterations", "1", "--batch-size", "2", "--no-score",
+            "--no-progress"]
+    r = subprocess.run(argv + ["--threads", "2"], env=env, text=True, capture_output=True, timeout=600)
+    assert r.returncode == 0 and "2 torch threads, OMP_WAIT_POLICY=PASSIVE)" in r.stdout, r.stdout + r.stderr
+
+
+def test_restart_with_passive_workers_only_when_several_threads_and_no_policy(monkeypatch):
+    import gmem.cli as cli
+
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append(env["OMP_WAIT_POLICY"]))
+    for var in ("OMP_WAIT_POLICY", "GMEM_NO_RESTART", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    args = cli.build_parser().parse_args(["learn", "m", "t", "emoji", "--threads", "2"])
+    cli._passive_openmp_workers(args)
+    assert calls == ["PASSIVE"]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stays
+    cli._passive_openmp_workers(args)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    cli._passive_openmp_workers(cli.build_parser().parse_args(["learn", "m", "t", "emoji"]))  # 1 thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    cli._passive_openmp_workers(cli.build_parser().parse_args(["info", "m"]))  # from the environment
+    assert calls == ["PASSIVE", "PASSIVE"]
+
+
 def test_saving_over_old_orphaned_task_files_is_refused(tmp_path):
     """GANMemory.save into a directory whose manifest was lost: refused, the task files stay."""
     m = tmp_path / "m"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 
 from ..store import MANIFEST, Store, validate_task_name
 from ..store.files import run_dir_name
@@ -113,7 +114,10 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
                 mem.save(memory)
     dist.barrier()
     m = mem.records[args.name]["metrics"]
-    print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s"
+    threads = torch.get_num_threads()
+    policy = f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ else ""
+    print(f"learned task {args.name!r} ({m['iterations_done']} iterations, {m['train_seconds']} s, "
+          f"{threads} torch thread{'s' if threads > 1 else ''}{policy}"
           + (f", pixFID8 base {m['pixfid8_source']} -> task {m['pixfid8']}" if "pixfid8" in m else "")
           + f"); memory saved to {memory}")
     return 0
@@ -182,8 +186,6 @@ def run(args) -> int:
 def _remove_if_empty(directory) -> None:
     """Remove the empty folders of a memory directory this command created (a failed first ``learn``
     leaves no empty memory behind); anything holding a file, e.g. another learner's, stays."""
-    import os
-
     for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):  # deepest first
         with contextlib.suppress(OSError):
             os.rmdir(root)
