@@ -517,8 +517,8 @@ def test_cli_defaults_to_one_thread_unless_told(cli_memory, tmp_path, monkeypatc
 
 
 def test_several_threads_run_with_sleeping_openmp_workers(cli_memory, tmp_path):
-    """`gmem` asked for 2 threads restarts itself with OMP_WAIT_POLICY=PASSIVE (spinning workers were 3-7x
-    slower beside a busy process); a policy the user set is kept."""
+    """`gmem learn --threads 2` restarts itself with OMP_WAIT_POLICY=PASSIVE (spinning workers were 3-7x
+    slower beside a busy process)."""
     import subprocess
     import sys
 
@@ -544,9 +544,9 @@ def test_restart_with_passive_workers_only_when_several_threads_and_no_policy(mo
     cli._passive_openmp_workers(args)
     monkeypatch.delenv("OMP_WAIT_POLICY")
     cli._passive_openmp_workers(cli.build_parser().parse_args(["learn", "m", "t", "emoji"]))  # 1 thread
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    cli._passive_openmp_workers(cli.build_parser().parse_args(["info", "m"]))  # from the environment
-    assert calls == ["PASSIVE", "PASSIVE"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # whoever sets the environment chooses the policy there
+    cli._passive_openmp_workers(cli.build_parser().parse_args(["learn", "m", "t", "emoji"]))
+    assert calls == ["PASSIVE"]
 
 
 def test_saving_over_old_orphaned_task_files_is_refused(tmp_path):

@@ -98,24 +98,17 @@ def default_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
 
 
-def _requested_threads(args: argparse.Namespace) -> int:
-    """The torch thread count a command was asked for (``--threads N`` or ``OMP_NUM_THREADS``), else 1."""
-    for value in (getattr(args, "threads", None), os.environ.get("OMP_NUM_THREADS")):
-        with contextlib.suppress(TypeError, ValueError):
-            if value is not None and int(value) > 0:
-                return int(value)
-    return 1
-
-
 def _passive_openmp_workers(args: argparse.Namespace) -> None:
-    """Restart the command with ``OMP_WAIT_POLICY=PASSIVE`` when it is asked for several threads and the
-    environment chose no policy (README "Threads").
+    """Restart the command with ``OMP_WAIT_POLICY=PASSIVE`` when ``--threads N`` asks for several threads
+    and the environment chose no policy (README "Threads").
 
     OpenMP's default policy lets idle worker threads spin; on a machine with other busy processes two
     spinning threads ran 3-7x slower than one, and sleeping ones did not. OpenMP reads the policy once,
-    when torch loads it, which ``import gmem`` has done by now: hence a fresh process (``os.execv``, the
-    same command line). One thread (the default) has no workers, so nothing restarts then."""
-    if (args.command in OWN_THREADS or _requested_threads(args) <= 1 or "OMP_WAIT_POLICY" in os.environ
+    when torch loads it, which ``import gmem`` has done by now: hence a fresh process (``os.execve``, the
+    same command line). One thread (the default) has no workers, so nothing restarts then; whoever sets
+    ``OMP_NUM_THREADS`` chooses the policy in the same environment."""
+    threads = getattr(args, "threads", None)
+    if (args.command in OWN_THREADS or not threads or threads <= 1 or "OMP_WAIT_POLICY" in os.environ
             or os.environ.get("GMEM_NO_RESTART")):
         return
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GMEM_NO_RESTART": "1"}
