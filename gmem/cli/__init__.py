@@ -108,7 +108,7 @@ def _passive_openmp_workers(args: argparse.Namespace) -> None:
     same command line). One thread (the default) has no workers, so nothing restarts then; whoever sets
     ``OMP_NUM_THREADS`` chooses the policy in the same environment."""
     threads = getattr(args, "threads", None)
-    if (args.command in OWN_THREADS or not threads or threads <= 1 or "OMP_WAIT_POLICY" in os.environ
+    if (not threads or threads <= 1 or "OMP_WAIT_POLICY" in os.environ
             or os.environ.get("GMEM_NO_RESTART")):
         return
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GMEM_NO_RESTART": "1"}

@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3,
                    help="Adam learning rate (default 1e-3: 10x the paper's 1e-4, sized to the short demo runs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: robust on a busy machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1: robust on a busy machine; N > 1 runs with "
+                        "OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
