@@ -317,3 +317,49 @@ def test_export_reports_a_gained_bias_it_cannot_fold():
     # a task that leaves a bias-free layer's bias at zero exports no bias at all
     gnn.add_task(model, "untouched")
     assert gnn.export(model, "untouched").export_report["gained_bias"] == []
+
+
+class Attention(nn.Module):
+    """A patch conv, an nn.MultiheadAttention and an MLP: the attention's projections stay shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return h + self.mlp(h)
+
+
+def test_attention_projections_are_reported_with_a_reason_and_acknowledged_by_exclude():
+    model = Attention()
+    with pytest.raises(ValueError, match=r"strict=True.*'attn \(nn.MultiheadAttention passes in_proj_weight"):
+        gnn.convert(copy.deepcopy(model), strict=True)
+    names = gnn.convert(copy.deepcopy(model))
+    assert sorted(names) == ["mlp.1", "patch"]
+    assert sorted(n for n, _ in names.skipped) == ["attn", "attn.out_proj"]
+    names = gnn.convert(model, exclude=["attn"], strict=True)
+    assert sorted(names.chosen) == ["attn", "attn.out_proj"]
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    gnn.add_task(model, "a")
+    perturb(model, "a")
+    x = batch((2, 3, 8, 8))
+    plain = gnn.export(model, "a")
+    stock = Attention()
+    stock.load_state_dict(plain.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(stock.eval()(x), outputs(model.eval(), x, "a"), rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_encoder_layer_children_read_by_its_fused_path_are_reported():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    model = nn.Sequential(nn.Linear(4, 8), layer)
+    names = gnn.convert(model)
+    skipped = dict(names.skipped)
+    assert names == ["0"]
+    for child in ("linear1", "linear2", "norm1", "norm2"):
+        assert "TransformerEncoderLayer reads this module's weights directly" in skipped[f"1.{child}"]
+    assert "1.self_attn" in skipped
