@@ -4,7 +4,7 @@ The promises tested, on a small U-Net (ConvTranspose2d, GroupNorm, a Linear used
 torchvision's MobileNetV3-small (depthwise convolutions, BatchNorm), a small 3-D conv net and a
 GPT-style model whose head shares the embedding's weight:
 
-* ``convert`` modulates every layer of a kind in ``gnn.MODULATED_KINDS`` and lists every other module
+* ``convert`` modulates every layer of a kind in ``gnn.MODULATED_LAYERS`` and lists every other module
   holding weights in ``.skipped`` (``strict=True`` raises instead); a module reached under several
   names stays one module;
 * after training two tasks (``trainable_parameters`` only, train mode) the source is bit for bit the
@@ -120,7 +120,7 @@ def test_every_layer_is_modulated_or_reported_and_training_two_tasks_keeps_the_r
     model.eval(), stock.eval()
     with torch.no_grad():
         expected = stock(x)
-    supported = [n for n, m in model.named_modules() if type(m) in gnn.MODULATED_KINDS]
+    supported = [n for n, m in model.named_modules() if type(m) in gnn.MODULATED_LAYERS]
     names = gnn.convert(model, strict=False)
     assert set(supported) == set(names) | (set(supported) & {n for n, _ in names.skipped})
     # every other module with weights is copied per task (norms) or reported

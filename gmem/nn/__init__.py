@@ -11,7 +11,7 @@
     plain = gnn.export(model, "faces")       # an ordinary nn.Module computing one task
 """
 from .bank import Selection, decode_task, encode_task
-from .convert import MODULATED_KINDS, Converted, convert
+from .convert import MODULATED_LAYERS, Converted, convert
 from .export import export, unload
 from .layers import ConvStyle, LinearStyle, ModulatedConv2d, ModulatedLayer, ModulatedLinear
 from .per_task import PerTaskModule
@@ -38,7 +38,7 @@ from .tasks import (
 __all__ = [
     "ConvStyle",
     "Converted",
-    "MODULATED_KINDS",
+    "MODULATED_LAYERS",
     "LinearStyle",
     "ModulatedConv2d",
     "ModulatedLayer",

@@ -1,6 +1,6 @@
 """Converting a model in place: modulated layers, per-task copies of shared modules, a frozen base.
 
-``convert`` replaces the layer kinds of :data:`MODULATED_KINDS` by modulated layers, wraps
+``convert`` replaces the layer kinds of :data:`MODULATED_LAYERS` by modulated layers, wraps
 normalisation layers (and modules named by ``per_task``) in :class:`PerTaskModule`, and freezes every
 parameter of the base: afterwards only what :func:`gmem.nn.add_task` creates is trainable. Plain
 models come back with :func:`gmem.nn.export` and :func:`gmem.nn.unload` (:mod:`gmem.nn.export`).
@@ -34,10 +34,10 @@ from .layers import ModulatedConv2d, ModulatedLayer, ModulatedLinear
 from .per_task import NORM_TYPES, PerTaskModule
 from .tasks import NameFilter, _matcher
 
-__all__ = ["Converted", "MODULATED_KINDS", "convert", "original_requires_grad"]
+__all__ = ["Converted", "MODULATED_LAYERS", "convert", "original_requires_grad"]
 
 #: the layer kinds gmem modulates: exact type -> modulated class (see the module docstring)
-MODULATED_KINDS: dict[type, type[ModulatedLayer]] = {
+MODULATED_LAYERS: dict[type, type[ModulatedLayer]] = {
     nn.Conv2d: ModulatedConv2d,
     nn.Linear: ModulatedLinear,
 }
@@ -105,7 +105,7 @@ def _direct_readers(model: nn.Module) -> dict[str, str]:
 
 def _unsupported_reason(module: nn.Module) -> Optional[str]:
     """Why a weight-bearing module of no modulated kind is left alone (None: it holds no parameters)."""
-    for kind in MODULATED_KINDS:
+    for kind in MODULATED_LAYERS:
         if isinstance(module, kind):
             return (f"{type(module).__name__} subclasses nn.{kind.__name__} and may compute something else: only "
                     "exact types are converted; it stays frozen and shared (per_task=[name] copies it per "
@@ -113,7 +113,7 @@ def _unsupported_reason(module: nn.Module) -> Optional[str]:
     own = _own_parameters(module)
     if not own:
         return None
-    kinds = ", ".join(f"nn.{k.__name__}" for k in MODULATED_KINDS)
+    kinds = ", ".join(f"nn.{k.__name__}" for k in MODULATED_LAYERS)
     return (f"{type(module).__name__} (parameters {own}) is not a kind gmem modulates ({kinds}): it stays "
             "frozen and shared by every task; per_task=[name] gives each task its own copy, "
             "exclude=[name] acknowledges this")
@@ -181,9 +181,9 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
-    if type(model) in MODULATED_KINDS:
+    if type(model) in MODULATED_LAYERS:
         raise TypeError("convert replaces submodules in place: wrap a lone layer in a container, "
-                        f"or use {MODULATED_KINDS[type(model)].__name__}(layer)")
+                        f"or use {MODULATED_LAYERS[type(model)].__name__}(layer)")
     if not isinstance(strict, bool):
         raise TypeError(f"convert: strict must be a bool, got {type(strict).__name__}")
     existing = [m for _, m in model.named_modules() if isinstance(m, (ModulatedLayer, PerTaskModule))]
@@ -227,7 +227,7 @@ def convert(
                 copies.append((name, module))
                 inside.append(name)
             continue
-        kind = MODULATED_KINDS.get(type(module))
+        kind = MODULATED_LAYERS.get(type(module))
         if kind is None and not own:
             continue  # a container, or a module without weights of its own
         if shared_match(name):
@@ -243,7 +243,7 @@ def convert(
         else:
             plan.append((name, module, kind))
     if include is not None and isinstance(include, (str, list, tuple)) and not plan:
-        kinds = "/".join(f"nn.{k.__name__}" for k in MODULATED_KINDS)
+        kinds = "/".join(f"nn.{k.__name__}" for k in MODULATED_LAYERS)
         raise ValueError(f"convert: include={include!r} matched no {kinds} module")
 
     skipped = _note_ties(model, skipped, plan)
