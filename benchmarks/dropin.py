@@ -112,15 +112,30 @@ def measure(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def profile(fn: Callable[[], None], top: int = 8) -> list[tuple[str, float]]:
-    """The ``top`` operators by self CPU time (ms) of one step."""
+# where a step's time goes: operator name prefixes -> share (the first match wins)
+SHARES = (
+    ("conv weight+input gradients", ("aten::convolution_backward", "aten::_slow_conv2d_backward",
+                                     "aten::mkldnn_convolution_backward")),
+    ("conv forward", ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::convolution")),
+    ("gmem weight build + style reduction", ("gmem::", "_Modulated")),
+    ("batch norm", ("aten::native_batch_norm", "aten::_batch_norm", "aten::batch_norm")),
+)
+
+
+def profile(fn: Callable[[], None], top: int = 8) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """The ``top`` operators by self CPU time (ms) of one step, and the step's self time by share."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [(e.key, e.self_cpu_time_total / 1e3) for e in rows]
+    events = prof.key_averages()
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    shares: dict[str, float] = {}
+    for e in events:
+        share = next((name for name, prefixes in SHARES if e.key.startswith(prefixes)), "other")
+        shares[share] = shares.get(share, 0.0) + e.self_cpu_time_total / 1e3
+    return [(e.key, e.self_cpu_time_total / 1e3) for e in rows], shares
 
 
 def main(argv=None) -> int:
@@ -144,11 +159,11 @@ def main(argv=None) -> int:
     if args.profile:
         result["profile"] = {}
         for name, fn in fns.items():
-            rows = profile(fn)
-            result["profile"][name] = rows
-            print(f"{name}: heaviest operators (self CPU ms)")
-            for key, value in rows:
-                print(f"    {value:8.1f}  {key}")
+            rows, shares = profile(fn)
+            result["profile"][name] = {"operators": rows, "shares": shares}
+            print(f"{name}: self time by share (profiled ms): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+            print("    heaviest operators: " + ", ".join(f"{key} {value:.1f}" for key, value in rows[:5]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
