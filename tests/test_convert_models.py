@@ -363,3 +363,16 @@ def test_transformer_encoder_layer_children_read_by_its_fused_path_are_reported(
     for child in ("linear1", "linear2", "norm1", "norm2"):
         assert "TransformerEncoderLayer reads this module's weights directly" in skipped[f"1.{child}"]
     assert "1.self_attn" in skipped
+
+
+def test_filters_name_a_reused_module_by_any_of_its_names_and_a_second_convert_keeps_it_one():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), lin, nn.ReLU(), lin)
+    assert gnn.convert(copy.deepcopy(model), include=["3"]) == ["1"]  # "3" is the second name of "1"
+    names = gnn.convert(model, exclude=["3"])
+    assert names == ["0"] and names.chosen == ["1"]
+    again = gnn.convert(model)  # converting again (before any task) takes what is left
+    assert again == ["1"] and model[1] is model[3] and isinstance(model[3], gnn.ModulatedLinear)
+    gnn.add_task(model, "a")
+    original = gnn.unload(model)
+    assert original[1] is original[3] and type(original[1]) is nn.Linear

@@ -195,6 +195,10 @@ def convert(
     inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude", default=False)
     keep, shared_match = _matcher(per_task, "per_task", default=False), _matcher(shared, "shared", default=False)
     direct = _direct_readers(model)
+    aliases = _aliases(model)
+
+    def any_name(match, module: nn.Module) -> bool:  # a filter names a reused module by any of its names
+        return any(match(alias) for alias in aliases[id(module)])
     plan, copies, skipped, chosen, inside = [], [], [], [], []
 
     def skip(name: str, reason: str, by_choice: bool = False) -> None:
@@ -212,14 +216,14 @@ def convert(
         if isinstance(module, (ModulatedLayer, PerTaskModule)):
             inside.append(name)
             continue
-        if per_task is not None and keep(name):
+        if per_task is not None and any_name(keep, module):
             if name in direct:
                 raise ValueError(f"convert: per_task names {name!r}, but {direct[name]}")
             copies.append((name, module))
             inside.append(name)
             continue
         own = _own_parameters(module)
-        if isinstance(module, NORM_TYPES) and not shared_match(name):
+        if isinstance(module, NORM_TYPES) and not any_name(shared_match, module):
             stateful = bool(own) or any(True for _ in module.buffers(recurse=False))
             if stateful and name in direct:
                 skip(name, direct[name])
@@ -230,11 +234,11 @@ def convert(
         kind = MODULATED_LAYERS.get(type(module))
         if kind is None and not own:
             continue  # a container, or a module without weights of its own
-        if shared_match(name):
+        if any_name(shared_match, module):
             skip(name, "shared= names it: frozen and shared by every task", by_choice=True)
-        elif not inc(name):
+        elif not any_name(inc, module):
             skip(name, f"not matched by include={include!r}: frozen and shared by every task", by_choice=True)
-        elif exc(name):
+        elif any_name(exc, module):
             skip(name, f"excluded by exclude={exclude!r}: frozen and shared by every task", by_choice=True)
         elif name in direct:
             skip(name, direct[name])
@@ -257,7 +261,6 @@ def convert(
                 raise NotImplementedError(f"convert: include names {name!r}, which cannot be modulated: {e}") from e
             skip(name, f"{e}; it stays frozen and shared (exclude=[name] acknowledges this)")
     built += [(name, module, PerTaskModule(module)) for name, module in copies]
-    aliases = _aliases(model)
     for name, module, _ in built:
         for alias in aliases[id(module)]:
             outer = [p for p in inside if alias.startswith(p + ".")]
