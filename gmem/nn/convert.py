@@ -1,14 +1,15 @@
 """Converting a model in place, and getting plain PyTorch models back (export one task, unload).
 
-``convert`` replaces ``nn.Conv2d``/``nn.Linear`` by modulated layers, wraps normalisation layers
+``convert`` replaces the layers of :data:`gmem.nn.kinds.MODULATED_LAYERS` (``nn.Linear``, every
+``nn.Conv*d``/``nn.ConvTranspose*d``, grouped too) by modulated layers, wraps normalisation layers
 (and modules named by ``per_task``) in :class:`PerTaskModule`, and freezes every parameter of the
 base: afterwards only what :func:`gmem.nn.add_task` creates is trainable.
 
 Rules for what is converted:
 
-* exact ``nn.Conv2d`` / ``nn.Linear`` only. A subclass may compute something else in its forward
-  (weight standardisation, quantisation, ...), which a modulated layer would silently drop: it is
-  skipped and reported. Grouped convolutions are skipped (mAdaFM modulates dense kernels).
+* exact types only. A subclass may compute something else in its forward (weight
+  standardisation, quantisation, ...), which a modulated layer would silently drop: it is
+  skipped and reported.
 * modules whose parent reads their weights directly instead of calling them are skipped:
   ``nn.MultiheadAttention`` (``in_proj_weight``, ``out_proj.weight``) and
   ``nn.TransformerEncoderLayer`` (its fused fast path reads ``linear1``, ``linear2``, ``norm1``,
@@ -24,8 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
-from .layers import ModulatedConv2d, ModulatedLayer, ModulatedLinear
+from .kinds import MODULATED_LAYERS
+from .layers import ModulatedLayer
 from .per_task import NORM_TYPES, PerTaskModule
 from .tasks import NameFilter, Task, _banks, _matcher, task_index
 
@@ -44,7 +45,7 @@ _DIRECT_READERS: dict[type, Optional[tuple[str, ...]]] = {
 
 class Converted(list):
     """The names :func:`convert` modulated (a list), with ``skipped = [(name, reason)]`` for the
-    ``nn.Conv2d``/``nn.Linear`` modules (and subclasses) it left as they were, and ``per_task``:
+    layers of the modulated kinds (and subclasses) it left as they were, and ``per_task``:
     the modules copied per task."""
 
     def __init__(self, names, skipped, per_task):
@@ -74,7 +75,7 @@ def convert(
     per_task: NameFilter = None,
     shared: NameFilter = None,
 ) -> Converted:
-    """Convert ``model`` in place: modulated ``nn.Conv2d``/``nn.Linear``, per-task norms, frozen base.
+    """Convert ``model`` in place: modulated linear and convolution layers, per-task norms, frozen base.
 
     ``include``/``exclude``: which conv/linear layers to modulate; glob patterns over qualified
     module names (a pattern also matches every module below a matching parent, e.g. ``"blocks.*"``
@@ -87,7 +88,7 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.Conv2d, nn.Linear)):
+    if isinstance(model, tuple(MODULATED_LAYERS)):
         raise TypeError("convert replaces submodules in place: wrap a lone layer, or use ModulatedConv2d(layer)")
     existing = [m for _, m in model.named_modules() if isinstance(m, (ModulatedLayer, PerTaskModule))]
     if existing and existing[0].num_tasks > 1:
@@ -120,28 +121,22 @@ def convert(
                 copies.append((name, module))
                 inside.append(name)
             continue
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or not inc(name) or exc(name):
+        if not isinstance(module, tuple(MODULATED_LAYERS)) or not inc(name) or exc(name):
             continue
         reason = direct.get(name)
-        if reason is None and type(module) not in (nn.Conv2d, nn.Linear):
-            parent_type = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
-            reason = (f"{type(module).__name__} subclasses {parent_type}"
+        if reason is None and type(module) not in MODULATED_LAYERS:
+            parent_type = next(t for t in MODULATED_LAYERS if isinstance(module, t)).__name__
+            reason = (f"{type(module).__name__} subclasses nn.{parent_type}"
                       " and may compute something else: only exact types are converted")
-        if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
-            if include is not None:
-                raise NotImplementedError(
-                    f"convert: {name!r} is a grouped convolution (groups={module.groups}), which mAdaFM "
-                    "cannot modulate"
-                )
-            reason = f"grouped convolution (groups={module.groups}): mAdaFM modulates dense kernels"
         if reason is not None:
             skipped.append((name, reason))
             continue
         plan.append((name, module))
     if include is not None and isinstance(include, (str, list, tuple)) and not plan:
-        raise ValueError(f"convert: include={include!r} matched no nn.Conv2d/nn.Linear module")
+        raise ValueError(f"convert: include={include!r} matched no layer of a modulated kind "
+                         f"({', '.join(t.__name__ for t in MODULATED_LAYERS)})")
     # build everything first: an error leaves the model untouched
-    built = [(name, ModulatedConv2d(m) if isinstance(m, nn.Conv2d) else ModulatedLinear(m)) for name, m in plan]
+    built = [(name, MODULATED_LAYERS[type(m)](m)) for name, m in plan]
     built += [(name, PerTaskModule(m)) for name, m in copies]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, wrapper in built:
@@ -154,24 +149,6 @@ def convert(
     if skipped:
         warnings.warn(f"convert: left unmodulated: {[f'{n} ({r})' for n, r in skipped]}", stacklevel=2)
     return Converted([n for n, _ in plan], skipped, [n for n, _ in copies])
-
-
-def _plain_conv(layer: ModulatedConv2d, weight, bias) -> nn.Conv2d:
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                     padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
-                     padding_mode=layer.padding_mode, device="meta")
-    conv.weight = nn.Parameter(weight)
-    if bias is not None:
-        conv.bias = nn.Parameter(bias)
-    return conv
-
-
-def _plain_linear(layer: ModulatedLinear, weight, bias) -> nn.Linear:
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias)
-    return lin
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -201,10 +178,9 @@ def _plain(model: nn.Module, index: int) -> nn.Module:
                         f"export: task {bank.task_names[index]!r} is conditional (one bias per class in "
                         f"{name!r}): a plain nn.Linear has one bias; export is for unconditional tasks"
                     )
-                weight = ops.madafm_weight(bank.weight_norm, gamma.detach(), beta.detach(), backend="reference")
+                weight = bank.modulated_weight(gamma.detach(), beta.detach())
                 bias = bank.total_bias(delta.detach()).clone()
-            make = _plain_conv if isinstance(bank, ModulatedConv2d) else _plain_linear
-            replacements.append((name, make(bank, weight.contiguous(), bias)))
+            replacements.append((name, bank.plain_module(weight.contiguous(), bias)))
     # copy the rest of the model without duplicating the banks: they are replaced below
     memo = {id(bank): None for _, bank in banks}
     out = copy.deepcopy(model, memo)
@@ -215,7 +191,7 @@ def _plain(model: nn.Module, index: int) -> nn.Module:
 
 def export(model: nn.Module, task: Task) -> nn.Module:
     """A plain PyTorch copy of ``model`` computing ``task``: every modulated layer becomes an
-    ``nn.Conv2d``/``nn.Linear`` with the task's weight ``gamma * weight_norm + beta`` (float32
+    plain ``torch.nn`` layer with the task's weight ``gamma * weight_norm + beta`` (float32
     rounding of the modulated op) and bias ``b + bias``, every per-task module the task's copy.
     Nothing of gmem remains inside; ``model`` is not changed. Parameters are trainable."""
     out = _plain(model, task_index(model, task))
