@@ -85,7 +85,7 @@ def conv_nd(x, weight_norm, gamma, beta, bias=None, task_ids=None, stride=1, pad
                         + output_padding[a] + 1 for a in range(rank)]
                 probe = torch.zeros(1, w_j.shape[1], *size, dtype=torch.float64, requires_grad=True)
                 inner = (conv(probe, w_j, None, stride, padding, dilation) * y).sum()
-                parts.append(torch.autograd.grad(inner, probe)[0])
+                parts.append(torch.autograd.grad(inner, probe, create_graph=True)[0])
             else:
                 cols = x.shape[1] // groups
                 rows = weight.shape[0] // groups

@@ -343,3 +343,56 @@ def test_empty_mixed_batch():
     assert out.shape[0] == 0 and out.shape[1] == 6
     expected = F.conv_transpose2d(torch.zeros(1, 4, 5, 4), torch.zeros(4, 3, 3, 2), None, 2, 1, 1, 2, (1, 2))
     assert out.shape[2:] == expected.shape[2:]
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+@pytest.mark.parametrize("rank, transposed, groups", [(1, True, 2), (3, False, 2)])
+def test_op_backends_against_formula(backend, rank, transposed, groups):
+    """Each backend builds the weight (``gmem::madafm_weight``); float32 against the float64 formula."""
+    args, kwargs = _op_case(rank, transposed, groups, mixed=True, dtype=torch.float32, seed=5)
+    args = tuple(a.requires_grad_() if i in (0, 2, 3, 4) else a for i, a in enumerate(args))
+    out = ops.modulated_conv(*args, **kwargs, backend=backend)
+    expected = conv_nd(*args, **kwargs)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(out.square().sum(), [args[i] for i in (0, 2, 3, 4)])
+    leaves = [a.detach().double().requires_grad_() for a in args]
+    ref = conv_nd(*leaves, **kwargs)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [leaves[i] for i in (0, 2, 3, 4)])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, factory, shape", LAYERS, ids=IDS)
+def test_export_and_unload(name, factory, shape):
+    layer, model = _model(factory, torch.float32)
+    x = torch.randn(shape)
+    exported = gnn.export(model, "b")
+    assert type(exported[0]) is type(layer)
+    with gnn.use_task(model, "b"):
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
+    plain = gnn.unload(model)
+    assert type(plain[0]) is type(layer) and torch.equal(plain(x), layer(x))
+    assert plain[0].state_dict().keys() == layer.state_dict().keys()
+
+
+def test_doctor_names_the_kernel_of_every_layer_kind():
+    from gmem import doctor
+
+    rows = [r for r in doctor.layer_kinds() if r["device"] == "cpu"]
+    kinds = {r["kind"].split(" ")[0] for r in rows}
+    assert kinds == {t.__name__ for t in gnn.MODULATED_LAYERS}
+    compiled = "cpu" in ops.available_backends()
+    for row in rows:
+        assert row["compiled"] == compiled, row
+        assert ("reference" in row["runs"]) != compiled
+        if row["op"] == "gmem::modulated_conv":
+            assert "PyTorch's convolution" in row["runs"]
+
+
+def test_values_known():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = torch.zeros(2)
+    assert ops.values_known(t) and not ops.values_known(t.to("meta"))
+    with FakeTensorMode() as mode:
+        assert not ops.values_known(mode.from_tensor(t))

@@ -15,11 +15,12 @@ Autograd, double backward, fake tensors and torch.compile therefore come from th
 
 Mixed-task batches take one of two equivalent paths:
 
-* values readable (eager, real tensors): samples are grouped by task (a stable sort; one
-  convolution per task present, as :func:`gmem.ops.reference.modulated_conv2d` does);
-* no values (meta tensors, fake tensors, torch.compile): each sample's weight is gathered and the
-  batch runs as one grouped convolution with the samples folded into the groups. Nothing there
-  depends on the ids' values, so shapes are known without reading them.
+* gathered: each sample's weight is built and the batch runs as one grouped convolution with the
+  samples folded into the groups. Nothing depends on the ids' values, so this is the path on meta
+  tensors, fake tensors and under torch.compile; eagerly it is also the faster one for small
+  kernels (at most :data:`GATHER_MAX_GROUP_WEIGHT` values per group: depthwise, grouped, narrow);
+* grouped (eager, real tensors, larger kernels): samples are grouped by task (a stable sort; one
+  convolution per task present, as :func:`gmem.ops.reference.modulated_conv2d` does).
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ from .lowrank import LowRank
 from .reference import task_segments
 
 __all__ = ["modulated_conv", "modulated_conv_reference"]
+
+#: Mixed tasks with readable values: a kernel whose weight per group has at most this many values
+#: takes the gathered path, a larger one the grouped path (docs/design.md, "Every convolution kind":
+#: per-sample convolutions with small weights beat one convolution per task; large ones do not)
+GATHER_MAX_GROUP_WEIGHT = 16384
 
 _LIB = torch.library.Library("gmem", "FRAGMENT")  # noqa: TOR901 - gmem's own namespace
 _LIB.define(
@@ -105,7 +111,8 @@ def modulated_conv_reference(x, weight_norm, gamma, beta, bias, task_ids, stride
     if x.shape[0] == 0:  # an empty batch: any task's weight gives the (empty) output shape
         weight = _modulated_weight(weight_norm, gamma[0], beta[0])
         return _conv(x, weight, None, stride, padding, dilation, transposed, output_padding, groups)
-    path = _mixed_grouped if values_known(task_ids) and values_known(x) else _mixed_gathered
+    readable = values_known(task_ids) and values_known(x)
+    path = _mixed_grouped if readable and weight_norm.numel() // groups > GATHER_MAX_GROUP_WEIGHT else _mixed_gathered
     return path(x, weight_norm, gamma, beta, bias, task_ids, stride, padding, dilation, transposed, output_padding,
                 groups)
 
