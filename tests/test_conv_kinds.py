@@ -396,3 +396,18 @@ def test_values_known():
     assert ops.values_known(t) and not ops.values_known(t.to("meta"))
     with FakeTensorMode() as mode:
         assert not ops.values_known(mode.from_tensor(t))
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (3, 2, 2, 3, 2), (4, 1, 1, 1, 1), (4, 2, 1)])
+def test_normalize_weight_any_kernel_rank(shape):
+    w = torch.randn(shape, dtype=torch.float64)
+    wn, mean, std = ops.normalize_weight(w)
+    assert wn.shape == w.shape and mean.shape == std.shape == shape[:2]
+    window = (1,) * (len(shape) - 2)
+    torch.testing.assert_close(std.reshape(*shape[:2], *window) * wn + mean.reshape(*shape[:2], *window), w)
+    flat = w.flatten(2)
+    if flat.shape[-1] > 1:
+        torch.testing.assert_close(mean, flat.mean(-1))
+        torch.testing.assert_close(std, flat.std(-1))
+    else:  # a one-element slice is not normalised
+        assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(std, torch.ones_like(std))

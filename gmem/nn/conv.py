@@ -36,13 +36,6 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _normalize(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`gmem.ops.normalize_weight` per kernel slice ``[A, B, *k]`` of any kernel rank."""
-    a, b = weight.shape[:2]
-    weight_norm, mean, std = ops.normalize_weight(weight.reshape(a, b, -1, 1))
-    return weight_norm.reshape(weight.shape), mean, std
-
-
 class ModulatedConvNd(ModulatedLayer):
     """A ``torch.nn`` convolution of rank ``rank`` with a frozen base and per-task mAdaFM style sets.
 
@@ -68,7 +61,7 @@ class ModulatedConvNd(ModulatedLayer):
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         self._op_padding, self._pre_pad = self._resolve_padding()
-        weight_norm, mean, std = _normalize(self.weight)
+        weight_norm, mean, std = ops.normalize_weight(self.weight)
         self.register_buffer("weight_norm", weight_norm)
         self.register_buffer("weight_mean", mean)
         self.register_buffer("weight_std", std)
