@@ -121,8 +121,8 @@ def test_every_layer_is_modulated_or_reported_and_training_two_tasks_keeps_the_r
     with torch.no_grad():
         expected = stock(x)
     supported = [n for n, m in model.named_modules() if type(m) in gnn.MODULATED_LAYERS]
-    names = gnn.convert(model, strict=False)
-    assert set(supported) == set(names) | (set(supported) & {n for n, _ in names.skipped})
+    names = gnn.convert(model, strict=True)  # every layer with weights is modulated or copied per task
+    assert sorted(names) == sorted(supported) and names.skipped == []
     # every other module with weights is copied per task (norms) or reported
     handled = set(names) | set(names.per_task) | {n for n, _ in names.skipped}
     assert set(weight_bearing(stock)) <= handled
@@ -184,11 +184,24 @@ def test_a_module_reached_under_two_names_is_converted_once():
     assert sum(p.numel() for p in original.parameters()) == sum(p.numel() for p in stock.parameters())
 
 
-def test_unet_reuses_its_linear_and_the_unet_is_fully_reported():
+def test_every_convolution_kind_is_modulated():
     model = UNet()
     names = gnn.convert(model)
-    assert isinstance(model.mix, gnn.ModulatedLinear) and "mix" in names
+    assert sorted(names) == ["along", "down.0", "merge.0", "mix", "out", "pool", "up"]
+    assert type(model.up) is gnn.ModulatedConvTranspose2d and type(model.along) is gnn.ModulatedConv1d
+    assert isinstance(model.mix, gnn.ModulatedLinear)
     assert sorted(names.per_task) == ["down.1", "merge.1", "pool_norm"]
+    net = mobilenet()
+    depthwise = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    names = gnn.convert(net, strict=True)
+    assert len(depthwise) == 11 and set(depthwise) <= set(names)
+    assert gnn.convert(Volume(), strict=True) == ["features.0", "features.3", "head"]
+
+
+def test_the_issue_example_is_modulated_and_reported():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 2, stride=2), nn.Conv1d(8, 8, 3))
+    names = gnn.convert(model, strict=True)
+    assert names == ["0", "1", "2"] and names.skipped == []
 
 
 def test_tied_embedding_and_head_stay_tied_through_convert_and_unload():

@@ -1,6 +1,7 @@
 """Converting a model in place: modulated layers, per-task copies of shared modules, a frozen base.
 
-``convert`` replaces the layer kinds of :data:`MODULATED_LAYERS` by modulated layers, wraps
+``convert`` replaces the layer kinds of :data:`gmem.nn.kinds.MODULATED_LAYERS` (``nn.Linear``, every
+``nn.Conv*d``/``nn.ConvTranspose*d``, grouped too) by modulated layers, wraps
 normalisation layers (and modules named by ``per_task``) in :class:`PerTaskModule`, and freezes every
 parameter of the base: afterwards only what :func:`gmem.nn.add_task` creates is trainable. Plain
 models come back with :func:`gmem.nn.export` and :func:`gmem.nn.unload` (:mod:`gmem.nn.export`).
@@ -30,17 +31,13 @@ from typing import Optional
 
 from torch import nn
 
-from .layers import ModulatedConv2d, ModulatedLayer, ModulatedLinear
+from .kinds import MODULATED_LAYERS
+from .layers import ModulatedLayer
 from .per_task import NORM_TYPES, PerTaskModule
 from .tasks import NameFilter, _matcher
 
-__all__ = ["Converted", "MODULATED_LAYERS", "convert", "original_requires_grad"]
+__all__ = ["Converted", "convert", "original_requires_grad"]
 
-#: the layer kinds gmem modulates: exact type -> modulated class (see the module docstring)
-MODULATED_LAYERS: dict[type, type[ModulatedLayer]] = {
-    nn.Conv2d: ModulatedConv2d,
-    nn.Linear: ModulatedLinear,
-}
 
 # A converted model's parameters' requires_grad flags before convert() froze them (unload() restores
 # them), kept here rather than as an attribute on the caller's model.

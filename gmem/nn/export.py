@@ -24,9 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import ops
 from .convert import original_requires_grad
-from .layers import ModulatedConv2d, ModulatedLayer
+from .layers import ModulatedLayer
 from .per_task import PerTaskModule
 from .tasks import Task, _banks, list_tasks, task_index
 
@@ -42,13 +41,9 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _plain_layer(layer: ModulatedLayer, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
-    """The plain kind of ``layer`` holding exactly ``weight``/``bias`` (the objects, not copies)."""
-    if isinstance(layer, ModulatedConv2d):
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
-                          padding_mode=layer.padding_mode, device="meta")
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    """The plain kind of ``layer`` holding exactly ``weight``/``bias`` (these objects, so that a
+    parameter tied to another module stays one parameter in the copy)."""
+    plain = layer.plain_module(weight, bias)
     plain.weight = weight
     if bias is not None:
         plain.bias = bias
@@ -65,7 +60,7 @@ def _task_layer(name: str, layer: ModulatedLayer, index: int) -> tuple[nn.Module
             f"export: task {layer.task_names[index]!r} is conditional (one bias per class in {name!r}): a plain "
             "layer has one bias; export is for unconditional tasks"
         )
-    weight = ops.madafm_weight(layer.weight_norm, gamma, beta, backend="reference").contiguous()
+    weight = layer.modulated_weight(gamma, beta).contiguous()
     gained = None
     if layer.bias is not None:
         bias = nn.Parameter(layer.total_bias(delta).clone())
