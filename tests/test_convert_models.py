@@ -221,10 +221,18 @@ def test_tied_embedding_and_head_stay_tied_through_convert_and_unload():
     assert model.head.weight is model.emb.weight  # one parameter still
     gnn.add_task(model, "a")
     train_task(model, "a", tokens, steps=2)
+    out_a = outputs(model, tokens, "a")
+    assert not torch.allclose(out_a, expected)
     gnn.add_task(model, "b")
     train_task(model, "b", tokens.flip(1), steps=2)
     with torch.no_grad():
         assert torch.equal(model(tokens), expected)
+    assert torch.equal(outputs(model, tokens, "a"), out_a)
+    ids = torch.tensor([2, 1, 0])
+    with torch.no_grad(), gnn.use_tasks(model, ids):
+        mixed = model(tokens)
+    for n, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(mixed[n], outputs(model, tokens[n:n + 1], t)[0], rtol=1e-5, atol=1e-5)
     original = gnn.unload(model)
     assert original.head.weight is original.emb.weight
     assert sum(p.numel() for p in original.parameters()) == sum(p.numel() for p in stock.parameters())
