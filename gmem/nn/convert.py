@@ -36,7 +36,7 @@ from .layers import ModulatedLayer
 from .per_task import NORM_TYPES, PerTaskModule
 from .tasks import NameFilter, _matcher
 
-__all__ = ["Converted", "convert", "original_requires_grad"]
+__all__ = ["Converted", "convert", "module_names", "original_requires_grad"]
 
 
 # A converted model's parameters' requires_grad flags before convert() froze them (unload() restores
@@ -116,8 +116,8 @@ def _unsupported_reason(module: nn.Module) -> Optional[str]:
             "exclude=[name] acknowledges this")
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    """Every name each submodule is reachable under (a reused module has several)."""
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(submodule): every name it is reachable under}`` (a reused module has several)."""
     out: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if name:
@@ -192,10 +192,11 @@ def convert(
     inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude", default=False)
     keep, shared_match = _matcher(per_task, "per_task", default=False), _matcher(shared, "shared", default=False)
     direct = _direct_readers(model)
-    aliases = _aliases(model)
+    aliases = module_names(model)
 
     def any_name(match, module: nn.Module) -> bool:  # a filter names a reused module by any of its names
         return any(match(alias) for alias in aliases[id(module)])
+
     plan, copies, skipped, chosen, inside = [], [], [], [], []
 
     def skip(name: str, reason: str, by_choice: bool = False) -> None:

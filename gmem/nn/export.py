@@ -24,20 +24,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import original_requires_grad
+from .convert import module_names, original_requires_grad
 from .layers import ModulatedLayer
 from .per_task import PerTaskModule
 from .tasks import Task, _banks, list_tasks, task_index
 
 __all__ = ["export", "unload"]
-
-
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if name:
-            out.setdefault(id(module), []).append(name)
-    return out
 
 
 def _plain_layer(layer: ModulatedLayer, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
@@ -79,7 +71,7 @@ def _plain(model: nn.Module, index: int) -> tuple[nn.Module, dict[str, Tensor], 
     modules stay one parameter (for the source they are the layers' own parameter objects).
     """
     banks = _banks(model)
-    aliases = _aliases(model)
+    aliases = module_names(model)
     plain: dict[int, nn.Module] = {}
     gained: dict[str, Tensor] = {}
     untied: list[str] = []
@@ -124,7 +116,7 @@ def _fold_into_batchnorm(model: nn.Module, gained: dict[str, Tensor]) -> tuple[d
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
-    aliases = _aliases(model)
+    aliases = module_names(model)
     folded = {}
     for name, bias in gained.items():
         layer = model.get_submodule(name)
