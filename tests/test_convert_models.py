@@ -397,3 +397,21 @@ def test_filters_name_a_reused_module_by_any_of_its_names_and_a_second_convert_k
     gnn.add_task(model, "a")
     original = gnn.unload(model)
     assert original[1] is original[3] and type(original[1]) is nn.Linear
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_mixed_batches_run_on_meta_tensors(kind):
+    """Shape inference on the meta device: no data-dependent grouping (torch.unique has no meta kernel)."""
+    make, inputs = MODELS[kind]
+    x = inputs()
+    model = make().eval()
+    gnn.convert(model)
+    gnn.add_task(model, "a")
+    gnn.add_task(model, "b")
+    ids = torch.tensor([2, 0, 1])
+    with torch.no_grad(), gnn.use_tasks(model, ids):
+        expected = model(x)
+    model.to("meta")
+    with torch.no_grad(), gnn.use_tasks(model, ids):  # the ids follow the model onto meta
+        out = model(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == expected.shape
