@@ -2,8 +2,9 @@
 
 Prints the versions (Python, torch, Triton, CUDA), the compiled extension (which library, its hash,
 the ops and the device kernels it holds, the GPU architectures its CUDA code targets, the flags it is
-built with), every backend's availability (with the reason when it is unavailable), a self-test of
-each available backend against the float64 reference (:mod:`gmem.ops.selfcheck`: single task, mixed
+built with), every backend's availability (with the reason when it is unavailable), which kernel
+runs each layer kind of ``gmem.nn`` (a compiled one or the reference), a self-test of each
+available backend against the float64 reference (:mod:`gmem.ops.selfcheck`: single task, mixed
 tasks, low rank; forward and backward; every dtype the backend supports on each device here) and one
 timing line per backend. The verdicts are written to the self-check cache, so ``backend="auto"`` in
 later processes trusts (or avoids) each backend without checking again.
@@ -137,6 +138,45 @@ def backends() -> list[dict]:
     return rows
 
 
+def layer_kinds() -> list[dict]:
+    """For each layer kind ``gmem.nn`` modulates and each device here: the op it runs and whether
+    ``backend="auto"`` runs that op with a compiled kernel or the pure-PyTorch reference."""
+    import torch
+    from torch import nn
+
+    from .nn import MODULATED_LAYERS
+    from .ops import _ops
+    from .ops.backends import Backend, get_backend, resolve_backend
+
+    kinds = []
+    for base_type in MODULATED_LAYERS:
+        name = base_type.__name__
+        if base_type is nn.Linear:
+            kinds.append((name, "modulated_linear"))
+        elif base_type is nn.Conv2d:
+            kinds += [(f"{name} (groups=1)", "modulated_conv2d"), (f"{name} (grouped, depthwise)", "modulated_conv")]
+        else:
+            kinds.append((name, "modulated_conv"))
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows = []
+    for kind, op in kinds:
+        # gmem::modulated_conv is composite: its own kernel is the weight build, the convolution is PyTorch's
+        kernel_op = "madafm_weight" if op == "modulated_conv" else op
+        for device in devices:
+            name = resolve_backend("auto", device, torch.float32, "doctor")
+            backend = get_backend(name)
+            if isinstance(backend, _ops.DeviceKernels):
+                compiled = _ops.kernel_for(kernel_op, device.type.upper())
+            else:
+                compiled = getattr(type(backend), kernel_op) is not getattr(Backend, kernel_op)
+            runs = f"{name} backend, compiled gmem::{kernel_op}" if compiled else "reference (pure PyTorch)"
+            if op == "modulated_conv":
+                runs += " + PyTorch's convolution"
+            rows.append({"kind": kind, "op": f"gmem::{op}", "device": device.type, "backend": name,
+                         "compiled": compiled, "runs": runs})
+    return rows
+
+
 def self_test(rows: list[dict]) -> list[dict]:
     """Every available backend, device and dtype against the float64 reference (caching the verdicts)."""
     import torch
@@ -204,7 +244,7 @@ def timing(rows: list[dict], reps: int = 5) -> list[dict]:
 
 def report(args=None) -> dict:
     """The whole report as a dict (what ``--json`` prints); ``ok`` when every tested backend passes."""
-    info = {"versions": versions(), "extension": extension(), "backends": backends()}
+    info = {"versions": versions(), "extension": extension(), "backends": backends(), "layers": layer_kinds()}
     only = getattr(args, "backend", None)
     if only:
         unknown = sorted(set(only) - {row["name"] for row in info["backends"]})
@@ -255,6 +295,9 @@ def _print(info: dict) -> None:
             print(f"  {row['name']:10s} available   {dtypes}; auto on {auto}")
         else:
             print(f"  {row['name']:10s} unavailable: {row['reason']}")
+    print("layer kinds (gmem.nn): what backend='auto' runs each on")
+    for row in info["layers"]:
+        print(f"  {row['kind']:28s} {row['device']:5s} {row['op']:22s} {row['runs']}")
     print("self-test vs the float64 reference (max error relative to the largest reference value)")
     for check in info["self_test"]:
         head = f"{check['backend']} {check['device']} {check['dtype']}"

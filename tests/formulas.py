@@ -51,3 +51,50 @@ def linear(x, weight_norm, gamma, beta, bias=None, task_ids=None):
         c = bias.double()
         out = out + (c[task_ids] if c.ndim == 2 else c)
     return out
+
+
+def conv_nd(x, weight_norm, gamma, beta, bias=None, task_ids=None, stride=1, padding=0, dilation=1, groups=1,
+            transposed=False, output_padding=0):
+    """mAdaFM of any rank, grouped or transposed, in float64: one sample and one group at a time.
+
+    Each sample's weight is built element-wise; each group runs as its own plain convolution; a
+    transposed convolution is the input gradient of the convolution it transposes,
+    ``d/dx <conv(x, W), y>`` (so ``F.conv_transpose*d`` is not used).
+    """
+    rank = weight_norm.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    as_tuple = lambda v: (v,) * rank if isinstance(v, int) else tuple(v)
+    stride, padding, dilation, output_padding = map(as_tuple, (stride, padding, dilation, output_padding))
+    x, weight_norm = x.double(), weight_norm.double()
+    n = x.shape[0]
+    if task_ids is None:
+        g, b = gamma.double().expand(n, *gamma.shape), beta.double().expand(n, *beta.shape)
+    else:
+        g, b = gamma.double()[task_ids], beta.double()[task_ids]
+    window = (1,) * rank
+    outputs = []
+    for s in range(n):
+        weight = g[s].reshape(*g.shape[1:], *window) * weight_norm + b[s].reshape(*b.shape[1:], *window)
+        parts = []
+        for j in range(groups):
+            if transposed:
+                rows = weight.shape[0] // groups
+                w_j = weight[j * rows:(j + 1) * rows]  # [C_in/g, C_out/g, *k]: a conv from C_out/g to C_in/g
+                y = x[s:s + 1, j * rows:(j + 1) * rows]
+                size = [(y.shape[2 + a] - 1) * stride[a] - 2 * padding[a] + dilation[a] * (w_j.shape[2 + a] - 1)
+                        + output_padding[a] + 1 for a in range(rank)]
+                probe = torch.zeros(1, w_j.shape[1], *size, dtype=torch.float64, requires_grad=True)
+                inner = (conv(probe, w_j, None, stride, padding, dilation) * y).sum()
+                parts.append(torch.autograd.grad(inner, probe, create_graph=True)[0])
+            else:
+                cols = x.shape[1] // groups
+                rows = weight.shape[0] // groups
+                parts.append(conv(x[s:s + 1, j * cols:(j + 1) * cols], weight[j * rows:(j + 1) * rows], None, stride,
+                                  padding, dilation))
+        outputs.append(torch.cat(parts, 1))
+    out = torch.cat(outputs)
+    if bias is not None:
+        c = bias.double()
+        c = c[task_ids] if c.ndim == 2 else c.expand(n, -1)
+        out = out + c.reshape(*c.shape, *window)
+    return out

@@ -193,3 +193,16 @@ def test_end_to_end_steps_run():
     for r in records:
         assert r.get("error") is None, r
         assert r["ms"] > 0 and r["images_per_s"] > 0
+
+
+def test_dropin_steps_run_and_train_what_each_provider_says():
+    from benchmarks import dropin
+
+    built = dropin.steps(size=16, batch=2)
+    assert {"full", "frozen", "gmem"} <= set(built)
+    assert dropin.measure({"frozen": built["frozen"][0]}, reps=1)["frozen"] > 0
+    for name, (step, model) in built.items():
+        step()
+        grads = [p.grad is not None for p in model.parameters()]
+        assert all(grads) if name == "full" else not all(grads), name
+        assert any(grads) or name == "frozen", name

@@ -264,10 +264,9 @@ def test_include_exclude_and_grouped_convs():
     model, _ = make(SmallCNN)
     assert gnn.convert(model, exclude=["shortcut", "head"]) == ["stem", "block.0", "block.2", "block.3"]
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
-    with pytest.warns(UserWarning, match="grouped"):
-        assert gnn.convert(grouped) == ["1"]
-    with pytest.raises(NotImplementedError, match="grouped"):
-        gnn.convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), include="0")
+    converted = gnn.convert(grouped)
+    assert converted == ["0", "1"] and converted.skipped == []
+    assert isinstance(grouped[0], gnn.ModulatedConv2d) and grouped[0].weight_std.shape == (4, 2)
     with pytest.raises(ValueError, match="matched no"):
         gnn.convert(mlp(), include="nothing*")
 

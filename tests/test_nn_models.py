@@ -161,11 +161,17 @@ def test_resnet18_converts_every_conv_and_linear_and_copies_every_batchnorm():
 
 def test_vit_skips_attention_projections_and_reports_them():
     model, base, _ = build("vit")
-    names = gnn.convert(model)
+    with pytest.warns(UserWarning, match="left unmodulated"):
+        names = gnn.convert(model)
     skipped = dict(names.skipped)
     attn = [n for n, m in base.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    assert attn and sorted(skipped) == sorted(f"{n}.out_proj" for n in attn)
-    assert all("MultiheadAttention" in r for r in skipped.values())
+    # every module with weights of its own that stays shared is listed: the attention modules (their
+    # in_proj_weight), their out_proj, the model's class token and the encoder's position embedding
+    assert attn and sorted(skipped) == sorted(["", "encoder", *attn, *(f"{n}.out_proj" for n in attn)])
+    assert all("MultiheadAttention" in skipped[n] and "exclude=[name]" in skipped[n] for n in attn)
+    assert all("MultiheadAttention" in skipped[f"{n}.out_proj"] for n in attn)
+    assert "class_token" in skipped[""] and "pos_embedding" in skipped["encoder"]
+    assert names.chosen == []
     assert "conv_proj" in names and "heads.head" in names
     assert any(n.endswith("mlp.0") for n in names)
     norms = [n for n, m in base.named_modules() if isinstance(m, nn.LayerNorm)]

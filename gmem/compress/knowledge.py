@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .. import nn as gnn
 from ..lowrank import PRIOR_WEIGHT, LowRankStyle, nuclear_prior
-from ..nn.layers import ModulatedConv2d, ModulatedLinear
+from ..nn.conv import ModulatedConv2d
+from ..nn.layers import ModulatedLinear
 from ..nn.lowrank import LOWRANK_FIELDS, CompressedStyle, TrainingLowRankStyle, entry_kind
 from ..training import LossTerm
 from .base import KnowledgeBase, fit_coefficients

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import nn as gnn
-from ..nn.layers import ModulatedConv2d, ModulatedLinear
+from ..nn.conv import ModulatedConv2d
+from ..nn.layers import ModulatedLinear
 from ..nn.tasks import _matcher
 
 __all__ = ["parse_layers", "normalise_layers", "select_layers", "gpgan_fc_shape", "FC_LAYER"]

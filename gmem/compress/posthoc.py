@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import nn as gnn  # gmem.nn may use the compression core: import it only when called
-from ..nn.layers import ModulatedConv2d
+from ..nn.conv import ModulatedConv2d
 from ..ops import LowRank
 from .energy import truncate_energy
 

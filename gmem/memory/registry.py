@@ -39,8 +39,8 @@ def base_state(module: nn.Module) -> dict[str, Tensor]:
 
 def _layer_style_count(layer: gnn.ModulatedLayer, num_classes: Optional[int]) -> int:
     """Style values one task adds in ``layer`` (gamma, beta, bias; one bias row per class if conditional)."""
-    if isinstance(layer, gnn.ModulatedConv2d):
-        return 2 * layer.out_channels * layer.in_channels + layer.out_channels
+    if isinstance(layer, gnn.ModulatedConvNd):  # gamma, beta [C_out, C_in/groups] (transposed: [C_in, C_out/groups])
+        return 2 * layer.weight_std.numel() + layer.out_channels
     rows = num_classes or 1
     return 2 * layer.out_features + rows * layer.out_features
 

@@ -1,7 +1,7 @@
 """gmem.nn: drop-in modulated layers and per-task style banks (peft-like).
 
     import gmem.nn as gnn
-    gnn.convert(model)                       # nn.Conv2d / nn.Linear -> modulated, norms per task, base frozen
+    gnn.convert(model)                       # Linear, Conv*d, ConvTranspose*d -> modulated; norms per task
     gnn.add_task(model, "faces")             # starts equal to the source
     opt = torch.optim.Adam(gnn.trainable_parameters(model, "faces"), lr=1e-4)
     with gnn.use_task(model, "faces"):       # per call: thread- and asyncio-safe
@@ -11,8 +11,19 @@
     plain = gnn.export(model, "faces")       # an ordinary nn.Module computing one task
 """
 from .bank import Selection, decode_task, encode_task
-from .convert import Converted, convert, export, unload
-from .layers import ConvStyle, LinearStyle, ModulatedConv2d, ModulatedLayer, ModulatedLinear
+from .conv import (
+    ModulatedConv1d,
+    ModulatedConv2d,
+    ModulatedConv3d,
+    ModulatedConvNd,
+    ModulatedConvTranspose1d,
+    ModulatedConvTranspose2d,
+    ModulatedConvTranspose3d,
+)
+from .convert import Converted, convert
+from .export import export, unload
+from .kinds import MODULATED_LAYERS
+from .layers import ConvStyle, LinearStyle, ModulatedLayer, ModulatedLinear
 from .per_task import PerTaskModule
 from .tasks import (
     add_task,
@@ -38,7 +49,14 @@ __all__ = [
     "ConvStyle",
     "Converted",
     "LinearStyle",
+    "MODULATED_LAYERS",
+    "ModulatedConv1d",
     "ModulatedConv2d",
+    "ModulatedConv3d",
+    "ModulatedConvNd",
+    "ModulatedConvTranspose1d",
+    "ModulatedConvTranspose2d",
+    "ModulatedConvTranspose3d",
     "ModulatedLayer",
     "ModulatedLinear",
     "PerTaskModule",

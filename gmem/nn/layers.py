@@ -8,7 +8,8 @@ receives ``b + bias``). A new task starts equal to the source: ``gamma = std``, 
 
 The bank is an ``nn.ModuleDict`` keyed by task name (:mod:`gmem.nn.bank`). Which task runs is chosen
 per call by :func:`gmem.nn.use_task` / :func:`gmem.nn.use_tasks` (a context, thread- and async-safe);
-a layer on its own falls back to its ``active_task`` / ``task_ids`` attributes.
+a layer on its own falls back to its ``active_task`` / ``task_ids`` attributes. The convolution
+layers are in :mod:`gmem.nn.conv`.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from .. import ops
 from .bank import TaskBank, encode_task
 from .lowrank import entry_kind, stack_styles
 
-__all__ = ["ModulatedConv2d", "ModulatedLinear", "ConvStyle", "LinearStyle", "ModulatedLayer"]
+__all__ = ["ModulatedLinear", "ConvStyle", "LinearStyle", "ModulatedLayer"]
 
 
 class ConvStyle(nn.Module):
-    """One task's mAdaFM style set: ``gamma, beta [C_out, C_in]``, ``bias [C_out]``."""
+    """One task's mAdaFM style set: ``gamma, beta [C_out, C_in/groups]`` (a transposed convolution:
+    ``[C_in, C_out/groups]``), ``bias [C_out]``."""
 
     def __init__(self, gamma: Tensor, beta: Tensor, bias: Tensor):
         super().__init__()
@@ -130,6 +132,10 @@ class ModulatedLayer(TaskBank):
     def remove_style(self, index: int) -> None:
         self.remove_entry(index)
 
+    def modulated_weight(self, gamma: Tensor, beta: Tensor) -> Tensor:
+        """``gamma * weight_norm + beta`` for one dense style set, in the weight's shape (export)."""
+        return ops.madafm_weight(self.weight_norm, gamma, beta, backend="reference")
+
     def total_bias(self, bias_delta: Tensor) -> Tensor:
         """``b + bias_delta``: the whole bias the op receives."""
         return bias_delta if self.bias is None else self.bias + bias_delta
@@ -142,10 +148,11 @@ class ModulatedLayer(TaskBank):
         ``tasks[j]`` is the task stacked at position ``j``; ``local`` indexes the stack.
 
         Eagerly only the tasks present are stacked (one host sync for ``unique``), so stored tasks
-        cost memory only; under torch.compile every task is stacked (no data-dependent shapes) and
-        the ids are clamped into range after an eager-checked ``use_tasks`` (see gmem.ops.functional).
+        cost memory only; under torch.compile and on meta/fake tensors every task is stacked (no
+        data-dependent shapes) and the ids are clamped into range after an eager-checked ``use_tasks``
+        (see gmem.ops.functional).
         """
-        if torch.compiler.is_compiling():
+        if not ops.values_known(task_ids):  # compile, meta or fake tensors: no data-dependent unique
             tasks = list(range(self.num_tasks))
             local = task_ids
         else:
@@ -161,87 +168,6 @@ class ModulatedLayer(TaskBank):
         beta = stack_styles([s[1] for s in styles])
         bias = torch.stack([s[2] for s in styles]) if with_bias else None
         return gamma, beta, bias, local, tasks
-
-
-class ModulatedConv2d(ModulatedLayer):
-    """``nn.Conv2d`` with a frozen base and per-task mAdaFM style sets.
-
-    ``x [N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]``. Buffers: ``weight_norm [C_out, C_in, kh, kw]``,
-    ``weight_mean, weight_std [C_out, C_in]`` (see :func:`gmem.ops.normalize_weight`).
-    """
-
-    style_cls = ConvStyle
-
-    def __init__(self, base: nn.Conv2d):
-        super().__init__()
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"ModulatedConv2d wraps an nn.Conv2d, got {type(base).__name__}")
-        if base.groups != 1:
-            raise NotImplementedError(
-                f"ModulatedConv2d: grouped convolutions (groups={base.groups}) are not supported: "
-                "mAdaFM modulates every (C_out, C_in) pair of a dense kernel"
-            )
-        self.in_channels, self.out_channels = base.in_channels, base.out_channels
-        self.kernel_size, self.stride, self.dilation = base.kernel_size, base.stride, base.dilation
-        self.padding, self.padding_mode = base.padding, base.padding_mode
-        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
-        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        self._op_padding, self._pre_pad = self._resolve_padding(base)
-        weight_norm, mean, std = ops.normalize_weight(self.weight)
-        self.register_buffer("weight_norm", weight_norm)
-        self.register_buffer("weight_mean", mean)
-        self.register_buffer("weight_std", std)
-        self._init_bank()
-
-    def _resolve_padding(self, base: nn.Conv2d) -> tuple[list[int], Optional[list[int]]]:
-        """Numeric padding for the op, and an explicit ``F.pad`` for non-zero padding modes."""
-        if base.padding == "valid":
-            pad = [0, 0]
-        elif base.padding == "same":
-            pad = []
-            for k, d in zip(base.kernel_size, base.dilation):
-                total = d * (k - 1)
-                if total % 2:
-                    raise NotImplementedError(
-                        "ModulatedConv2d: padding='same' with an even effective kernsize needs "
-                        "asymmetric padding, which is not supported"
-                    )
-                pad.append(total // 2)
-        else:
-            pad = list(base.padding)
-        if base.padding_mode == "zeros":
-            return pad, None
-        # reflect / replicate / circular: pad explicitly (F.pad order: left, right, top, bottom)
-        return [0, 0], [pad[1], pad[1], pad[0], pad[0]]
-
-    def source_style(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.weight_std, self.weight_mean, self.weight_std.new_zeros(self.out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        sel = self.selection()
-        if self._pre_pad is not None:
-            x = F.pad(x, self._pre_pad, mode=self.padding_mode)
-        if sel.task_ids is None and sel.override is None and sel.task == 0:
-            # the source: exactly what nn.Conv2d computes
-            padding = self.padding if self._pre_pad is None else 0
-            return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation)
-        if sel.task_ids is not None:
-            gamma, beta, bias, local, _ = self._stacked_styles(sel.task_ids)
-            return ops.modulated_conv2d(
-                x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
-                padding=self._op_padding, dilation=list(self.dilation), task_ids=local, backend=self.backend,
-            )
-        gamma, beta, bias = sel.override or self.style(sel.task)
-        return ops.modulated_conv2d(
-            x, self.weight_norm, gamma, beta, self.total_bias(bias), stride=list(self.stride),
-            padding=self._op_padding, dilation=list(self.dilation), backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, tasks={self.task_names}"
-        )
 
 
 class ModulatedLinear(ModulatedLayer):
@@ -324,6 +250,15 @@ class ModulatedLinear(ModulatedLayer):
             per_sample = per_sample.index_put((rows,), value)
         out = ops.modulated_linear(x, self.weight_norm, gamma, beta, self.bias, task_ids=local, backend=self.backend)
         return out + per_sample.to(out.dtype).view(n, *([1] * (x.ndim - 2)), self.out_features)
+
+    def plain_module(self, weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``weight [d_out, d_in]`` and ``bias [d_out] | None`` (None:
+        ``bias=False``) as its parameters (export, unload)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(weight)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias)
+        return lin
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tasks={self.task_names}"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .. import ops
 from .bank import TaskBank
 
 __all__ = ["PerTaskModule", "NORM_TYPES", "mixes_samples"]
@@ -75,9 +76,10 @@ class PerTaskModule(TaskBank):
         n = x.shape[0]
         if task_ids.shape != (n,):
             raise ValueError(f"task_ids must have shape [N] = [{n}] (one task per sample), got {tuple(task_ids.shape)}")
-        if torch.compiler.is_compiling():
-            # no data-dependent shapes: every task runs the whole batch, each sample keeps its own
-            # task's rows (only modules that do not mix samples may do that, checked first)
+        if not ops.values_known(task_ids):
+            # compile, meta or fake tensors, no data-dependent shapes: every task runs the whole batch,
+            # each sample keeps its own task's rows (only modules that do not mix samples may do that,
+            # checked first)
             if any(mixes_samples(self.module(t)) for t in range(self.num_tasks)):
                 raise ValueError(self._mixing_message())
             out = None

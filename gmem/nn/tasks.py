@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from .bank import TaskBank, select
 from .layers import STYLE_GROUPS, ModulatedLayer, ModulatedLinear
 from .per_task import PerTaskModule
@@ -184,7 +185,7 @@ def _as_task_ids(model: nn.Module, task_ids) -> Tensor:
     else:
         raise TypeError("use_tasks: task_ids must be a LongTensor [N] or a list of task names/indices, "
                         f"got {type(task_ids).__name__}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
+    if ids.numel() and ops.values_known(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
         raise IndexError(f"use_tasks: task ids must lie in [0, {len(names)}) for tasks {names}, got {ids.tolist()}")
     return ids
 

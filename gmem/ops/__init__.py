@@ -4,6 +4,7 @@
 * :func:`madafm_weight`, :func:`modulated_conv2d` (mAdaFM) and :func:`modulated_linear` (mFiLM) take
   one style set, or a stack ``[T, ...]`` with ``task_ids`` choosing each sample's, dense or
   :class:`LowRank`.
+* :func:`modulated_conv`: mAdaFM for every convolution kind (1-3 D, grouped, transposed).
 * :func:`available_backends` lists what runs here; ``backend="auto"`` picks the best for the device;
   :func:`use_backend` chooses one for the ops called inside it (``GMEM_BACKEND`` for a whole run).
 
@@ -12,7 +13,8 @@ The ops are ``torch.ops.gmem.*`` (:mod:`gmem.ops._ops`: one schema each, no back
 :mod:`gmem.ops.reference` holds the pure-PyTorch definition every backend is tested against.
 """
 from .backends import Backend, available_backends, current_backend, get_backend, register_backend, use_backend
-from .functional import madafm_weight, modulated_conv2d, modulated_linear, normalize_weight
+from .convolution import modulated_conv
+from .functional import madafm_weight, modulated_conv2d, modulated_linear, normalize_weight, values_known
 from .lowrank import LowRank
 
 __all__ = [
@@ -22,11 +24,13 @@ __all__ = [
     "current_backend",
     "get_backend",
     "madafm_weight",
+    "modulated_conv",
     "modulated_conv2d",
     "modulated_linear",
     "normalize_weight",
     "register_backend",
     "use_backend",
+    "values_known",
 ]
 
 # The compiled and Triton backends register themselves here, at import, so that the first op

@@ -208,7 +208,10 @@ def _route(x: Tensor) -> Backend:
 
     While the op is traced, a backend whose methods cannot be (``traceable = False``) is the op
     itself in the graph, computed by the kernel registered for the device (:class:`DeviceKernels`).
+    Meta tensors have no values: their kernels are the ops' fakes (shapes only), whatever the backend.
     """
+    if x.device.type == "meta":
+        return _DEVICE_KERNELS
     impl = get_backend(resolve_backend(None, x.device, x.dtype, "gmem"))
     if not impl.traceable and _tracing():
         return _DEVICE_KERNELS

@@ -296,6 +296,8 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
     "auto" and None mean the backend in effect (:func:`current_backend`)."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
+    if device.type == "meta":  # shapes only: the ops' Meta kernels (their fakes) run whatever the backend
+        return "reference" if backend is None or backend == "auto" else get_backend(backend).name
     if backend is None or backend == "auto":
         backend = _current_for_trace()
     if not torch.compiler.is_compiling():  # (under dynamo the answer is a constant anyway: no guard on the memo)

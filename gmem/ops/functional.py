@@ -19,12 +19,14 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _ops, reference  # noqa: F401  (_ops: importing it defines torch.ops.gmem)
 from .backends import call_with, get_backend, resolve_backend
 from .lowrank import LowRank
 
-__all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear"]
+__all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear", "values_known"]
 
 _MADAFM_WEIGHT = torch.ops.gmem.madafm_weight.default
 _MODULATED_CONV2D = torch.ops.gmem.modulated_conv2d.default
@@ -90,6 +92,15 @@ def _pair(op: str, name: str, value: IntPair, minimum: int) -> list[int]:
     return [int(v) for v in value]
 
 
+def values_known(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read: False for meta tensors, fake tensors (torch.compile's
+    tracing, ``opcheck``, ``FakeTensorMode``) and inside torch.compile, where only shapes are known
+    and every data-dependent step (grouping by task, range checks) must be skipped."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, (FakeTensor, FunctionalTensor)):
+        return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None  # noqa: SLF001
+
+
 def _ids_out_of_range(op: str, num_tasks: int) -> str:
     # one wording for the eager IndexError and the compiled assert (tests match on it); built only when raised or traced
     return f"{op}: task_ids must lie in [0, {num_tasks}) for {num_tasks} stacked style sets"
@@ -114,7 +125,7 @@ def _check_task_ids(op: str, task_ids, n: int, num_tasks: int, device: torch.dev
     if torch.compiler.is_compiling():
         torch._assert_async(((task_ids >= 0) & (task_ids < num_tasks)).all(), _ids_out_of_range(op, num_tasks))  # noqa: SLF001
         return task_ids.clamp(0, num_tasks - 1)
-    if n:
+    if n and values_known(task_ids):  # meta/fake ids have no values to check
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= num_tasks:
             raise IndexError(f"{_ids_out_of_range(op, num_tasks)}, got values from {lo} to {hi}")

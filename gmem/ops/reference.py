@@ -44,7 +44,9 @@ STD_EPS = 1e-12
 def normalize_weight(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Split a frozen weight into ``weight_norm``, ``mean``, ``std`` with ``weight = std*norm + mean``.
 
-    ``weight [O, I, kh, kw]`` (conv): statistics of each ``kh x kw`` slice, ``mean, std [O, I]``.
+    ``weight [O, I, kh, kw]`` (conv): statistics of each ``kh x kw`` slice, ``mean, std [O, I]``;
+    likewise ``[A, B, k]`` and ``[A, B, kd, kh, kw]`` (1-D and 3-D kernels, transposed convolutions'
+    ``[C_in, C_out/groups, *k]``): statistics of each ``[a, b]`` kernel slice, ``mean, std [A, B]``.
     ``weight [O, I]`` (linear): statistics of each row, ``mean, std [O]``.
 
     The standard deviation is the unbiased one (``torch.std``, as the paper's code). Two rules keep
@@ -57,14 +59,14 @@ def normalize_weight(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Statistics are computed in float64 and returned in the weight's dtype.
     """
-    if weight.ndim == 4:
+    if weight.ndim in (3, 4, 5):
         flat = weight.detach().double().flatten(2)  # [O, I, k]
     elif weight.ndim == 2:
         flat = weight.detach().double().unsqueeze(1)  # [O, 1, I]
     else:
         raise ValueError(
-            f"normalize_weight: weight must be [C_out, C_in, kh, kw] (conv) or [d_out, d_in] "
-            f"(linear), got shape {tuple(weight.shape)}"
+            f"normalize_weight: weight must be [C_out, C_in, *k] with 1 to 3 kernel axes (conv) or "
+            f"[d_out, d_in] (linear), got shape {tuple(weight.shape)}"
         )
     if not weight.is_floating_point():
         raise TypeError(f"normalize_weight: weight must be floating point, got {weight.dtype}")
