@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import nn as gnn
 from ..lowrank import PRIOR_WEIGHT, LowRankStyle, nuclear_prior
-from ..nn.conv import ModulatedConv2d
+from ..nn.conv import ModulatedConvNd
 from ..nn.layers import ModulatedLinear
 from ..nn.lowrank import LOWRANK_FIELDS, CompressedStyle, TrainingLowRankStyle, entry_kind
 from ..training import LossTerm
@@ -114,10 +114,10 @@ class Knowledge:
     def pair(self, name: str, layer, create: bool = True, shape=None) -> tuple[KnowledgeBase, KnowledgeBase]:
         """The ``(gamma, beta)`` bases of layer ``name`` (created empty on the layer's device/dtype).
 
-        ``shape``: the matrices' ``(rows, cols)`` (default ``(out_channels, in_channels)`` of a conv);
-        ValueError if existing bases have another shape."""
+        ``shape``: the matrices' ``(rows, cols)`` (default: a conv's style shape, ``[C_out, C_in/groups]``,
+        transposed ``[C_in, C_out/groups]``); ValueError if existing bases have another shape."""
         if shape is None:
-            shape = (layer.out_channels, layer.in_channels)
+            shape = tuple(layer.weight_std.shape)
         out = []
         for g in GROUPS:
             key = f"{name}.{g}"
@@ -343,7 +343,7 @@ def install_task(G, task: str, state: dict[str, Tensor], knowledge: Knowledge) -
     with _all_or_nothing(task, index) as (added, plan):
         for name, groups in lowrank.items():
             layer = layers.get(name)
-            if not isinstance(layer, (ModulatedConv2d, ModulatedLinear)):
+            if not isinstance(layer, (ModulatedConvNd, ModulatedLinear)):
                 raise ValueError(f"compressed entry for {name!r}, which is not a modulated layer of this generator")
             for g in GROUPS:
                 missing = [x for x in LOWRANK_FIELDS if x not in groups.get(g, {})]

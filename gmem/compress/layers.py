@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import nn as gnn
-from ..nn.conv import ModulatedConv2d
+from ..nn.conv import ModulatedConvNd
 from ..nn.layers import ModulatedLinear
 from ..nn.tasks import _matcher
 
@@ -84,11 +84,12 @@ def select_layers(G, layers) -> list:
         if not match(name):
             continue
         own = [shapes[g] for g in shapes if _matcher([g], "compression layers")(name)]
-        if isinstance(m, ModulatedConv2d):
+        if isinstance(m, ModulatedConvNd):
+            rows, cols = m.weight_std.shape  # [C_out, C_in/groups] (transposed: [C_in, C_out/groups])
             if own:
-                raise ValueError(f"compression layer {name!r} is a conv: its matrices are [out, in] = "
-                                 f"[{m.out_channels}, {m.in_channels}]; a (rows, cols) view applies to linear layers")
-            out.append((name, m, (m.out_channels, m.in_channels)))
+                raise ValueError(f"compression layer {name!r} is a conv: its matrices are [{rows}, {cols}]; "
+                                 "a (rows, cols) view applies to linear layers")
+            out.append((name, m, (rows, cols)))
         elif isinstance(m, ModulatedLinear):
             shape = own[0] if own else gpgan_fc_shape(G, name, m)
             if shape is None:

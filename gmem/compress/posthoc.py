@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import nn as gnn  # gmem.nn may use the compression core: import it only when called
-from ..nn.conv import ModulatedConv2d
+from ..nn.conv import ModulatedConvNd
 from ..ops import LowRank
 from .energy import truncate_energy
 
@@ -24,7 +24,7 @@ __all__ = ["compress_style", "compress_tasks", "knowledge_base", "express_in_bas
 
 def _conv_layers(model):
 
-    return gnn, [(n, layer) for n, layer in gnn.modulated_layers(model) if isinstance(layer, ModulatedConv2d)]
+    return gnn, [(n, layer) for n, layer in gnn.modulated_layers(model) if isinstance(layer, ModulatedConvNd)]
 
 
 def compress_style(model, task, keep: float = 0.99, groups=("gamma", "beta")) -> dict:
