@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../autograd.h"
 #include "../kernels/cuda_launchers.h"
 #include "../modulated_ops.h"
 
@@ -163,3 +164,6 @@ TORCH_LIBRARY_IMPL(gmem, CUDA, m) {
                                                                tid, s, p, d, mask);
          });
 }
+
+// The C++ Autograd kernel of madafm_weight (autograd.cpp) for CUDA tensors too.
+TORCH_LIBRARY_IMPL(gmem, AutogradCUDA, m) { m.impl("madafm_weight", gmem::madafm_weight_autograd); }

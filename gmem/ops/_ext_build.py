@@ -16,7 +16,7 @@ CSRC = REPO_ROOT / "csrc"
 # Relative to the repository root. The .cu kernels are torch-free (CMake compiles them alone);
 # the .cpp files hold the ATen glue.
 CPU_SOURCES = [
-    "csrc/module.cpp", "csrc/modulated_ops.cpp", "csrc/lowrank_ops.cpp", "csrc/cpu/ops_cpu.cpp"
+    "csrc/module.cpp", "csrc/autograd.cpp", "csrc/modulated_ops.cpp", "csrc/lowrank_ops.cpp", "csrc/cpu/ops_cpu.cpp"
 ]
 CUDA_SOURCES = [
     "csrc/cuda/ops_cuda.cpp", "csrc/kernels/madafm_cuda.cu", "csrc/kernels/film_cuda.cu", "csrc/kernels/lowrank_cuda.cu"
