@@ -1,5 +1,5 @@
-// The C++ Autograd kernels of the gmem ops (autograd.cpp) and what the Python module
-// (module.cpp) sets on them.
+// The C++ Autograd kernel of gmem::madafm_weight (madafm.cpp) and what the Python module
+// (module.cpp) sets on it.
 #pragma once
 
 #include <Python.h>
@@ -17,7 +17,7 @@ bool select_device_kernels(bool selected);
 // the C++ kernels call for every other call (the reference and Triton backends, tracing, ...).
 void set_python_autograd(PyObject* callable);
 
-// Autograd kernel of gmem::madafm_weight (registered for AutogradCPU here, AutogradCUDA by the CUDA part).
+// Autograd kernel of gmem::madafm_weight (registered for AutogradCPU and, in CUDA builds, AutogradCUDA).
 at::Tensor madafm_weight_autograd(const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta);
 
 }  // namespace gmem

@@ -1,9 +1,10 @@
 // The Python module of the extension (gmem._C; a JIT build names it after its hash, through
 // TORCH_EXTENSION_NAME). Importing it loads this library, whose static initialisers register the
-// C++ kernels on the gmem:: ops (cpu/ops_cpu.cpp: TORCH_LIBRARY_IMPL(gmem, CPU); cuda/ops_cuda.cpp:
-// CUDA; autograd.cpp: AutogradCPU/AutogradCUDA). The op schemas, their fakes and Autocast kernels
-// are defined once in Python (gmem/ops/_ops.py), so that the ops exist, with the reference
-// kernels, where no extension is built. The module holds the two setters of autograd.h.
+// C++ kernels on the gmem:: ops: each op file (madafm.cpp, conv.cpp, conv_lowrank.cpp, linear.cpp)
+// registers its op for the CPU and (CUDA builds) CUDA keys, madafm.cpp also the C++ Autograd
+// kernel. The op schemas, their fakes and Autocast kernels are defined once in Python
+// (gmem/ops/_ops.py), so that the ops exist, with the reference kernels, where no extension is
+// built. The module holds the two setters of autograd.h.
 #include <Python.h>
 
 #include "autograd.h"

@@ -35,7 +35,7 @@ def _conv_inputs(mixed: bool, seed: int = 0):
 
 def _node_backend(out) -> str:
     """The backend that computed ``out = madafm_weight(...)``, from the autograd node it recorded:
-    the C++ node of csrc/autograd.cpp (the cpu backend's kernels, chosen by a public call) or the
+    the C++ node of csrc/madafm.cpp (the cpu backend's kernels, chosen by a public call) or the
     Python node of gmem.ops._ops, which holds the backend it ran."""
     name = out.grad_fn.name()
     if "MadafmWeightFunction" in name:
@@ -308,7 +308,7 @@ def test_weight_build_gradcheck_and_double_backward(backend, mixed):
 
 @pytest.mark.skipif("cpu" not in ops.available_backends(), reason="needs the compiled extension")
 def test_weight_build_runs_its_cpp_autograd_kernel_only_for_its_own_calls(monkeypatch):
-    """The C++ Autograd kernel of madafm_weight (csrc/autograd.cpp) shadows the Python one on the
+    """The C++ Autograd kernel of madafm_weight (csrc/madafm.cpp) shadows the Python one on the
     CPU: it runs the C++ kernels itself only for a public call that chose the cpu backend; every
     other call (another backend, a direct op call, half precision, tracing) goes to the Python
     kernel, which chooses as before."""

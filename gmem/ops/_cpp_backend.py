@@ -2,7 +2,7 @@
 the extension on the ``gmem::`` ops for the ``CPU`` and ``CUDA`` dispatch keys. These backends call
 the op below autograd (the Autograd kernel of :mod:`gmem.ops._ops` already runs around them), which
 reaches those kernels. For ``madafm_weight`` the extension also registers a C++ Autograd kernel
-(``csrc/autograd.cpp``): a public call that resolved to one of these backends tells it so
+(``csrc/madafm.cpp``): a public call that resolved to one of these backends tells it so
 (:attr:`CppBackend.kernel_switch`, set by :func:`gmem.ops.backends.call_with`) and it runs the kernels
 without Python; it hands every other call to :func:`gmem.ops._ops.python_autograd`.
 
@@ -60,7 +60,7 @@ def _jit_build():
         return cpp_extension.load(
             name=f"gmem_ext_{key}",
             sources=[str(_ext_build.REPO_ROOT / s) for s in sources],
-            extra_cflags=_ext_build.CXX_FLAGS,
+            extra_cflags=_ext_build.cxx_flags(with_cuda),
             extra_cuda_cflags=_ext_build.NVCC_FLAGS,
             extra_ldflags=_ext_build.LINK_FLAGS,
             build_directory=str(build_dir),
