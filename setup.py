@@ -26,7 +26,7 @@ def _compiled_extensions():
     with_cuda = build.want_cuda(torch)
     sources = build.CPU_SOURCES + (build.CUDA_SOURCES if with_cuda else [])
     make = CUDAExtension if with_cuda else CppExtension
-    args = {"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS} if with_cuda else build.CXX_FLAGS
+    args = {"cxx": build.cxx_flags(True), "nvcc": build.NVCC_FLAGS} if with_cuda else build.cxx_flags(False)
     ext = make("gmem._C", sources, extra_compile_args=args, extra_link_args=build.LINK_FLAGS)
     return [ext], {"build_ext": BuildExtension}
 

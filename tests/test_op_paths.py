@@ -33,6 +33,17 @@ def _conv_inputs(mixed: bool, seed: int = 0):
     return x, wn, gamma, beta, bias, ids
 
 
+def _node_backend(out) -> str:
+    """The backend that computed ``out = madafm_weight(...)``, from the autograd node it recorded:
+    the C++ node of csrc/madafm.cpp (the cpu backend's kernels, chosen by a public call) or the
+    Python node of gmem.ops._ops, which holds the backend it ran."""
+    name = out.grad_fn.name()
+    if "MadafmWeightFunction" in name:
+        return "cpu"
+    assert name == "_MadafmWeightBackward", name
+    return out.grad_fn.impl.name
+
+
 def _grads(out, leaves, seed=1):
     torch.manual_seed(seed)
     return torch.autograd.grad(out, leaves, torch.randn_like(out), retain_graph=True)
@@ -133,21 +144,23 @@ def test_use_backend_is_a_per_thread_context_and_backend_is_its_shorthand(monkey
     g, b = torch.randn(3, 2, dtype=DT), torch.randn(3, 2, dtype=DT)
     auto = ops.backends.resolve_backend("auto", wn.device, wn.dtype, "t")  # (runs the self-check, if due, now)
     chosen = []
-    route = _ops._route
-    monkeypatch.setattr(_ops, "_route", lambda x: chosen.append(route(x).name) or route(x))
+
+    def weight(*args, **kwargs):  # records the backend that ran (from the autograd node it recorded)
+        chosen.append(_node_backend(ops.madafm_weight(wn, g.requires_grad_(), b.requires_grad_(), *args, **kwargs)))
+
     with ops.use_backend("reference"):
         assert ops.current_backend() == "reference"
-        ops.madafm_weight(wn, g, b)
+        weight()
         with ops.use_backend("auto"):  # nested blocks override outer ones
-            ops.madafm_weight(wn, g, b)
-        ops.madafm_weight(wn, g, b, backend=_backends()[-1])  # the keyword beats the context
-    ops.madafm_weight(wn, g, b)
+            weight()
+        weight(backend=_backends()[-1])  # the keyword beats the context
+    weight()
     assert chosen == ["reference", auto, _backends()[-1], auto]
     monkeypatch.setenv("GMEM_BACKEND", "reference")  # the environment variable: for a whole run
     chosen.clear()
-    ops.madafm_weight(wn, g, b)
+    weight()
     with ops.use_backend(_backends()[-1]):
-        ops.madafm_weight(wn, g, b)
+        weight()
     assert chosen == ["reference", _backends()[-1]]
     monkeypatch.delenv("GMEM_BACKEND")
     # per thread: a thread inside use_backend does not change another thread's choice
@@ -278,7 +291,7 @@ def test_lowrank_eager_path_matches_dense():
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("mixed", [False, True])
 def test_weight_build_gradcheck_and_double_backward(backend, mixed):
-    """madafm_weight: every backend records the op's one autograd node (gmem.ops._ops)."""
+    """madafm_weight: every backend records the op's autograd node (the C++ one for the cpu backend)."""
     torch.manual_seed(4)
     lead = (2,) if mixed else ()
     wn = ops.normalize_weight(torch.randn(3, 2, 3, 3, dtype=DT))[0]
@@ -290,4 +303,41 @@ def test_weight_build_gradcheck_and_double_backward(backend, mixed):
     assert torch.autograd.gradcheck(fn, (gamma, beta))
     assert torch.autograd.gradgradcheck(fn, (gamma, beta))
     out = fn(gamma, beta)
-    assert out.grad_fn.name() == "_MadafmWeightBackward"
+    assert _node_backend(out) == backend
+
+
+@pytest.mark.skipif("cpu" not in ops.available_backends(), reason="needs the compiled extension")
+def test_weight_build_runs_its_cpp_autograd_kernel_only_for_its_own_calls(monkeypatch):
+    """The C++ Autograd kernel of madafm_weight (csrc/madafm.cpp) shadows the Python one on the
+    CPU: it runs the C++ kernels itself only for a public call that chose the cpu backend; every
+    other call (another backend, a direct op call, half precision, tracing) goes to the Python
+    kernel, which chooses as before."""
+    monkeypatch.delenv("GMEM_BACKEND", raising=False)
+    assert _ops.kernel_for("madafm_weight", "AutogradCPU")
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3, dtype=DT))[0]
+    g = torch.randn(2, 4, 3, dtype=DT, requires_grad=True)
+    b = torch.randn(2, 4, 3, dtype=DT, requires_grad=True)
+    assert _node_backend(ops.madafm_weight(wn, g, b, backend="cpu")) == "cpu"
+    assert "MadafmWeightFunction" in ops.madafm_weight(wn, g, b, backend="cpu").grad_fn.name()
+    assert _node_backend(ops.madafm_weight(wn, g, b, backend="reference")) == "reference"
+    with ops.use_backend("cpu"):  # a direct call: the Python kernel, with the backend of the context
+        out = torch.ops.gmem.madafm_weight(wn, g, b)
+    assert out.grad_fn.name() == "_MadafmWeightBackward" and out.grad_fn.impl.name == "cpu"
+    with ops.use_backend("cpu"):  # CPU bfloat16: the Python kernel (computed in float32 there)
+        half = ops.madafm_weight(wn.bfloat16(), g.bfloat16(), b.bfloat16())
+    assert half.grad_fn.name() == "_MadafmWeightBackward" and half.grad_fn.impl.name == "cpu"
+    # the flag lives for one call only, and errors raised in the Python kernel come through as they are
+    monkeypatch.setenv("GMEM_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        torch.ops.gmem.madafm_weight(wn, g, b)
+    monkeypatch.delenv("GMEM_BACKEND")
+    # no grad wanted: no node, the same values
+    with torch.no_grad():
+        assert torch.equal(ops.madafm_weight(wn, g, b, backend="cpu"), ops.madafm_weight(wn, g, b, backend="reference"))
+    # first and second order gradients agree with the reference's
+    for create_graph in (False, True):
+        grads = [torch.autograd.grad(ops.madafm_weight(wn, g, b, backend=name).square().sum(), (g, b),
+                                     create_graph=create_graph) for name in ("cpu", "reference")]
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            assert got.requires_grad == create_graph

@@ -1,6 +1,6 @@
 """Rewrite the CUDA kernel sources for the CPU emulation of CUDA's launch model.
 
-No GPU has to be present for the kernels' logic to be tested: the sources under csrc/kernels are
+No GPU has to be present for the kernels' logic to be tested: the sources under csrc/cuda (*.cu, *.cuh, launchers.h) are
 rewritten so that a plain C++ compiler builds them against csrc/tests/cuda_emulation.h, which runs
 every CUDA thread of a block as an OS thread (``__syncthreads`` is a barrier) and the blocks one
 after another. The rewrite is mechanical and leaves the kernel bodies untouched:
@@ -11,7 +11,7 @@ after another. The rewrite is mechanical and leaves the kernel bodies untouched:
 * ``name.cu`` -> ``name.cpp``; headers keep their names.
 
 Usage (CMakeLists.txt runs it for the ``test_cuda_kernels_emulated`` ctest):
-    python tools/cuda_emulation.py OUT_DIR csrc/kernels/*.cu csrc/kernels/*.cuh csrc/kernels/cuda_launchers.h
+    python tools/cuda_emulation.py OUT_DIR csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/launchers.h
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// C++ unit tests of the torch-free CPU kernels (csrc/kernels/cpu_kernels.h), against naive loops
+// C++ unit tests of the torch-free CPU kernels (csrc/cpu/*_kernels.h), against naive loops
 // in double precision. Built and run by CMake/ctest (tools/test_cpp.sh); no test framework needed.
 #include <cmath>
 #include <cstdint>
@@ -7,8 +7,9 @@
 #include <string>
 #include <vector>
 
-#include "../kernels/cpu_kernels.h"
-#include "../kernels/lowrank_kernels.h"
+#include "../cpu/linear_kernels.h"
+#include "../cpu/madafm_kernels.h"
+#include "../cpu/lowrank_kernels.h"
 
 namespace kc = gmem_kernels::cpu;
 
@@ -142,7 +143,7 @@ void test_film(int64_t m, int64_t o, int64_t tasks, bool mixed, bool with_bias, 
   expect_close(name + "dbias", dc, want_dc, tol);
 }
 
-// The weight build with low-rank styles (kernels/lowrank_kernels.h) against naive loops: gamma and
+// The weight build with low-rank styles (csrc/cpu/lowrank_kernels.h) against naive loops: gamma and
 // beta rebuilt from their factors (ranks rg, rb; v passed transposed [r, I]), then gamma * wn + beta.
 template <typename T>
 void test_lowrank(int64_t out_ch, int64_t in_ch, int64_t window, int64_t rg, int64_t rb, int64_t parts, double tol) {

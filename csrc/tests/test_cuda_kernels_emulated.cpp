@@ -7,7 +7,7 @@
 #include <random>
 #include <vector>
 
-#include "cuda_launchers.h"
+#include "launchers.h"
 
 using namespace gmem_kernels::cuda;
 

@@ -1,7 +1,10 @@
 """The compiled backends ``"cpu"`` and ``"cuda"``: the C++/CUDA kernels of ``csrc/``, registered by
 the extension on the ``gmem::`` ops for the ``CPU`` and ``CUDA`` dispatch keys. These backends call
 the op below autograd (the Autograd kernel of :mod:`gmem.ops._ops` already runs around them), which
-reaches those kernels.
+reaches those kernels. For ``madafm_weight`` the extension also registers a C++ Autograd kernel
+(``csrc/madafm.cpp``): a public call that resolved to one of these backends tells it so
+(:attr:`CppBackend.kernel_switch`, set by :func:`gmem.ops.backends.call_with`) and it runs the kernels
+without Python; it hands every other call to :func:`gmem.ops._ops.python_autograd`.
 
 Loading, once per process, on first use of :mod:`gmem.ops` backends:
 
@@ -26,19 +29,19 @@ from typing import Optional
 
 import torch
 
-from . import _ext_build
+from . import _ext_build, _ops
 from ._ops import DeviceKernels
 from .backends import register_backend
 
 __all__ = ["CppBackend", "CudaBackend", "DeviceKernels", "extension_loaded", "load_error", "load_method"]
 
-_state: dict = {"tried": False, "loaded": False, "error": None, "how": None}
+_state: dict = {"tried": False, "loaded": False, "error": None, "how": None, "module": None, "switch": None}
 _load_lock = threading.Lock()  # one loader per process, even when threads ask at once
 
 
 
-def _jit_build() -> None:
-    """Build csrc/ into a cache directory keyed by the sources' hash and load it (no Python module)."""
+def _jit_build():
+    """Build csrc/ into a cache directory keyed by the sources' hash and load it; returns its module."""
     if not (_ext_build.CSRC / "module.cpp").exists():
         raise RuntimeError(f"no C++ sources to build at {_ext_build.CSRC}")
     _ext_build.prepare_cuda_env()  # CUDA_HOME must be set before cpp_extension is imported
@@ -54,15 +57,15 @@ def _jit_build() -> None:
         # While we hold the lock nobody else builds here: a baton file torch left behind when a
         # build was killed is stale, and would make cpp_extension wait for it forever.
         (build_dir / "lock").unlink(missing_ok=True)
-        cpp_extension.load(
+        return cpp_extension.load(
             name=f"gmem_ext_{key}",
             sources=[str(_ext_build.REPO_ROOT / s) for s in sources],
-            extra_cflags=_ext_build.CXX_FLAGS,
+            extra_cflags=_ext_build.cxx_flags(with_cuda),
             extra_cuda_cflags=_ext_build.NVCC_FLAGS,
             extra_ldflags=_ext_build.LINK_FLAGS,
             build_directory=str(build_dir),
             with_cuda=with_cuda,
-            is_python_module=False,
+            is_python_module=True,
             verbose=False,
         )
 
@@ -105,7 +108,7 @@ def _load_once() -> bool:
     """gmem._C, else a JIT build; False (after one warning) when neither works."""
     errors = []
     try:
-        importlib.import_module("gmem._C")
+        _state["module"] = importlib.import_module("gmem._C")
         _state["how"] = "gmem._C"
     except (ImportError, OSError) as err:  # not built, or built against another torch
         errors.append(f"import gmem._C: {err}")
@@ -113,7 +116,7 @@ def _load_once() -> bool:
             errors.append("JIT build disabled by GMEM_NO_JIT=1")
         else:
             try:
-                _jit_build()
+                _state["module"] = _jit_build()
                 _state["how"] = "jit"
             except Exception as jit_err:  # compiler missing, build failure, ...
                 errors.append(f"JIT build: {type(jit_err).__name__}: {jit_err}")
@@ -126,6 +129,10 @@ def _load_once() -> bool:
             stacklevel=3,
         )
         return False
+    # The C++ Autograd kernels call the Python one for the calls that are not theirs; call_with
+    # tells them which are (CppBackend.kernel_switch)
+    _state["module"].set_python_autograd(_ops.python_autograd)
+    _state["switch"] = _state["module"].select_device_kernels
     return True
 
 
@@ -165,6 +172,10 @@ class CppBackend(DeviceKernels):
     device_types = ("cpu",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+    @property
+    def kernel_switch(self):
+        return _state["switch"]
+
     def is_available(self) -> bool:
         # a library built from other sources may lack the kernels (then the reference would answer)
         return _load() and _has_kernel("CPU")
@@ -176,6 +187,10 @@ class CudaBackend(DeviceKernels):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    @property
+    def kernel_switch(self):
+        return _state["switch"]
 
     def is_available(self) -> bool:
         if not torch.cuda.is_available():

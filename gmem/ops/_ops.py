@@ -11,12 +11,17 @@ Every op is defined here once (bitsandbytes' ``_ops.py`` layout), with, once per
   :mod:`gmem.ops.reference`, the kernel where nothing else is registered for a device.
 
 The compiled extension (``csrc/``) registers its C++ kernels on the same schemas for the ``CPU`` and
-``CUDA`` dispatch keys (``TORCH_LIBRARY_IMPL(gmem, CPU | CUDA)`` in ``csrc/cpu/ops_cpu.cpp`` and
-``csrc/cuda/ops_cuda.cpp``). :class:`DeviceKernels` (the ``"cpu"``/``"cuda"`` backends) calls the op
-below autograd, which reaches those kernels; the ``"reference"`` and ``"triton"`` backends run their
-Python implementations. Eager calls and torch.compile take this one path: the public
-functions of :mod:`gmem.ops.functional` call ``torch.ops.gmem.*``, and compile traces the same op
-(AOT autograd runs its Autograd kernel with fake tensors). See docs/design.md, "Op architecture".
+``CUDA`` dispatch keys (``TORCH_LIBRARY_IMPL(gmem, CPU | CUDA)`` in one file per op:
+``csrc/madafm.cpp``, ``csrc/conv.cpp``, ``csrc/conv_lowrank.cpp``, ``csrc/linear.cpp``), and for
+``madafm_weight`` a C++ Autograd kernel (``csrc/madafm.cpp``, the ``AutogradCPU``/``AutogradCUDA``
+keys, so it shadows the one here on those devices): it runs the compiled kernels itself when the
+public call chose the ``"cpu"``/``"cuda"`` backend (:func:`gmem.ops.backends.call_with` says so) and
+calls this module's kernel (:func:`python_autograd`) otherwise. :class:`DeviceKernels` (the
+``"cpu"``/``"cuda"`` backends) calls the op below autograd, which reaches those kernels; the
+``"reference"`` and ``"triton"`` backends run their Python implementations. Eager calls and
+torch.compile take this one path: the public functions of :mod:`gmem.ops.functional` call
+``torch.ops.gmem.*``, and compile traces the same op (AOT autograd runs its Autograd kernel with
+fake tensors). See docs/design.md, "Op architecture".
 
 Backward ops (``*_backward``) have no autograd: first-order gradients come from the backend's
 backward (a fused kernel where there is one); when autograd records the backward itself
@@ -35,7 +40,7 @@ from . import reference
 from .backends import Backend, Grads, get_backend, in_float32, resolve_backend
 from .lowrank import lowrank_dense, lowrank_factor_grads
 
-__all__ = ["SCHEMAS", "FORWARD_OPS", "DeviceKernels", "conv_out_size", "kernel_for", "op_names"]
+__all__ = ["SCHEMAS", "FORWARD_OPS", "DeviceKernels", "conv_out_size", "kernel_for", "op_names", "python_autograd"]
 
 _LIB = torch.library.Library("gmem", "DEF")  # noqa: TOR901 - the namespace is this module's own
 
@@ -372,6 +377,14 @@ _AUTOGRAD = {
     "modulated_conv2d_lowrank": _modulated_conv2d_lowrank_autograd,
     "modulated_linear": _modulated_linear_autograd,
 }
+
+
+def python_autograd(name: str, *args):
+    """The Python Autograd kernel of forward op ``name`` called with ``args``: what the compiled
+    extension's C++ Autograd kernels (``csrc/madafm.cpp``, registered for the CPU/CUDA autograd
+    keys, so they shadow this module's on those devices) call for every call that is not theirs
+    (another backend chosen, torch.compile tracing, CPU float16/bfloat16)."""
+    return _AUTOGRAD[name](*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -68,6 +68,14 @@ class Backend:
     #: whether LowRank gamma/beta of a conv reach :meth:`modulated_conv2d_lowrank` as factors
     #: (kernels that rebuild the styles from them); else the public op densifies them first
     supports_lowrank: bool = False
+
+    @property
+    def kernel_switch(self) -> Optional[Callable[[bool], bool]]:
+        """For a backend whose kernels are the compiled extension's (registered on the ops): the
+        extension's per-thread ``select_device_kernels(selected) -> previous``, which tells the ops'
+        C++ Autograd kernels that the current call is theirs (they then run without calling back
+        into Python); None for every other backend (:func:`call_with`)."""
+        return None
 
     def is_available(self) -> bool:
         return True
@@ -278,15 +286,25 @@ def current_backend() -> str:
 
 
 def call_with(name: str, op, *args):
-    """``op(*args)`` with backend ``name`` chosen for it (the public ops' ``backend=`` shorthand).
+    """``op(*args)`` with backend ``name`` (resolved: :func:`resolve_backend`) chosen for it (the
+    public ops' ``backend=`` shorthand).
 
-    Under torch.compile the context cannot be set inside the traced function (see the module
-    docstring): the op is called as it is."""
+    When that backend's kernels are the extension's (:attr:`Backend.kernel_switch`), the call also
+    says so to the op's C++ Autograd kernel (a per-thread flag around this one synchronous call),
+    which then runs them without calling back into Python. Under torch.compile the context cannot
+    be set inside the traced function (see the module docstring): the op is called as it is."""
     if torch.compiler.is_compiling():
         return op(*args)
     token = _SELECTED.set(name)
+    switch = _REGISTRY[name][1].kernel_switch
     try:
-        return op(*args)
+        if switch is None:
+            return op(*args)
+        previous = switch(True)
+        try:
+            return op(*args)
+        finally:
+            switch(previous)
     finally:
         _SELECTED.reset(token)
 

@@ -1,15 +1,17 @@
 // Modulated convolution with low-rank styles (gmem::modulated_conv2d_lowrank and its backward),
-// written once for both devices on top of the device kernel lowrank_forward (see modulated_ops.h).
+// written once for both devices on top of the device kernel lowrank_forward (csrc/cpu/conv_lowrank_cpu.cpp,
+// csrc/cuda/conv_lowrank_cuda.cpp; see ops.h), registered for the CPU and CUDA keys.
 //
 // Forward: per task group (only the tasks present in the batch) the weight is built straight from
 // the factors, the style rebuild fused into the weight build, into one reused buffer; then one ATen
-// convolution per group, as in modulated_ops.cpp.
+// convolution per group, as in conv.cpp.
 // Backward: per group one convolution_backward; its weight gradient is reduced to the dense style
 // gradients dGamma, dB of that task ([P, O, I] for the P tasks present, never for all T stored),
 // then the factor gradients come from a few small batched GEMMs (docs/design.md, section 4):
 //   du = (dG v) * s,   dv = (dG^T u) * s,   ds = sum_o (dG v) * u.
-#include "modulated_internal.h"
-#include "modulated_ops.h"
+#include "ops.h"
+
+#include <torch/library.h>
 
 namespace gmem {
 namespace {
@@ -174,3 +176,41 @@ LowRankGrads modulated_conv2d_lowrank_backward(
 }
 
 }  // namespace gmem
+
+TORCH_LIBRARY_IMPL(gmem, CPU, m) {
+  m.impl("modulated_conv2d_lowrank",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,
+            const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bv,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,
+            at::IntArrayRef p, at::IntArrayRef d) {
+           return gmem::modulated_conv2d_lowrank(gmem::cpu_kernels(), x, wn, gu, gs, gv, bu, bs, bv, bias, tid, s, p, d);
+         });
+  m.impl("modulated_conv2d_lowrank_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu,
+            const at::Tensor& gs, const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs,
+            const at::Tensor& bv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {
+           return gmem::modulated_conv2d_lowrank_backward(gmem::cpu_kernels(), dy, x, wn, gu, gs, gv, bu, bs, bv, bias,
+                                                               tid, s, p, d, mask);
+         });
+}
+
+#ifdef GMEM_WITH_CUDA
+TORCH_LIBRARY_IMPL(gmem, CUDA, m) {
+  m.impl("modulated_conv2d_lowrank",
+         [](const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu, const at::Tensor& gs,
+            const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs, const at::Tensor& bv,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid, at::IntArrayRef s,
+            at::IntArrayRef p, at::IntArrayRef d) {
+           return gmem::modulated_conv2d_lowrank(gmem::cuda_kernels(), x, wn, gu, gs, gv, bu, bs, bv, bias, tid, s, p, d);
+         });
+  m.impl("modulated_conv2d_lowrank_backward",
+         [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wn, const at::Tensor& gu,
+            const at::Tensor& gs, const at::Tensor& gv, const at::Tensor& bu, const at::Tensor& bs,
+            const at::Tensor& bv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tid,
+            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 4> mask) {
+           return gmem::modulated_conv2d_lowrank_backward(gmem::cuda_kernels(), dy, x, wn, gu, gs, gv, bu, bs, bv, bias,
+                                                               tid, s, p, d, mask);
+         });
+}
+#endif

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "cuda_launchers.h"
+#include "launchers.h"
 
 namespace gmem_kernels {
 namespace cuda {

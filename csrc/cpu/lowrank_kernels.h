@@ -10,15 +10,15 @@
 // Shapes (row-major): weight_norm, weight [O*I, K] (K = kh*kw), gu [O, Rg], gs [Rg], gvt [Rg, I],
 // bu [O, Rb], bs [Rb], bvt [Rb, I]. Gamma and B may have different ranks (e.g. a shared knowledge
 // base concatenated with a task's own factors). Work is split by output channel: the caller passes
-// the half-open range [o_begin, o_end) (the ATen glue in csrc/cpu/ops_cpu.cpp threads over it).
+// the half-open range [o_begin, o_end) (the ATen glue in csrc/cpu/conv_lowrank_cpu.cpp threads over it).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu_kernels.h"
+#include "madafm_kernels.h"
 
-// GMEM_KERNEL_INLINE (cpu_kernels.h): forced inlining into the target_clones wrappers.
+// GMEM_KERNEL_INLINE (madafm_kernels.h): forced inlining into the target_clones wrappers.
 #define GMEM_LOWRANK_INLINE GMEM_KERNEL_INLINE
 
 namespace gmem_kernels {

@@ -1,9 +1,9 @@
-// Torch-free launchers of the gmem CUDA kernels (implemented in madafm_cuda.cu and film_cuda.cu).
+// Torch-free launchers of the gmem CUDA kernels (implemented in madafm_kernels.cu, linear_kernels.cu and lowrank_kernels.cu).
 //
 // Raw device pointers of contiguous arrays; `dtype` says what they point to (accumulation is in
 // float for 16-bit types, in the element type otherwise). Every launcher enqueues on `stream`
 // and returns the launch status (cudaSuccess or the error), never synchronising.
-// Shapes are those of kernels/cpu_kernels.h.
+// Shapes are those of the CPU kernels (csrc/cpu/<op>_kernels.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -33,7 +33,7 @@ cudaError_t film_backward_input(DType dtype, const void* grad, const void* gamma
                                 cudaStream_t stream);
 
 // weight [O*I, K] = Gamma * weight_norm [O*I, K] + B for one task, the styles rebuilt from their
-// factors (lowrank_cuda.cu): Gamma = gu [O, rg] diag(gs [rg]) gvt [rg, I], B likewise (bu, bs, bvt).
+// factors (lowrank_kernels.cu): Gamma = gu [O, rg] diag(gs [rg]) gvt [rg, I], B likewise (bu, bs, bvt).
 cudaError_t lowrank_weight(DType dtype, const void* weight_norm, const void* gu, const void* gs, const void* gvt,
                            int64_t rg, const void* bu, const void* bs, const void* bvt, int64_t rb, void* weight,
                            int64_t out_ch, int64_t in_ch, int64_t window, cudaStream_t stream);

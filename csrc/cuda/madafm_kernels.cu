@@ -1,5 +1,5 @@
-// mAdaFM weight build and its backward reduction on CUDA (torch-free; launchers in cuda_launchers.h).
-#include "cuda_common.cuh"
+// mAdaFM weight build and its backward reduction on CUDA (torch-free; launchers in launchers.h).
+#include "common.cuh"
 
 namespace gmem_kernels {
 namespace cuda {

@@ -1,7 +1,7 @@
-// mFiLM (modulated linear) epilogues on CUDA (torch-free; launchers in cuda_launchers.h).
+// mFiLM (modulated linear) epilogues on CUDA (torch-free; launchers in launchers.h).
 // The GEMM with the frozen weight is done by the caller (cuBLAS through ATen); these kernels apply
 // the per-sample style and reduce the style gradients per task.
-#include "cuda_common.cuh"
+#include "common.cuh"
 
 namespace gmem_kernels {
 namespace cuda {

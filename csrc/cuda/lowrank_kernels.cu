@@ -1,9 +1,9 @@
-// mAdaFM weight build with low-rank styles on CUDA (torch-free; launcher in cuda_launchers.h).
+// mAdaFM weight build with low-rank styles on CUDA (torch-free; launcher in launchers.h).
 //
 // A block owns kThreads consecutive (o, i) rows: each thread first rebuilds its row's Gamma and B
 // from the factors (rank sums in registers; consecutive threads read consecutive gvt/bvt entries),
 // the values go to shared memory, then the block writes its rows' windows with coalesced stores.
-#include "cuda_common.cuh"
+#include "common.cuh"
 
 namespace gmem_kernels {
 namespace cuda {
