@@ -106,3 +106,4 @@ def test_default_compress_stores_less_than_naive_on_the_embedded_base():
     c = mem.parameter_counts("trained")
     assert mem.records["trained"]["compression"]["dense_layers"] == []
     assert c["generator_stored"] < 0.2 * c["generator_style"]
+
