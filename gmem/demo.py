@@ -46,7 +46,7 @@ CONDITIONAL = {"fashion_mnist"}  # learned as a conditional task (one generator 
 
 def run_demo(out="runs/demo", *, tasks=None, iterations: int = 400, time_budget: float = 360.0,
              batch_size: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None, base=None,
-             device="cpu", columns: int = 10, score_samples: int = 256, fid_samples: int = 100,
+             device="cpu", columns: int = 10, score_samples: int = 256, fid_samples: int = 50,
              progress: bool = True) -> int:
     """Run the demo (the ``gmem demo`` entry point); returns the process exit code (0 ok, 3 if anything
     was forgotten). Runs with ``threads`` torch threads (default 1: on a busy 2-core machine two
