@@ -13,9 +13,13 @@ taken right after that task was learned. At the end it prints a table per task (
 training time, a quality score) and saves + reloads the memory (``memory/``), checking the reloaded
 samples too. Exit code 0 when nothing was forgotten, 3 otherwise.
 
-The quality score is pixFID8 (:func:`gmem.eval.pixel_fid`): a Fréchet distance between 8x8-pooled
-pixels of samples and training images, cheap on a CPU but NOT the Inception FID; it is shown for the
-source (before learning) and the task (after), lower is better.
+Quality: the standard FID (:func:`gmem.eval.inception_fid`'s network, offline) of ``fid_samples``
+samples against as many of the task's images (the summary states N; small N biases FID upwards, so
+compare the figures within one run), and pixFID8 (:func:`gmem.eval.pixel_fid`: a Fréchet distance
+between 8x8-pooled pixels, cheap on a CPU but NOT the Inception FID) for the source (before learning)
+and the task (after); lower is better. Diversity: the share of near-duplicate pairs among
+``score_samples`` samples for fixed seeds (:func:`gmem.eval.near_duplicate_share`) next to the same
+figure on the task's real images: a share far above the real one means mode collapse.
 
 The demo's learning rate is 1e-3, ten times the paper's 1e-4, because it trains only a few hundred
 iterations per task: on an intermediate checkpoint (4.5k iterations) of the embedded base, 250
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .data import as_dataset, batch, demo_datasets
-from .eval import pixel_fid
+from .eval import fid_from_features, inception_features, near_duplicate_share, pixel_fid
 from .images import save_grid
 from .memory import GANMemory
 from .models import load_base
@@ -42,22 +46,27 @@ CONDITIONAL = {"fashion_mnist"}  # learned as a conditional task (one generator 
 
 def run_demo(out="runs/demo", *, tasks=None, iterations: int = 400, time_budget: float = 360.0,
              batch_size: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None, base=None,
-             device="cpu", columns: int = 10, score_samples: int = 256, progress: bool = True) -> int:
+             device="cpu", columns: int = 10, score_samples: int = 256, fid_samples: int = 50,
+             progress: bool = True) -> int:
     """Run the demo (the ``gmem demo`` entry point); returns the process exit code (0 ok, 3 if anything
     was forgotten). Runs with ``threads`` torch threads (default 1: on a busy 2-core machine two
-    OpenMP threads were much slower than one) and restores the caller's thread count afterwards."""
+    OpenMP threads were much slower than one) and restores the caller's thread count afterwards.
+    ``fid_samples``: N of the standard FID per task (0: skip it; where no Inception network is installed
+    the summary says so and shows pixFID8 only)."""
+    if isinstance(fid_samples, bool) or not isinstance(fid_samples, int) or fid_samples < 0 or fid_samples == 1:
+        raise ValueError(f"fid_samples must be 0 (skip the FID) or an int >= 2, got {fid_samples!r}")
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads or 1)
     try:
         return _demo(out, tasks=tasks, iterations=iterations, time_budget=time_budget, batch_size=batch_size, lr=lr,
                      seed=seed, base=base, device=device, columns=columns, score_samples=score_samples,
-                     progress=progress)
+                     fid_samples=fid_samples, progress=progress)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, lr: float, seed: int, base, device,
-          columns: int, score_samples: int, progress: bool) -> int:
+          columns: int, score_samples: int, fid_samples: int, progress: bool) -> int:
 
     t_start = time.time()
     out = Path(out)
@@ -77,6 +86,7 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
     z_interp = mem.latents(4, seed=seed + 2000)
     reference: dict[str, torch.Tensor] = {"source": mem.sample("source", z=z)}
     rows, forgotten = [], []
+    fid_note = f"FID: N = {fid_samples} samples vs {fid_samples} task images" if fid_samples else "FID: skipped"
     train_spent = 0.0
 
     for k, name in enumerate(tasks, start=1):
@@ -120,16 +130,26 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
         # quality: pixFID8 of the source and of the task against the task's images
         n = min(score_samples, len(dataset))
         real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n])
-        fid_task = pixel_fid(real, mem.sample(name, n, seed=seed + 3000))
+        fake = mem.sample(name, n, seed=seed + 3000)
+        fid_task = pixel_fid(real, fake)
         fid_src = pixel_fid(real, mem.sample("source", n, seed=seed + 3000))
         mem.set_metric(name, "pixfid8", round(fid_task, 3))
         mem.set_metric(name, "pixfid8_source", round(fid_src, 3))
+        dup_task, dup_real = near_duplicate_share(fake), near_duplicate_share(real)
+        mem.set_metric(name, "near_duplicates", round(dup_task, 4))
+        fid = None
+        if fid_samples and fid_note.startswith("FID: N"):
+            try:
+                fid = _standard_fid(dataset, mem, name, fid_samples, seed)
+                mem.set_metric(name, f"fid{fid_samples}", round(fid, 2))
+            except FileNotFoundError as e:  # no Inception network installed: say so, keep the proxy
+                fid_note = f"FID: unavailable ({str(e).splitlines()[0][:90]}...)"
         counts = mem.parameter_counts(name)
         m = mem.records[name]["metrics"]
         rows.append((name, mem.num_classes(name) or "-", m["iterations_done"], counts["generator_style"],
                      100.0 * counts["generator_style_ratio"],
                      counts["discriminator_style"] + counts["discriminator_fc"],
-                     m["train_seconds"], m["it_per_s"] or 0.0, fid_src, fid_task))
+                     m["train_seconds"], m["it_per_s"] or 0.0, fid_src, fid_task, fid, dup_task, dup_real))
 
     # save, reload, and check the reloaded memory too
     mem_dir = mem.save(out / "memory")
@@ -138,14 +158,18 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
 
     print()
     header = (f"{'task':<14}{'classes':>8}{'iters':>7}{'G style':>10}{'% of G':>8}{'D style':>10}"
-              f"{'train s':>9}{'it/s':>7}{'pixFID8 src':>13}{'pixFID8 task':>14}")
+              f"{'train s':>9}{'it/s':>7}{'pixFID8 src':>13}{'pixFID8 task':>14}{'FID task':>10}{'near-dup':>10}"
+              f"{'real':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r[0]:<14}{str(r[1]):>8}{r[2]:>7}{r[3]:>10,}{r[4]:>7.1f}%{r[5]:>10,}{r[6]:>9.1f}{r[7]:>7.2f}"
-              f"{r[8]:>13.2f}{r[9]:>14.2f}")
-    print("pixFID8 = Frechet distance of 8x8-pooled pixels vs the task's images (cheap CPU proxy, not Inception "
-          "FID; lower is better); 'src' = the base before learning the task.")
+              f"{r[8]:>13.2f}{r[9]:>14.2f}{(f'{r[10]:.1f}' if r[10] is not None else '-'):>10}"
+              f"{100 * r[11]:>9.1f}%{100 * r[12]:>6.1f}%")
+    print(f"{fid_note} (the standard Inception FID, lower is better; small N biases it upwards). pixFID8 = "
+          "Frechet distance of 8x8-pooled pixels vs the task's images (cheap CPU proxy, not Inception FID); 'src' = "
+          f"the base before learning the task. near-dup = share of near-duplicate pairs among {score_samples} "
+          "samples (fixed seed) and among the task's real images ('real'): far above 'real' means mode collapse.")
     print(f"memory saved to {mem_dir} and reloaded: samples {'bit-identical' if reload_ok else 'DIFFERENT'}")
     wall = time.time() - t_start
     if forgotten or not reload_ok:
@@ -154,3 +178,11 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
     print(f"no forgetting: every earlier task's samples stayed bit-identical after each new task "
           f"(wall time {wall:.0f} s); pictures in {out}/")
     return 0
+
+
+def _standard_fid(dataset, mem, task: str, n: int, seed: int) -> float:
+    """The standard FID of ``n`` samples of ``task`` (fixed seed) against ``n`` of its images (or all, if fewer)."""
+    m = min(n, len(dataset))
+    real = batch(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 1))[:m])
+    fake = mem.sample(task, n, seed=seed + 4000)
+    return fid_from_features(inception_features(real), inception_features(fake))

@@ -115,7 +115,8 @@ def test_usage_error_exit_code(capsys):
 
 def test_demo_end_to_end_tiny(tiny_base_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--base", str(tiny_base_dir), "--iterations", "2", "--tasks", "emoji,fashion_mnist",
+    code = main(["demo", "--base", str(tiny_base_dir), "--iterations", "2", "--fid-samples", "0",
+                 "--tasks", "emoji,fashion_mnist",
                  "--out", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0, text
@@ -153,7 +154,8 @@ def test_demo_detects_forgetting(tiny_base_dir, tmp_path, monkeypatch, capsys):
         return index
 
     monkeypatch.setattr(GANMemory, "learn", leaky_learn)
-    code = main(["demo", "--base", str(tiny_base_dir), "--iterations", "1", "--tasks", "emoji,oxygen_icons",
+    code = main(["demo", "--base", str(tiny_base_dir), "--iterations", "1", "--fid-samples", "0",
+                 "--tasks", "emoji,oxygen_icons",
                  "--out", str(tmp_path / "demo"), "--no-progress"])
     assert code == 3
     assert "FORGETTING DETECTED" in capsys.readouterr().out

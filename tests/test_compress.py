@@ -10,6 +10,7 @@ from gmem.compress import (
     EnergyRule,
     KnowledgeBase,
     RankRule,
+    ResidualEnergyRule,
     compress_style,
     compress_tasks,
     energy_rank,
@@ -223,7 +224,7 @@ def _train_stream(o=6, i=5, tasks=("a", "b", "c"), keep=None, seed=5):
 
 
 def test_base_full_rank_reconstruction_and_express_factors():
-    kb, dense = _train_stream()  # width 6 < 64: the default keeps all energy
+    kb, dense = _train_stream(keep="width")  # width 6 < 64: the released width rule keeps all energy
     assert kb.rank == 15 and kb.column_tasks() == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
     for name, k_prev in (("a", 0), ("b", 5), ("c", 10)):
         lr = kb.express(name)
@@ -276,7 +277,7 @@ class FixedRank:
     def __init__(self, rank):
         self.rank = rank
 
-    def __call__(self, s, base_energy, rows):
+    def __call__(self, s, base_energy, rows, cols):
         return min(self.rank, int((s > 0).sum()))
 
     def describe(self):
@@ -297,7 +298,9 @@ def test_rank_rule_is_a_callable_and_the_energy_rule_one_of_them():
     assert info["new_rank"] == 1 and info["keep"] == "fixed rank 1"
     settings = CompressionSettings(keep=FixedRank(2))
     assert settings.keep.rank == 2 and settings.to_dict()["keep"] == "fixed rank 2"
-    assert CompressionSettings(keep=0.9).to_dict()["keep"] == 0.9 and CompressionSettings().to_dict()["keep"] is None
+    assert CompressionSettings(keep=0.9).to_dict()["keep"] == 0.9
+    assert CompressionSettings(keep="width").to_dict()["keep"] == "width"
+    assert CompressionSettings().to_dict()["keep"] == ResidualEnergyRule().describe()
     with pytest.raises(ValueError):
         CompressionSettings(keep=1.5)
 
@@ -328,7 +331,7 @@ def test_stored_values_next_coefficients_and_removal():
 
 
 def test_add_task_input_errors():
-    kb, _ = _train_stream(tasks=("a",))
+    kb, _ = _train_stream(tasks=("a",), keep="width")
     with pytest.raises(ValueError, match="already exists"):
         kb.add_task("a", kb.next_coefficients(), torch.zeros(6, 5))
     with pytest.raises(ValueError, match=r"lam must be .*\[5\]"):

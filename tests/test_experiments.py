@@ -40,6 +40,31 @@ def test_generation_quick(tmp_path):
     assert res["run"]["base_sha256"] == sha and sha in (out / "results.md").read_text()
 
 
+def test_generation_reports_fid_and_near_duplicates(tmp_path, monkeypatch):
+    from gmem.eval import pixel_features
+
+    seen = []
+
+    def cheap_features(images):  # the Inception network is slow on a CPU: pixel features stand in for it
+        seen.append(len(images))
+        return pixel_features(images)
+
+    monkeypatch.setattr(generation, "inception_features", cheap_features)
+    out = tmp_path / "gen"
+    assert generation.main(["--out", str(out), "--quick", "--iterations", "1", "--eval-samples", "16",
+                            "--fid-samples", "12", "--methods", "gan_memory", "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    tasks = res["run"]["settings"]["tasks"]
+    assert res["fid_samples"] == 12 and res["run"]["settings"]["fid_samples"] == 12
+    fid = res["fid"]["gan_memory"]
+    assert sorted(fid[tasks[0]]) == ["1", "2"] and sorted(fid[tasks[1]]) == ["2"]
+    assert fid[tasks[0]]["1"] == fid[tasks[0]]["2"]  # GAN memory: the same samples after the second stage
+    assert seen.count(12) == 3 and all(math.isfinite(v) for s in fid.values() for v in s.values())
+    dup = res["near_duplicates"]
+    assert set(dup) == {"real", "gan_memory"} and all(0 <= v <= 1 for v in dup["gan_memory"].values())
+    assert "N = 12 samples" in (out / "results.md").read_text()
+
+
 def test_classification_quick(tmp_path):
     out = tmp_path / "cls"
     assert classification.main(["--out", str(out), "--quick", "--threads", "1"]) == 0

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 import gmem
+from gmem.compress.energy import rank_rule
 from gmem.compress.study import energy_table, plot_singular_values, singular_values, style_matrices
 from gmem.data import as_dataset, batch
-from gmem.eval import pixel_fid
+from gmem.eval import fid_from_features, inception_features, near_duplicate_share, pixel_fid
 from gmem.experiments.common import base_sha256
 
 
@@ -57,7 +58,9 @@ def run(args) -> dict:
     truncation, spectra = None, {}
     layers = settings.get("layers")
     for name, images in stream:
-        row = {"task": name, "images": int(images.shape[0])}
+        row = {"task": name, "images": int(images.shape[0]),
+               "real_near_duplicates": round(near_duplicate_share(images[:256]), 4)}
+        features = {}
         for mode, mem in mems.items():
             t0 = time.time()
             mem.learn(name, images, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
@@ -65,13 +68,22 @@ def run(args) -> dict:
             c = mem.parameter_counts(name)
             fake = mem.sample(name, args.samples, seed=0)
             row[mode] = {"stored": c["generator_stored"], "naive": c["generator_style"],
-                         "pixfid8": round(pixel_fid(images, fake), 3), "seconds": round(time.time() - t0, 1)}
+                         "pixfid8": round(pixel_fid(images, fake), 3), "seconds": round(time.time() - t0, 1),
+                         "near_duplicates": round(near_duplicate_share(fake[:256]), 4)}
+            if args.fid_samples:
+                t1 = time.process_time()
+                if "real" not in features:
+                    features["real"] = inception_features(images)
+                fid_fake = mem.sample(name, args.fid_samples, seed=1)
+                row[mode]["fid"] = round(fid_from_features(features["real"], inception_features(fid_fake)), 2)
+                row[mode]["fid_cpu_seconds"] = round(time.process_time() - t1, 1)
             if mode == "compressed":
                 rec = mem.records[name]["compression"]
                 row[mode]["new_ranks"] = rec["new_ranks"]
                 row[mode]["max_rel_error"] = rec["max_rel_error"]
                 row[mode]["convs_stored"], row[mode]["convs_dense"] = rec["stored_values"], rec["dense_values"]
                 row[mode]["dense_layers"] = rec.get("dense_layers", [])
+                row[mode]["capped"] = rec.get("capped", [])
             else:
                 if args.truncation and truncation is None:
                     truncation = truncation_run(args, mem, name, images)
@@ -80,9 +92,9 @@ def run(args) -> dict:
                                      for k, v in singular_values(style_matrices(mem, name, layers)).items()}
         row["ratio"] = row["compressed"]["stored"] / row["naive"]["stored"]
         rows.append(row)
-        print(f"{name}: naive {row['naive']['stored']:,} pixFID8 {row['naive']['pixfid8']}, compressed "
-              f"{row['compressed']['stored']:,} ({100 * row['ratio']:.1f}%) pixFID8 {row['compressed']['pixfid8']}",
-              flush=True)
+        print(f"{name}: naive {row['naive']['stored']:,} pixFID8 {row['naive']['pixfid8']} FID "
+              f"{row['naive'].get('fid')}, compressed {row['compressed']['stored']:,} ({100 * row['ratio']:.1f}%) "
+              f"pixFID8 {row['compressed']['pixfid8']} FID {row['compressed'].get('fid')}", flush=True)
     return {"args": vars(args), "rows": rows, "truncation": truncation, "spectra": spectra or None}
 
 
@@ -105,26 +117,28 @@ def table(result: dict, command: str) -> str:
     rest = {r["compressed"]["stored"] - r["compressed"]["convs_stored"] for r in result["rows"]}
     lines = [f"Command: `{command}`", "",
              f"Settings: {a['tasks']} tasks, {a['iterations']} iterations x batch {a['batch_size']} per task, "
-             f"keep = {a['keep'] if a['keep'] is not None else 'by layer width (released code)'}, prior weight "
+             f"rank rule: {rule_text(a.get('keep'))}, prior weight "
              f"{a['prior_weight']} every {a['prior_every']} iterations, compressed layers: {which}.", "",
              machine_line(result), "",
              f"Base: the embedded base, weights SHA-256 `{result.get('base_sha256', 'not recorded')}`.", "",
-             "Quality: pixFID8 (a proxy: Frechet distance of 8x8-pooled pixels, not the Inception FID; lower is "
-             f"better), {a['samples']} samples vs the task's 160 images.", "",
+             quality_line(a), "",
              "Stored = generator style values of the task (`parameter_counts()['generator_stored']`); the "
              f"knowledge-base column is what the compressed matrices ({which}) store against their dense size; "
              f"the rest of a compressed task stays dense ({', '.join(f'{v:,}' for v in sorted(rest))} values: "
              "the conv biases and whatever of fc is not compressed).", "",
              "| # | task | naive stored | compressed stored | ratio | knowledge base: stored / dense "
-             "| pixFID8 naive | pixFID8 compressed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| FID naive | FID compressed | pixFID8 naive | pixFID8 compressed | near-dup. naive / compr. / real |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(result["rows"], start=1):
         c = r["compressed"]
         dense = f" (dense: {', '.join(c['dense_layers'])})" if c.get("dense_layers") else ""
+        dup = "/".join(f"{100 * x:.1f}%" if x is not None else "-" for x in (
+            r["naive"].get("near_duplicates"), c.get("near_duplicates"), r.get("real_near_duplicates")))
         lines.append(f"| {i} | {r['task']} | {r['naive']['stored']:,} | {c['stored']:,} | "
                      f"{100 * r['ratio']:.1f}% | {c['convs_stored']:,} / {c['convs_dense']:,} "
                      f"({100 * c['convs_stored'] / max(c['convs_dense'], 1):.1f}%){dense} | "
-                     f"{r['naive']['pixfid8']} | {r['compressed']['pixfid8']} |")
+                     f"{r['naive'].get('fid', '-')} | {c.get('fid', '-')} | "
+                     f"{r['naive']['pixfid8']} | {r['compressed']['pixfid8']} | {dup} |")
     return "\n".join(lines + [""] + notes(result)) + "\n"
 
 
@@ -145,8 +159,16 @@ def notes(result: dict) -> list[str]:
                    + (" and fc's bias b_fc" if a.get("compress_fc") else ", fc's gamma, beta and b_fc")
                    + f"); the knowledge-base part adds {r['convs_stored']:,} values (coefficients lam and any new "
                    "columns).")
+    if all("fid" in r["naive"] and "fid" in r["compressed"] for r in rows):
+        rel = [round(r["compressed"]["fid"] / r["naive"]["fid"] - 1, 3) for r in rows]
+        out.append(f"- Standard FID, compressed / naive - 1 (target within +10%): {rel} "
+                   f"({'met' if max(rel) <= 0.10 else 'missed'}; N = {a.get('fid_samples')} samples per task and "
+                   "mode, so the figures carry the small-N bias and noise of FID: compare them within this table).")
     gaps = [round(r["compressed"]["pixfid8"] - r["naive"]["pixfid8"], 3) for r in rows]
     out.append(f"- Quality gap, pixFID8 compressed - naive (proxy, lower is better): {gaps}.")
+    capped = {r["task"]: len(r["compressed"].get("capped", [])) for r in rows}
+    if any(capped.values()):
+        out.append(f"- Matrices whose new columns the rule's budget cut (of the compressed ones): {capped}.")
     if a.get("keep") is not None:
         out.append(f"- keep = {a['keep']} is not the default: the released code's width rule keeps 1.0 of the energy "
                    "for layers under 256 channels; B0-B3 of the embedded 32 px base are 128/64/32/32 channels wide, "
@@ -154,6 +176,21 @@ def notes(result: dict) -> list[str]:
                    "those layers are stored dense (100% of naive; fc, 512 rows, would keep 0.9). The first task's "
                    "matrices start as the source style, whose spectra are flat: its ratio is set by keep.")
     return out
+
+
+def rule_text(keep) -> str:
+    if keep is None:
+        return f"the default ResidualEnergyRule {rank_rule(None).describe()}"
+    return f"the released energy rule, keep = {keep}"
+
+
+def quality_line(a: dict) -> str:
+    fid = (f"Quality: the standard FID (gmem.eval Inception, offline), N = {a['fid_samples']} samples per task and "
+           "mode (latents seed 1) against all of the task's 160 images; " if a.get("fid_samples") else "Quality: ")
+    return (fid + "pixFID8 (a proxy: Frechet distance of 8x8-pooled pixels, not the Inception FID; lower is "
+            f"better), {a['samples']} samples (seed 0) vs the task's 160 images. Near-duplicates: share of pairs of "
+            "the first 256 samples (and of the task's real images) closer than RMS 0.1 on 16x16-pooled pixels "
+            "(gmem.eval.near_duplicate_share).")
 
 
 def machine_line(result: dict) -> str:
@@ -188,7 +225,11 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=5)
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--keep", type=float, default=None, help="kept energy (default: by layer width)")
+    p.add_argument("--keep", type=float, default=None,
+                   help="kept energy of the released energy rule (default: the residual rule, ResidualEnergyRule)")
+    p.add_argument("--fid-samples", type=int, default=0,
+                   help="also the standard FID (gmem.eval Inception) of this many samples per task and mode "
+                        "against all of the task's images (0: skip; a few images per second on a CPU)")
     p.add_argument("--prior-weight", type=float, default=0.01)
     p.add_argument("--prior-every", type=int, default=10)
     p.add_argument("--samples", type=int, default=256)

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("memory", help="memory directory")
     p.add_argument("tasks", nargs="*", help="naive task(s) to compress (default: every naive task, in order)")
     p.add_argument("--keep", type=float, default=None,
-                   help="energy fraction kept (default: by layer width, as the released code)")
+                   help="energy fraction kept by the released energy rule (default: the residual rule, "
+                        "gmem.compress.ResidualEnergyRule)")
     p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
                    help="generator conv layers to compress (default: blocks B0-B3, resnet_0_0 .. resnet_3_0)")
     p.add_argument("--compress-fc", action="store_true",

@@ -153,8 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learn with the paper's low-rank prior and shared knowledge base (generator blocks B0-B3); "
                         "the task is stored as coefficients plus new basis columns")
     p.add_argument("--keep", type=float, default=None,
-                   help="with --compress: energy fraction kept after the task (default: by layer width, "
-                        "1.0 below 256 channels, as the released code)")
+                   help="with --compress: energy fraction kept after the task by the released energy rule "
+                        "(default: the residual rule, gmem.compress.ResidualEnergyRule)")
     p.add_argument("--compress-fc", action="store_true",
                    help="with --compress: also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")

@@ -5,7 +5,8 @@ The pieces, lowest first (the package sits above :mod:`gmem.nn` and :mod:`gmem.t
 - :mod:`.energy`: the energy rule. :func:`truncate_energy` ``(matrix [m, n], keep) -> (u, s, v)`` keeps
   the fewest leading singular values whose sum reaches ``keep`` of the total (``keep=0`` -> rank 0);
   :func:`residual_rank` counts the base's energy towards the target; :func:`width_fraction` is the
-  released code's kept fraction by layer width.
+  released code's kept fraction by layer width; :class:`ResidualEnergyRule` (the default rank rule) decides
+  a task's new columns from the energy of the residual the stored basis does not explain, within a budget.
 - :mod:`gmem.lowrank` (below :mod:`gmem.nn`, which holds its objects in the bank): :class:`LowRankStyle`,
   one style matrix while a task trains (``G = L diag(lam) R^T + E``), and :func:`nuclear_prior`, the
   weighted nuclear norm on ``E``.
@@ -18,10 +19,10 @@ The pieces, lowest first (the package sits above :mod:`gmem.nn` and :mod:`gmem.t
 
 In a memory (phase B): :mod:`.knowledge` (the bases of a generator's compressed convs, the task life
 cycle: training-time entries, the prior plug-in, storing, post-hoc compression, installing from a file;
-``CompressionSettings`` with the released code's defaults: blocks B0-B3, width fractions, weight 0.01
-every 10 iterations; ``WITH_FC`` adds the fc; a layer whose factors would cost more than its dense
-matrices is stored dense) and :mod:`gmem.memory.compression` (loading order, the knowledge-base file,
-``mem.compress``);
+``CompressionSettings``: blocks B0-B3, the residual rule (the released width fractions are
+``keep="width"``), weight 0.01 every 10 iterations; ``WITH_FC`` adds the fc; a layer whose factors
+would cost more than its dense matrices is stored dense) and :mod:`gmem.memory.compression` (loading
+order, the knowledge-base file, ``mem.compress``);
 the bank entries are :mod:`gmem.nn.lowrank`. ``GANMemory.learn(..., compress=True)``,
 ``GANMemory.compress(task)``, ``parameter_counts(task)["generator_stored"]``.
 
@@ -45,14 +46,23 @@ The core API, per compressed conv (two matrices: ``Gamma`` and ``B``)::
 from __future__ import annotations
 
 from .base import KnowledgeBase, fit_coefficients
-from .energy import WIDTH_FRACTIONS, EnergyRule, RankRule, energy_rank, residual_rank, truncate_energy, width_fraction
+from .energy import (
+    WIDTH_FRACTIONS,
+    EnergyRule,
+    RankRule,
+    ResidualEnergyRule,
+    energy_rank,
+    residual_rank,
+    truncate_energy,
+    width_fraction,
+)
 from .knowledge import DEFAULT_LAYERS, PRIOR_EVERY, CompressionSettings, Knowledge
 from .posthoc import compress_style, compress_tasks, express_in_base, knowledge_base
 from .study import energy_table, plot_singular_values, singular_values, storage_table
 
 __all__ = [
     "truncate_energy", "energy_rank", "residual_rank", "width_fraction", "WIDTH_FRACTIONS", "RankRule", "EnergyRule",
-    "PRIOR_EVERY",
+    "ResidualEnergyRule", "PRIOR_EVERY",
     "KnowledgeBase", "fit_coefficients",
     "singular_values", "plot_singular_values", "energy_table", "storage_table",
     "compress_style", "compress_tasks", "knowledge_base", "express_in_base",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ops import LowRank
-from .energy import EnergyRule, RankRule, _check_matrix, rank_rule
+from .energy import EnergyRule, RankRule, ResidualEnergyRule, _check_matrix, rank_rule
 
 __all__ = ["KnowledgeBase", "fit_coefficients"]
 
@@ -161,8 +161,9 @@ class KnowledgeBase:
         """Store a trained task: truncate its residual and append the kept columns.
 
         ``lam [K]``: the task's trained coefficients on the current base; ``residual [O, I]``: its
-        trained ``E_t``. ``keep``: a :class:`gmem.compress.energy.RankRule`, or a fraction (None:
-        :func:`width_fraction` of ``O``) for the energy rule, :class:`EnergyRule`. The energy rule (the released
+        trained ``E_t``. ``keep``: a :class:`gmem.compress.energy.RankRule` (None: the default
+        :class:`ResidualEnergyRule`), or a fraction for the released energy rule, :class:`EnergyRule`
+        (``"width"``: :func:`width_fraction` of ``O``). The energy rule (the released
         code's): with ``s`` the singular values of ``E_t`` and ``b = sum |lam_t|`` the energy the base
         already holds for this task, keep the fewest ``r`` with ``b + s[:r].sum() >= keep * (b + s.sum())``
         (:func:`residual_rank`); ``r = 0`` when the base alone reaches ``keep``. Truncating the residual
@@ -172,8 +173,11 @@ class KnowledgeBase:
         next to the base may be dropped entirely). ``b`` is an upper bound of the nuclear norm of
         ``L diag(lam_t) R^T`` (the columns of different tasks are not mutually orthogonal).
 
-        Returns ``{"new_rank", "residual_rank", "keep", "base_energy", "kept_energy", "rel_error"}``:
-        ``kept_energy`` is the reached fraction, ``rel_error = ||G_t - Ĝ_t||_F / ||G_t||_F`` (float64).
+        Returns ``{"new_rank", "residual_rank", "keep", "base_energy", "kept_energy", "rel_error",
+        "dropped_energy", "capped"}``: ``kept_energy`` is the reached fraction, ``rel_error =
+        ||G_t - Ĝ_t||_F / ||G_t||_F`` (float64), ``dropped_energy`` the residual's dropped singular values'
+        sum (a bound of ``||G_t - Ĝ_t||_F``), ``capped`` whether the rule's budget cut the rank below
+        what its energy target asked for.
         """
         self._check_new_name(name)
         lam = self._check_lam(lam, "lam")
@@ -185,17 +189,18 @@ class KnowledgeBase:
         e = residual.detach().to(device=self.device, dtype=torch.float64)
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
         base_energy = float(lam.double().abs().sum())
-        r = int(rule(s, base_energy, self.shape[0]))
+        r = int(rule(s, base_energy, self.shape[0], self.shape[1]))
         if not 0 <= r <= s.numel():
             raise ValueError(f"KnowledgeBase.add_task: the rank rule {rule!r} returned {r}, not in 0..{s.numel()}")
         keep = rule.fraction(self.shape[0]) if isinstance(rule, EnergyRule) else rule.describe()
+        wanted = rule.energy_rank(s, base_energy) if isinstance(rule, ResidualEnergyRule) else r
         g = (self._L.double() * lam.double()) @ self._R.double().T + e
         self.add_task_factors(name, lam, u[:, :r].to(self.dtype), s[:r].to(self.dtype), vh[:r].T.to(self.dtype))
         total = base_energy + float(s.sum())
         err = torch.linalg.norm(g - self.express(name).dense().double()) / torch.linalg.norm(g).clamp_min(1e-300)
         return {"new_rank": r, "residual_rank": int((s > 0).sum()), "keep": keep, "base_energy": base_energy,
                 "kept_energy": (base_energy + float(s[:r].sum())) / total if total > 0 else 1.0,
-                "rel_error": float(err)}
+                "rel_error": float(err), "dropped_energy": float(s[r:].sum()), "capped": r < wanted}
 
     def add_task_factors(self, name: str, lam: Tensor, u: Tensor, s: Tensor, v: Tensor) -> None:
         """Append a task given exactly: ``lam [K]`` over the current columns and new ``u [O, r], s [r], v [I, r]``."""

@@ -14,6 +14,14 @@ That choice is one implementation, :class:`EnergyRule`, of :class:`RankRule`: th
 :class:`gmem.compress.knowledge.CompressionSettings` (``keep``) and :meth:`KnowledgeBase.add_task` take
 to decide how many residual directions a task adds to the knowledge base. Another rule (a fixed rank,
 a parameter budget) is a class with the same ``__call__``.
+
+The default rule is :class:`ResidualEnergyRule`: it looks at the residual alone (what the stored basis
+does not explain, after the task's coefficients are refitted by least squares), keeps ``keep`` of *its*
+energy unless the whole residual is negligible next to the task's matrix, and never lets a task's new
+columns cost more than ``budget`` of the dense matrix. The released rule counts the base's energy
+towards the target instead, so a later task whose matrix is mostly explained by the base keeps none of
+what it learned outside it; and its width table keeps every singular value of layers below 256
+channels, which then cost more as factors than dense.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["energy_rank", "truncate_energy", "residual_rank", "width_fraction", "WIDTH_FRACTIONS", "RankRule",
-           "EnergyRule", "rank_rule"]
+           "EnergyRule", "ResidualEnergyRule", "rank_rule", "budget_rank"]
 
 # Relative slack when comparing cumulative sums with the target, so that a cumulative sum that equals
 # the target in exact arithmetic is not pushed one value further by the last bits of a float64 sum.
@@ -137,13 +145,14 @@ class RankRule(Protocol):
     """How many residual directions a task adds to a knowledge base.
 
     ``s [J]``: the singular values of the task's residual ``E_t`` (descending, float64); ``base_energy``:
-    the energy the base already holds for the task (``sum |lam_t|``); ``rows``: the matrix's rows (the
-    layer's width). Returns ``r`` in ``0..J``. :meth:`describe` is what the task's record stores.
+    the energy the base already holds for the task (``sum |lam_t|``); ``rows``, ``cols``: the matrix's
+    shape ``[O, I]`` (``rows`` is the layer's width). Returns ``r`` in ``0..J``. :meth:`describe` is what
+    the task's record stores (JSON: a number, a string or a dict that :func:`rank_rule` reads back).
     """
 
-    def __call__(self, s: Tensor, base_energy: float, rows: int) -> int: ...
+    def __call__(self, s: Tensor, base_energy: float, rows: int, cols: int) -> int: ...
 
-    def describe(self) -> Union[float, str, None]: ...
+    def describe(self) -> Union[float, str, dict, None]: ...
 
 
 @dataclass(frozen=True)
@@ -160,17 +169,91 @@ class EnergyRule:
     def fraction(self, rows: int) -> float:
         return width_fraction(rows) if self.keep is None else self.keep
 
-    def __call__(self, s: Tensor, base_energy: float, rows: int) -> int:
+    def __call__(self, s: Tensor, base_energy: float, rows: int, cols: int = 0) -> int:
         return residual_rank(s, self.fraction(rows), base_energy)
 
-    def describe(self) -> Optional[float]:
-        return self.keep
+    def describe(self) -> Union[float, str]:
+        return "width" if self.keep is None else self.keep
 
 
-def rank_rule(keep: Union[None, float, RankRule]) -> RankRule:
-    """``keep`` as a rule: a :class:`RankRule` as it is, a fraction or None as an :class:`EnergyRule`."""
+def budget_rank(rows: int, cols: int, budget: float) -> int:
+    """The most new columns whose values ``r (rows + cols + 1)`` stay within ``budget`` of ``rows * cols``."""
+    return max(0, int(math.floor(budget * rows * cols / (rows + cols + 1))))
+
+
+@dataclass(frozen=True)
+class ResidualEnergyRule:
+    """The default rule: a task's new columns come from the energy of what the stored basis does not explain.
+
+    ``s [J]`` are the singular values of the task's residual ``E_t`` (with its coefficients refitted on
+    the basis by least squares first: ``project``), ``b`` the base's energy for the task. The rule drops
+    the trailing residual energy ``sum(s[r:])`` up to ``max((1 - keep) sum(s), tolerance (b + sum(s)))``:
+    ``keep`` of the residual's own energy, unless the residual is within ``tolerance`` of the task's whole
+    energy (then the base already explains the task and the task adds nothing, or little). So a later
+    task adds columns exactly where it learned something new, and the error of the stored matrix is at
+    most the dropped energy (``||E - E_r||_F <= sum(s[r:])``).
+
+    A budget bounds the new columns' values, ``r (O + I + 1) <= budget O I`` (:func:`budget_rank`):
+    ``budget`` for the first task of a base (``b = 0``: it has no basis to lean on), ``later_budget``
+    for every later one. So a task never stores more than naive on any base; a task whose residual
+    needs more is cut at the budget, and :meth:`KnowledgeBase.add_task` reports it (``"capped": True``).
+    """
+
+    keep: float = 0.9
+    tolerance: float = 0.02
+    budget: float = 0.33
+    later_budget: float = 0.06
+    project = True  # refit the coefficients on the basis before the residual is measured
+
+    def __post_init__(self):
+        for what in ("keep", "tolerance", "budget", "later_budget"):
+            object.__setattr__(self, what, _check_keep(getattr(self, what), f"ResidualEnergyRule {what}"))
+
+    def allowed_loss(self, s: Tensor, base_energy: float) -> float:
+        """The residual energy the rule may drop for singular values ``s [J]`` and the base's energy."""
+        residual = float(s.sum())
+        return max((1.0 - self.keep) * residual, self.tolerance * (float(base_energy) + residual))
+
+    def energy_rank(self, s: Tensor, base_energy: float) -> int:
+        """The fewest leading values whose trailing sum is within :meth:`allowed_loss` (no budget)."""
+        s = _check_values(s, "ResidualEnergyRule")
+        if s.numel() == 0:
+            return 0
+        allowed = self.allowed_loss(s, base_energy) * (1.0 + _SLACK)
+        trailing = torch.flip(torch.cumsum(torch.flip(s, (0,)), 0), (0,))  # trailing[r] = sum(s[r:])
+        return int((trailing > allowed).sum())  # trailing is non-increasing: the first ones exceed it
+
+    def max_rank(self, rows: int, cols: int, base_energy: float) -> int:
+        """The budget's bound on the new columns (first task of a base when ``base_energy`` is 0)."""
+        return budget_rank(rows, cols, self.budget if float(base_energy) == 0.0 else self.later_budget)
+
+    def __call__(self, s: Tensor, base_energy: float, rows: int, cols: int) -> int:
+        return min(self.energy_rank(s, base_energy), self.max_rank(rows, cols, base_energy))
+
+    def describe(self) -> dict:
+        return {"rule": "residual", "keep": self.keep, "tolerance": self.tolerance, "budget": self.budget,
+                "later_budget": self.later_budget}
+
+
+def rank_rule(keep: Union[None, float, str, dict, RankRule]) -> RankRule:
+    """``keep`` as a rule: a :class:`RankRule` as it is; None: the default :class:`ResidualEnergyRule`;
+    a fraction: the released :class:`EnergyRule` at that fraction; ``"width"``: the released width rule;
+    a dict from :meth:`ResidualEnergyRule.describe`: that rule again."""
     if isinstance(keep, RankRule):
         return keep
+    if keep is None:
+        return ResidualEnergyRule()
+    if isinstance(keep, str):
+        if keep != "width":
+            raise ValueError(f"keep: the only rule named by a string is 'width' (the released width rule), "
+                             f"got {keep!r}")
+        return EnergyRule(None)
+    if isinstance(keep, dict):
+        fields = dict(keep)
+        if fields.pop("rule", None) != "residual" or not set(fields) <= {"keep", "tolerance", "budget", "later_budget"}:
+            raise ValueError(f"keep: a dict must describe a residual rule ({{'rule': 'residual', 'keep', "
+                             f"'tolerance', 'budget', 'later_budget'}}), got {keep!r}")
+        return ResidualEnergyRule(**fields)
     if callable(keep):
-        raise TypeError(f"keep: a rank rule needs __call__(s, base_energy, rows) and describe(), got {keep!r}")
+        raise TypeError(f"keep: a rank rule needs __call__(s, base_energy, rows, cols) and describe(), got {keep!r}")
     return EnergyRule(keep)

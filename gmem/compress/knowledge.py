@@ -57,9 +57,9 @@ GROUPS = ("gamma", "beta")
 class CompressionSettings:
     """How a task is compressed. ``layers``: globs over generator layer names, or ``(glob, (rows, cols))``
     pairs for linear layers (see :mod:`gmem.compress.layers`; ``WITH_FC`` adds the GP-GAN fc);
-    ``keep``: the rank rule after a task, a :class:`gmem.compress.energy.RankRule` callable, or the kept
-    energy fraction of the energy rule (:class:`EnergyRule`; None: :func:`width_fraction` of each
-    layer's width);
+    ``keep``: the rank rule after a task, a :class:`gmem.compress.energy.RankRule` callable (None: the
+    default :class:`~gmem.compress.energy.ResidualEnergyRule`), or the kept energy fraction of the
+    released energy rule (:class:`EnergyRule`; ``"width"``: :func:`width_fraction` of each layer's width);
     ``prior_weight`` / ``prior_every``: the nuclear-norm prior's weight and period; ``weighted``:
     weighted (``eta_j``) or plain nuclear norm."""
 
@@ -71,8 +71,10 @@ class CompressionSettings:
 
     def __post_init__(self):
         self.layers = normalise_layers(self.layers)
-        if self.keep is not None and not isinstance(self.keep, RankRule):
+        if isinstance(self.keep, (int, float)):
             self.keep = rank_rule(self.keep).keep  # a fraction, checked
+        elif self.keep is not None and not isinstance(self.keep, RankRule):
+            self.keep = rank_rule(self.keep)  # "width" or a residual rule's description
         if not (isinstance(self.prior_weight, (int, float)) and self.prior_weight >= 0):
             raise ValueError(f"prior_weight must be a number >= 0, got {self.prior_weight!r}")
         if isinstance(self.prior_every, bool) or not isinstance(self.prior_every, int) or self.prior_every < 1:
@@ -251,7 +253,9 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
 
     Never more than naive: a layer whose kept coefficients and columns (both matrices) would cost more
     values than its dense ``Gamma``/``B`` stays dense (a plain style set, not in the bases; its infos
-    get ``"dense": True``, e.g. full-rank factors at keep 1.0 cost ``r (O + I + 1) > O I``)."""
+    get ``"dense": True``, e.g. full-rank factors at keep 1.0 cost ``r (O + I + 1) > O I``; the task's
+    record lists it in ``dense_layers`` and a warning names it). The default rule's budget keeps every
+    layer below that."""
 
     index = gnn.task_index(G, task)
     info = {}
@@ -283,13 +287,25 @@ def _store(G, task: str, knowledge: Knowledge, settings_layers, matrices) -> dic
 def finish_task(G, task: str, knowledge: Knowledge, settings: CompressionSettings) -> dict:
     """After training: truncate every ``E`` into the bases and store the task compressed.
 
-    Returns ``{"<layer>.<group>": add_task info}`` (new rank, kept energy, relative error).
+    Returns ``{"<layer>.<group>": add_task info}`` (new rank, kept energy, relative error). With a rule
+    that projects (the default :class:`~gmem.compress.energy.ResidualEnergyRule`), each trained matrix's
+    coefficients are refitted on the basis by least squares first (:func:`fit_coefficients`: the
+    residual is then the part the stored basis does not explain, never larger in Frobenius norm than
+    the trained ``E``).
     """
     def matrices(name, layer, entry):
         if getattr(entry, "kind", "dense") != "lowrank-training":
             return None
         g, b = entry.gamma_style, entry.beta_style
-        return (g.lam.detach(), g.residual.detach()), (b.lam.detach(), b.residual.detach()), entry.bias, settings.keep
+        if project:  # the rule measures what the basis cannot explain: refit lam on the trained matrix
+            pair = knowledge.pair(name, layer, create=False, shape=shapes[name])
+            fits = [fit_coefficients(kb, style.dense().detach()) for kb, style in zip(pair, (g, b))]
+            return fits[0], fits[1], entry.bias, rule
+        return (g.lam.detach(), g.residual.detach()), (b.lam.detach(), b.residual.detach()), entry.bias, rule
+
+    rule = rank_rule(settings.keep)
+    project = bool(getattr(rule, "project", False))
+    shapes = {n: shape for n, _, shape in select_layers(G, settings.layers)}
 
     return _store(G, task, knowledge, settings.layers, matrices)
 

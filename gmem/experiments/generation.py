@@ -5,7 +5,11 @@
 Every method starts from the same base and learns the same tasks in the same order with the same
 trainer (:class:`gmem.training.GANStep`), batch size, iterations and seeds. After each stage every task
 learned so far is scored (metric by name, default ``pixfid8``, a pixel-statistics proxy, NOT FID) on
-``--eval-samples`` samples against the task's images. Writes to ``DIR``:
+``--eval-samples`` samples against the task's images; with ``--fid-samples N`` also the standard FID
+(:mod:`gmem.eval`'s Inception network, offline) of N samples against all of the task's images, right
+after the task is learned and after the last stage, and the share of near-duplicate pairs among the
+first 256 evaluation samples right after learning (:func:`gmem.eval.near_duplicate_share`, next to the
+same figure on the task's images). Writes to ``DIR``:
 
 - ``fig5_samples.png``: per method, rows = after stage s, columns = samples of each task (fixed z);
 - ``fig6_left_quality.png``: per task, the score after each stage, one line per method;
@@ -23,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data import as_dataset, batch
+from ..eval import fid_from_features, inception_features, near_duplicate_share
 from ..seeding import generator
 from .common import Timer, load_base_pair, run_record, threads
 from .methods import GENERATION_METHODS, get_method, make_learner
@@ -35,14 +40,15 @@ DEFAULT_TASKS = ("emoji", "oxygen_icons", "fashion_mnist")
 DEFAULT_METHODS = GENERATION_METHODS  # any method of gmem.experiments.methods with a generator may be named
 # the largest budget that fits in 45 minutes on the 2-core CPU with 1 thread (300 iterations per task
 # was estimated at ~60 minutes: experiments/results/TIMING.md); pass --iterations 300 where there is time
-FULL = dict(iterations=200, batch_size=16, eval_samples=400)
-QUICK = dict(iterations=2, batch_size=4, eval_samples=24, tasks=DEFAULT_TASKS[:2])
+FULL = dict(iterations=200, batch_size=16, eval_samples=400, fid_samples=1000)
+QUICK = dict(iterations=2, batch_size=4, eval_samples=24, fid_samples=0, tasks=DEFAULT_TASKS[:2])
 
 
 def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = DEFAULT_METHODS,
         iterations: int = FULL["iterations"], batch_size: int = FULL["batch_size"],
         eval_samples: int = FULL["eval_samples"], lr_memory: float = 1e-3, lr_baselines: float = 1e-4,
         lambda_ra: float = 1e-3, metric: str = "pixfid8", seed: int = 0, base: Optional[str] = None,
+        fid_samples: int = 0,
         grid_columns: int = 4, progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the experiment; returns (and writes to ``out``) the results dict (see the module docstring)."""
     out = Path(out)
@@ -55,6 +61,10 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     datasets = [as_dataset(t, G.size, G.channels) for t in tasks]
     real = [batch(ds, torch.arange(len(ds))) for ds in datasets]
     z_eval = [torch.randn(eval_samples, G.z_dim, generator=generator(seed + 100 + j)) for j in range(len(tasks))]
+    z_fid = [torch.randn(fid_samples, G.z_dim, generator=generator(seed + 200 + j)) for j in range(len(tasks))]
+    real_features: dict[int, torch.Tensor] = {}
+    near_dup = {"real": {t: round(near_duplicate_share(r[:256]), 4) for t, r in zip(tasks, real)}}
+    fids: dict = {}              # method -> task -> stage -> standard FID (learned and last stage)
     timer = Timer()
     scores: dict = {}            # method -> task -> stage (1-based) -> score
     same: dict = {}              # method -> task -> stage -> bool (samples for fixed z unchanged since learned)
@@ -69,6 +79,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
         first: dict[int, torch.Tensor] = {}
         per_stage: dict[int, dict[str, torch.Tensor]] = {}
         scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))
+        fids[method], near_dup[method] = {t: {} for t in tasks}, {}
         for k, ds in enumerate(datasets):
             with timer(method):
                 runner.learn(ds, k, iterations=iterations, batch_size=batch_size, seed=seed + k + 1,
@@ -85,17 +96,27 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                 change[method][tasks[j]][stage] = float((fake - first[j]).abs().max())
                 mean_change[method][tasks[j]][stage] = round(float((fake - first[j]).abs().mean()), 5)
                 per_stage[stage][tasks[j]] = fake[:grid_columns]
+                if j == k:
+                    near_dup[method][tasks[j]] = round(near_duplicate_share(fake[:256]), 4)
+                if fid_samples and (j == k or stage == len(tasks)):
+                    with timer(f"{method}_fid"):
+                        if j not in real_features:
+                            real_features[j] = inception_features(real[j])
+                        feats = inception_features(runner.sample(j, z_fid[j]))
+                        fids[method][tasks[j]][stage] = round(fid_from_features(real_features[j], feats), 2)
             print(f"[{method}] after {tasks[k]}: " + ", ".join(
                 f"{tasks[j]} {scores[method][tasks[j]][stage]:.2f}" for j in range(stage)), flush=True)
         grids[method] = stage_grid(per_stage, tasks, grid_columns)
     settings = dict(tasks=list(tasks), methods=list(methods), iterations=iterations, batch_size=batch_size,
-                    eval_samples=eval_samples, lr_memory=lr_memory, lr_baselines=lr_baselines,
+                    eval_samples=eval_samples, fid_samples=fid_samples, lr_memory=lr_memory, lr_baselines=lr_baselines,
                     lambda_ra=lambda_ra, metric=metric, seed=seed, base=base or "embedded")
     results = {"experiment": "lifelong generation", "metric": {"name": metric, "label": score.label,
                                                                "higher_is_better": score.higher_is_better},
                "scores": _str_keys(scores), "bit_identical_since_learned": _str_keys(same),
                "max_abs_change_since_learned": _str_keys(change),
                "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
+               "fid": _str_keys(fids) if fid_samples else None, "fid_samples": fid_samples,
+               "near_duplicates": near_dup,
                "cpu_seconds": timer.cpu_seconds,
                "wall_seconds": round(time.time() - t_start, 1),
                "run": run_record("gmem.experiments.generation", settings, argv)}
@@ -134,7 +155,26 @@ def _markdown(results: dict, tasks, methods) -> str:
             + markdown_table(header, rows)
             + "\n'forgetting' = score after the last stage minus the score right after the task was learned "
               "(> 0: worse); 'unchanged' = the task's samples for fixed z after every later stage equal those "
-              "right after it was learned, bit for bit.\n")
+              "right after it was learned, bit for bit.\n" + _fid_markdown(results, tasks, methods))
+
+
+def _fid_markdown(results: dict, tasks, methods) -> str:
+    """The standard FID right after learning and after the last stage, and the near-duplicate shares."""
+    dup = results.get("near_duplicates") or {}
+    header = ["method", "task", "FID learned", "FID last stage", "near-dup. learned", "near-dup. real"]
+    rows = []
+    for m in methods:
+        for j, t in enumerate(tasks):
+            f = ((results.get("fid") or {}).get(m) or {}).get(t, {})
+            pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+            rows.append([m, t, f.get(str(j + 1), "-"), f.get(str(len(tasks)), "-"),
+                         pct(dup.get(m, {}).get(t)), pct(dup.get("real", {}).get(t))])
+    n = results.get("fid_samples")
+    what = (f"standard FID (Inception, offline), N = {n} samples vs all of the task's images; " if n else
+            "standard FID not computed (--fid-samples 0); ")
+    return (f"\n## Standard FID and diversity\n\n{what}near-dup. = share of near-duplicate pairs among the "
+            "first 256 evaluation samples right after learning, and among the task's images.\n\n"
+            + markdown_table(header, rows))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -149,6 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lr-memory", type=float, default=1e-3)
     p.add_argument("--lr-baselines", type=float, default=1e-4)
     p.add_argument("--lambda-ra", type=float, default=1e-3)
+    p.add_argument("--fid-samples", type=int, default=None,
+                   help=f"N of the standard FID per task (default {FULL['fid_samples']}, --quick 0; 0 skips it)")
     p.add_argument("--metric", default="pixfid8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="a base directory (default: the embedded base)")
@@ -160,7 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with threads(a.threads):
         run(a.out, tasks=a.tasks or preset.get("tasks", DEFAULT_TASKS), methods=a.methods,
             iterations=pick(a.iterations, "iterations"), batch_size=pick(a.batch_size, "batch_size"),
-            eval_samples=pick(a.eval_samples, "eval_samples"), lr_memory=a.lr_memory, lr_baselines=a.lr_baselines,
+            eval_samples=pick(a.eval_samples, "eval_samples"), fid_samples=pick(a.fid_samples, "fid_samples"),
+            lr_memory=a.lr_memory, lr_baselines=a.lr_baselines,
             lambda_ra=a.lambda_ra, metric=a.metric, seed=a.seed, base=a.base, progress=a.progress,
             argv=sys.argv[1:] if argv is None else list(argv))
     print(f"results in {a.out}/ (results.md, fig5_samples.png, fig6_left_quality.png)")

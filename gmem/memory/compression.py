@@ -10,6 +10,7 @@ columns are in its own task file (``G.<layer>.lowrank.<gamma|beta>.<lam|u|s|v>``
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from ..compress.energy import rank_rule
@@ -18,6 +19,8 @@ from ..store.files import knowledge_bytes
 
 __all__ = ["is_compressed", "knowledge_index", "load_dependencies", "load_all_compressed", "check_installed",
            "before_remove", "prepare_learning", "knowledge_entry_for_save", "compress_task", "compression_record"]
+
+logger = logging.getLogger(__name__)
 
 
 def is_compressed(mem, task: str) -> bool:
@@ -111,9 +114,16 @@ def compression_record(mem, task: str, settings: dict, info: dict) -> dict:
     """The ``compression`` entry of a task's record (manifest): settings, stored values and ranks."""
     k = mem.registry.knowledge
     dense = sorted({key.rsplit(".", 1)[0] for key, i in info.items() if i.get("dense")})
+    capped = sorted(key for key, i in info.items() if i.get("capped") and not i.get("dense"))
+    if dense:
+        logger.warning("task %r: layers %s stay dense (their low-rank factors would cost more than the dense "
+                       "matrices)", task, ", ".join(dense))
+    if capped:
+        logger.info("task %r: the rank rule's budget cut the new columns of %s", task, ", ".join(capped))
     return {**settings, "stored_values": k.stored_values(task), "dense_values": k.dense_values(task),
             "new_ranks": {key: i["new_rank"] for key, i in info.items() if not i.get("dense")},
             "dense_layers": dense,  # selected, but stored dense: their factors would cost more than naive
+            "capped": capped,  # matrices whose new columns the rule's budget cut below its energy target
             "max_rel_error": max((round(i["rel_error"], 6) for i in info.values()), default=0.0)}
 
 

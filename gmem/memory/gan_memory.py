@@ -158,12 +158,13 @@ class GANMemory:
         compression.before_remove(self, task)
         self.registry.remove(task)
 
-    def compress(self, task: TaskRef, keep: Optional[float] = None, layers=None) -> dict:
+    def compress(self, task: TaskRef, keep=None, layers=None) -> dict:
         """Store the naive ``task`` compressed in the knowledge bases (post-hoc, no training-time prior).
 
         Each selected conv's ``Gamma``/``B`` (``layers``: globs, default the generator blocks B0-B3) is
-        written on the current bases by least squares (``lam``) and the rest truncated by the energy
-        rule (``keep``, default the width fraction of each layer; the base's energy counts towards it).
+        written on the current bases by least squares (``lam``) and the rest truncated by the rank rule
+        (``keep``: None for the default :class:`gmem.compress.ResidualEnergyRule`, a fraction for the
+        released energy rule, ``"width"`` for its width table, or any :class:`gmem.compress.RankRule`).
         Returns the task's ``compression`` record (``stored_values``, ``new_ranks``, ``max_rel_error``);
         :meth:`parameter_counts` then reports ``generator_stored``. Save to keep it.
         """
