@@ -516,37 +516,16 @@ def test_cli_defaults_to_one_thread_unless_told(cli_memory, tmp_path, monkeypatc
         torch.set_num_threads(old)
 
 
-def test_several_threads_run_with_sleeping_openmp_workers(cli_memory, tmp_path):
-    """`gmem learn --threads 2` restarts itself with OMP_WAIT_POLICY=PASSIVE (spinning workers were 3-7x
-    slower beside a busy process)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GMEM_NO_RESTART")}
-    argv = [sys.executable, "-m", "gmem.cli", "learn", str(_copy(cli_memory, tmp_path / "m")), "p",
-            str(cli_memory.parent / "a.npy"), "--iterations", "1", "--batch-size", "2", "--no-score",
-            "--no-progress"]
-    r = subprocess.run(argv + ["--threads", "2"], env=env, text=True, capture_output=True, timeout=600)
-    assert r.returncode == 0 and "2 torch threads, OMP_WAIT_POLICY=PASSIVE)" in r.stdout, r.stdout + r.stderr
-
-
-def test_restart_with_passive_workers_only_when_several_threads_and_no_policy(monkeypatch):
-    import gmem.cli as cli
-
-    calls = []
-    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append(env["OMP_WAIT_POLICY"]))
-    for var in ("OMP_WAIT_POLICY", "GMEM_NO_RESTART", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(var, raising=False)
-    args = cli.build_parser().parse_args(["learn", "m", "t", "emoji", "--threads", "2"])
-    cli._passive_openmp_workers(args)
-    assert calls == ["PASSIVE"]
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stays
-    cli._passive_openmp_workers(args)
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    cli._passive_openmp_workers(cli.build_parser().parse_args(["learn", "m", "t", "emoji"]))  # 1 thread
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # whoever sets the environment chooses the policy there
-    cli._passive_openmp_workers(cli.build_parser().parse_args(["learn", "m", "t", "emoji"]))
-    assert calls == ["PASSIVE"]
+def test_learn_names_its_threads_and_wait_policy(cli_memory, tmp_path, capsys, monkeypatch):
+    """Timings a user reads are only comparable with the thread setting next to them."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    old = torch.get_num_threads()
+    try:
+        assert main(["learn", str(_copy(cli_memory, tmp_path / "m")), "p", str(cli_memory.parent / "a.npy"),
+                     "--iterations", "1", "--batch-size", "2", "--no-score", "--no-progress", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(old)
+    assert "2 torch threads, OMP_WAIT_POLICY=PASSIVE)" in capsys.readouterr().out
 
 
 def test_saving_over_old_orphaned_task_files_is_refused(tmp_path):

@@ -70,8 +70,6 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if argv is None:  # the console script (not a call from Python): may restart with a sleeping wait policy
-        _passive_openmp_workers(args)
     import warnings
 
     # a warning is one line for the user, not a source line of gmem
@@ -96,25 +94,6 @@ def default_threads(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-def _passive_openmp_workers(args: argparse.Namespace) -> None:
-    """Restart the command with ``OMP_WAIT_POLICY=PASSIVE`` when ``--threads N`` asks for several threads
-    and the environment chose no policy (README "Threads").
-
-    OpenMP's default policy lets idle worker threads spin; on a machine with other busy processes two
-    spinning threads ran 3-7x slower than one, and sleeping ones did not. OpenMP reads the policy once,
-    when torch loads it, which ``import gmem`` has done by now: hence a fresh process (``os.execve``, the
-    same command line). One thread (the default) has no workers, so nothing restarts then; whoever sets
-    ``OMP_NUM_THREADS`` chooses the policy in the same environment."""
-    threads = getattr(args, "threads", None)
-    if (not threads or threads <= 1 or "OMP_WAIT_POLICY" in os.environ
-            or os.environ.get("GMEM_NO_RESTART")):
-        return
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GMEM_NO_RESTART": "1"}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "gmem.cli", *sys.argv[1:]], env)
 
 
 def _run(args) -> int:

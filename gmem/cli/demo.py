@@ -28,8 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0 skips it)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1: robust on a busy machine; N > 1 runs with "
-                        "OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy)")
+                   help="torch CPU threads (default 1: robust on a busy machine; README \"Threads\")")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

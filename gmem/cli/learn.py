@@ -143,8 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1, or OMP_NUM_THREADS: robust on a busy machine; N > 1 "
-                        "runs with OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy)")
+                   help="torch CPU threads (default 1, or OMP_NUM_THREADS: robust on a busy machine; README "
+                        "\"Threads\")")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--background", default=None,
                    help="colour that transparent pixels of image files are composited over: black (the default, "

@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (default 500)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (at a checkpoint) after this much wall time")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1, or OMP_NUM_THREADS: robust on a busy machine; N > 1 "
-                        "runs with OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy)")
+                   help="torch CPU threads (default 1, or OMP_NUM_THREADS: robust on a busy machine; README "
+                        "\"Threads\")")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint.pt exists")
     p.add_argument("--restart", action="store_true",
