@@ -342,7 +342,7 @@ def damage_cases(work: Path, log=None, kinds: Optional[list[str]] = None) -> lis
         target = label.split(":")[0]
         runner = Cases(work, seed_dir, log)
 
-        def case(m, outside, mark, target=target, fn=fn, seed_dir=seed_dir):
+        def case(m, outside, mark, target=target, fn=fn):
             manifest = m / "manifest.json"
             entries = {e["name"]: e for e in json.loads(manifest.read_text())["tasks"]}
             if target == "task":
