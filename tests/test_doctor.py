@@ -165,6 +165,37 @@ def test_selfcheck_can_be_switched_off(wrong, cache, monkeypatch):
     assert not (cache / "selfcheck").exists()
 
 
+def test_auto_is_remembered_until_backends_or_verdicts_change(cache, monkeypatch):
+    # "auto" is resolved on every op call: its answer is remembered (a tenth of a small op's call
+    # otherwise), and forgotten when what it was built on changes
+    calls = []
+    resolve = backends._resolve
+
+    def counting(*args):
+        if args[0] == "auto":  # (the self-check's own op calls name their backends)
+            calls.append(args)
+        return resolve(*args)
+
+    monkeypatch.setattr(backends, "_resolve", counting)
+    first = auto()
+    assert auto() == first and auto() == first and len(calls) == 1
+    auto(torch.float64)
+    assert len(calls) == 2  # another dtype is another question
+    selfcheck.reset()
+    assert auto() == first and len(calls) == 3
+    monkeypatch.setenv("GMEM_SELFCHECK", "0")
+    assert auto() == first and len(calls) == 4
+    monkeypatch.delenv("GMEM_SELFCHECK")
+    # a better backend registers: "auto" sees it at once (it passes the check: GMEM_SELFCHECK=0)
+    monkeypatch.setenv("GMEM_SELFCHECK", "0")
+    ops.register_backend(WrongBackend(), priority=50)
+    try:
+        assert auto() == NAME
+    finally:
+        backends._REGISTRY.pop(NAME, None)  # leaves without register_backend: the memo must not name it
+    assert auto() == first
+
+
 def test_auto_resolution_inside_torch_compile_runs_the_check(wrong, cache):
     torch.manual_seed(1)
     x = torch.randn(3, 3, 5, 5)

@@ -212,6 +212,7 @@ def register_backend(backend: Backend, priority: int = 0) -> Backend:
         raise TypeError(f"register_backend: expected a gmem.ops.Backend, got {type(backend).__name__}")
     _REGISTRY[backend.name] = (priority, backend)
     _CHECKED.clear()
+    _AUTO.clear()
     return backend
 
 
@@ -318,16 +319,32 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
         return "reference" if backend is None or backend == "auto" else get_backend(backend).name
     if backend is None or backend == "auto":
         backend = _current_for_trace()
-    if not torch.compiler.is_compiling():  # (under dynamo the answer is a constant anyway: no guard on the memo)
+    if torch.compiler.is_compiling():  # under dynamo the answer is a constant of the graph: no memo
+        return _resolve(backend, device.type, dtype, op)
+    if backend != "auto":
         name = _CHECKED.get((backend, device.type, dtype))  # a named backend already found usable here
-        if name is not None:
-            return name
-    return _resolve(backend, device.type, dtype, op)
+        return name if name is not None else _resolve(backend, device.type, dtype, op)
+    # "auto" ranks every backend and asks the self-check each time: tens of microseconds, a tenth of a
+    # small op's whole call. Its answer is remembered until a backend registers or leaves, the
+    # self-check forgets its verdicts, or GMEM_SELFCHECK changes.
+    index = torch.cuda.current_device() if device.type == "cuda" else None  # what the self-check keys on
+    key = (device.type, index, dtype, os.environ.get("GMEM_SELFCHECK"), _selfcheck.generation())
+    memo = _AUTO.get(key)
+    if memo is not None and _REGISTRY.get(memo[0], _GONE)[1] is memo[1]:
+        return memo[0]
+    name = _resolve("auto", device.type, dtype, op)
+    if _selfcheck.settled():
+        _AUTO[key] = (name, _REGISTRY[name][1])
+    return name
 
 
 #: ``(name, device type, dtype) -> name`` for named (not "auto") backends found available and
 #: supporting that device and dtype; cleared when a backend is registered
 _CHECKED: dict = {}
+#: ``(device type, cuda index, dtype, $GMEM_SELFCHECK, self-check generation) -> (name, backend)``:
+#: what "auto" chose; an entry whose backend left the registry (or was replaced) is not used
+_AUTO: dict = {}
+_GONE = (None, None)
 
 
 # Under torch.compile, dynamo reads the context variable once, as a constant of the graph.

@@ -215,10 +215,27 @@ _trust: dict = {}
 _trust_lock = threading.RLock()
 
 
+_generation = 0
+
+
 def reset() -> None:
     """Forget this process's verdicts (the disk cache stays): the next "auto" checks or reads again."""
+    global _generation
     with _trust_lock:
         _trust.clear()
+        _generation += 1
+
+
+def generation() -> int:
+    """A number that changes whenever this process's verdicts are forgotten (:func:`reset`): what
+    callers that remember a choice built on the verdicts compare."""
+    return _generation
+
+
+def settled() -> bool:
+    """Whether the verdicts :func:`trusted` gives now are final; not while tracing with fake tensors,
+    where an unchecked backend is trusted for that trace only."""
+    return not _fake_tensors_active()
 
 
 def _fake_tensors_active() -> bool:
