@@ -62,6 +62,8 @@ def test_generation_reports_fid_and_near_duplicates(tmp_path, monkeypatch):
     assert seen.count(12) == 3 and all(math.isfinite(v) for s in fid.values() for v in s.values())
     dup = res["near_duplicates"]
     assert set(dup) == {"real", "gan_memory"} and all(0 <= v <= 1 for v in dup["gan_memory"].values())
+    spread = res["nearest_neighbour_ratio"]["gan_memory"]
+    assert set(spread) == set(tasks) and all(v > 0 for v in spread.values())
     assert "N = 12 samples" in (out / "results.md").read_text()
 
 
@@ -224,3 +226,37 @@ def test_replay_of_two_conditional_tasks_draws_each_tasks_classes(monkeypatch):
         torch.testing.assert_close(x[i:i + 1], one, rtol=0, atol=1e-5)
         other = memory.sample(t, z=z[i:i + 1], labels=1 - local[i:i + 1])  # the other class differs
         assert (other - one).abs().max() > 1e-3
+
+
+def test_lr_sweep_ranks_rates_and_resumes(tmp_path, monkeypatch):
+    import gmem.eval
+    from gmem.eval import pixel_features
+    from gmem.experiments import lr_sweep
+
+    calls = []
+
+    def cheap_features(images, **kwargs):  # the Inception network is slow on a CPU
+        calls.append(len(images))
+        return pixel_features(images)
+
+    monkeypatch.setattr(gmem.eval, "inception_features", cheap_features)
+    out = tmp_path / "sweep"
+    args = ["--out", str(out), "--lrs", "gan_memory=1e-4,1e-3", "finetune=1e-4", "--seeds", "0", "1",
+            "--iterations", "1", "--batch-size", "4", "--fid-samples", "10"]
+    assert lr_sweep.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 6 and len((out / "runs.jsonl").read_text().splitlines()) == 6
+    table = res["table"]["gan_memory"]
+    assert set(table) == {"0.0001", "0.001"} and all(len(v["fid"]["values"]) == 2 for v in table.values())
+    best = min(table, key=lambda lr: table[lr]["fid"]["mean"])
+    assert res["best_lr"]["gan_memory"] == float(best) and res["best_lr"]["finetune"] == 1e-4
+    assert all(0 < r["nn_ratio"] and 0 <= r["near_duplicates"] <= 1 for r in res["runs"])
+    assert calls.count(800) == 1  # the task's images: computed once, then read from the cache
+    text = (out / "results.md").read_text()
+    assert "**best**" in text and "N=10" in text
+    # a second call finds every run done: nothing is trained again, the summary is the same
+    calls.clear()
+    with (out / "runs.jsonl").open("a") as f:
+        f.write('{"method": "gan_memory", "lr"')  # a line cut by a crash is ignored
+    assert lr_sweep.main(args) == 0
+    assert calls == [] and json.loads((out / "results.json").read_text())["best_lr"] == res["best_lr"]

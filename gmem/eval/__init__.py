@@ -9,12 +9,13 @@
   (N = min(data size, 10,000) samples, real statistics cached per dataset).
 - :mod:`gmem.eval.classifier`: :func:`classifier_accuracy` of class-conditional samples, judged by a
   small CNN trained on the real labelled data (cached).
-- :mod:`gmem.eval.diversity`: :func:`near_duplicate_share`, the share of near-duplicate pairs (mode collapse).
+- :mod:`gmem.eval.diversity`: :func:`near_duplicate_share`, the share of near-duplicate pairs, and
+  :func:`nearest_neighbour_ratio`, nearest-neighbour spread against real images (mode collapse).
 - :mod:`gmem.eval.cache`: the cache directory (``$GMEM_CACHE_DIR`` or ``~/.cache/gmem``).
 """
 from .cache import cache_dir, fingerprint
 from .classifier import SmallClassifier, classifier_accuracy, train_classifier
-from .diversity import NEAR_DUPLICATE_THRESHOLD, near_duplicate_share
+from .diversity import NEAR_DUPLICATE_THRESHOLD, near_duplicate_share, nearest_neighbour_ratio
 from .frechet import fid_from_features, frechet_distance, gaussian_stats, pixel_features, pixel_fid
 from .inception import (
                         FEATURE_DIM,
@@ -32,4 +33,5 @@ __all__ = ["frechet_distance", "gaussian_stats", "fid_from_features", "pixel_fea
            "inception_features", "inception_weights_path", "INCEPTION_FILE", "FEATURE_DIM", "load_inception",
            "torchscript_inception_path", "pytorch_fid_state_dict", "pytorch_fid_inception", "PAPER_MAX_SAMPLES",
            "protocol_sample_count", "real_statistics", "protocol_fid", "SmallClassifier", "train_classifier",
-           "classifier_accuracy", "cache_dir", "fingerprint", "near_duplicate_share", "NEAR_DUPLICATE_THRESHOLD"]
+           "classifier_accuracy", "cache_dir", "fingerprint", "near_duplicate_share", "nearest_neighbour_ratio",
+           "NEAR_DUPLICATE_THRESHOLD"]

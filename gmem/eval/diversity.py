@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["near_duplicate_share", "NEAR_DUPLICATE_THRESHOLD"]
+__all__ = ["near_duplicate_share", "nearest_neighbour_ratio", "NEAR_DUPLICATE_THRESHOLD"]
 
 #: RMS pixel difference (images in [-1, 1], pooled) below which two images count as near-duplicates.
 NEAR_DUPLICATE_THRESHOLD = 0.1
@@ -30,8 +30,47 @@ def near_duplicate_share(images: torch.Tensor, threshold: float = NEAR_DUPLICATE
         raise ValueError(f"near_duplicate_share: threshold must be a number > 0, got {threshold!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"near_duplicate_share: size must be a positive int, got {size!r}")
-    x = images.detach().to(torch.float64).clamp(-1, 1)
-    x = F.adaptive_avg_pool2d(x, min(size, x.shape[-2], x.shape[-1])).flatten(1)
-    rms = torch.cdist(x, x) / x.shape[1] ** 0.5
+    rms = _pair_rms(images, size)
     close = (rms < threshold).triu(diagonal=1).sum()
     return float(close) / (n * (n - 1) / 2)
+
+
+def _check_images(images, name: str) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"nearest_neighbour_ratio: {name} must be a float tensor [n, C, H, W], got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[0] < 2:
+        raise ValueError(f"nearest_neighbour_ratio: {name} needs at least 2 images, got {images.shape[0]}")
+
+
+def _pair_rms(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``[n, n]`` RMS differences of the images average-pooled to ``size x size`` (values in [-1, 1])."""
+    x = images.detach().to(torch.float64).clamp(-1, 1)
+    x = F.adaptive_avg_pool2d(x, min(size, x.shape[-2], x.shape[-1])).flatten(1)
+    return torch.cdist(x, x) / x.shape[1] ** 0.5
+
+
+def _median_nearest(images: torch.Tensor, size: int) -> float:
+    rms = _pair_rms(images, size)
+    rms.fill_diagonal_(float("inf"))
+    return float(rms.min(dim=1).values.median())
+
+
+def nearest_neighbour_ratio(samples: torch.Tensor, real: torch.Tensor, size: int = 16) -> float:
+    """How spread out ``samples [n, C, H, W]`` are next to ``real [m, C, H, W]`` (same size, in [-1, 1]):
+    the median distance of each sample to its nearest other sample, over the same on the real images
+    (pooled RMS as :func:`near_duplicate_share`). About 1: as diverse as the data; well below 1: many
+    samples sit on top of each other (collapsed modes); no threshold to choose. Compare sets of the
+    same size (the nearest neighbour is closer in a larger set)."""
+    _check_images(samples, "samples")
+    _check_images(real, "real")
+    if samples.shape[1:] != real.shape[1:]:
+        raise ValueError(f"nearest_neighbour_ratio: samples {tuple(samples.shape[1:])} and real "
+                         f"{tuple(real.shape[1:])} images must have the same [C, H, W]")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"nearest_neighbour_ratio: size must be a positive int, got {size!r}")
+    reference = _median_nearest(real, size)
+    if reference == 0:
+        raise ValueError("nearest_neighbour_ratio: half of the real images have an exact duplicate; "
+                         "the ratio is undefined")
+    return _median_nearest(samples, size) / reference

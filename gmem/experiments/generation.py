@@ -9,7 +9,8 @@ learned so far is scored (metric by name, default ``pixfid8``, a pixel-statistic
 (:mod:`gmem.eval`'s Inception network, offline) of N samples against all of the task's images, right
 after the task is learned and after the last stage, and the share of near-duplicate pairs among the
 first 256 evaluation samples right after learning (:func:`gmem.eval.near_duplicate_share`, next to the
-same figure on the task's images). Writes to ``DIR``:
+same figure on the task's images) and their nearest-neighbour spread next to the task's images
+(:func:`gmem.eval.nearest_neighbour_ratio`). Writes to ``DIR``:
 
 - ``fig5_samples.png``: per method, rows = after stage s, columns = samples of each task (fixed z);
 - ``fig6_left_quality.png``: per task, the score after each stage, one line per method;
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data import as_dataset, batch
-from ..eval import fid_from_features, inception_features, near_duplicate_share
+from ..eval import fid_from_features, inception_features, near_duplicate_share, nearest_neighbour_ratio
 from ..seeding import generator
 from .common import Timer, load_base_pair, run_record, threads
 from .methods import GENERATION_METHODS, get_method, make_learner
@@ -64,6 +65,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     z_fid = [torch.randn(fid_samples, G.z_dim, generator=generator(seed + 200 + j)) for j in range(len(tasks))]
     real_features: dict[int, torch.Tensor] = {}
     near_dup = {"real": {t: round(near_duplicate_share(r[:256]), 4) for t, r in zip(tasks, real)}}
+    nn_ratio: dict = {}          # method -> task -> nearest-neighbour ratio of 256 samples right after learning
     fids: dict = {}              # method -> task -> stage -> standard FID (learned and last stage)
     timer = Timer()
     scores: dict = {}            # method -> task -> stage (1-based) -> score
@@ -79,7 +81,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
         first: dict[int, torch.Tensor] = {}
         per_stage: dict[int, dict[str, torch.Tensor]] = {}
         scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))
-        fids[method], near_dup[method] = {t: {} for t in tasks}, {}
+        fids[method], near_dup[method], nn_ratio[method] = {t: {} for t in tasks}, {}, {}
         for k, ds in enumerate(datasets):
             with timer(method):
                 runner.learn(ds, k, iterations=iterations, batch_size=batch_size, seed=seed + k + 1,
@@ -98,6 +100,8 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                 per_stage[stage][tasks[j]] = fake[:grid_columns]
                 if j == k:
                     near_dup[method][tasks[j]] = round(near_duplicate_share(fake[:256]), 4)
+                    n = min(256, len(fake), len(real[j]))  # sets of one size: the ratio depends on it
+                    nn_ratio[method][tasks[j]] = round(nearest_neighbour_ratio(fake[:n], real[j][:n]), 4)
                 if fid_samples and (j == k or stage == len(tasks)):
                     with timer(f"{method}_fid"):
                         if j not in real_features:
@@ -116,7 +120,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                "max_abs_change_since_learned": _str_keys(change),
                "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
                "fid": _str_keys(fids) if fid_samples else None, "fid_samples": fid_samples,
-               "near_duplicates": near_dup,
+               "near_duplicates": near_dup, "nearest_neighbour_ratio": nn_ratio,
                "cpu_seconds": timer.cpu_seconds,
                "wall_seconds": round(time.time() - t_start, 1),
                "run": run_record("gmem.experiments.generation", settings, argv)}
@@ -161,19 +165,22 @@ def _markdown(results: dict, tasks, methods) -> str:
 def _fid_markdown(results: dict, tasks, methods) -> str:
     """The standard FID right after learning and after the last stage, and the near-duplicate shares."""
     dup = results.get("near_duplicates") or {}
-    header = ["method", "task", "FID learned", "FID last stage", "near-dup. learned", "near-dup. real"]
+    spread = results.get("nearest_neighbour_ratio") or {}
+    header = ["method", "task", "FID learned", "FID last stage", "near-dup. learned", "near-dup. real", "NN ratio"]
     rows = []
     for m in methods:
         for j, t in enumerate(tasks):
             f = ((results.get("fid") or {}).get(m) or {}).get(t, {})
             pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
             rows.append([m, t, f.get(str(j + 1), "-"), f.get(str(len(tasks)), "-"),
-                         pct(dup.get(m, {}).get(t)), pct(dup.get("real", {}).get(t))])
+                         pct(dup.get(m, {}).get(t)), pct(dup.get("real", {}).get(t)), spread.get(m, {}).get(t)])
     n = results.get("fid_samples")
     what = (f"standard FID (Inception, offline), N = {n} samples vs all of the task's images; " if n else
             "standard FID not computed (--fid-samples 0); ")
     return (f"\n## Standard FID and diversity\n\n{what}near-dup. = share of near-duplicate pairs among the "
-            "first 256 evaluation samples right after learning, and among the task's images.\n\n"
+            "first 256 evaluation samples right after learning, and among the task's images; NN ratio = median "
+            "distance of each of those samples to its nearest other sample over the same on 256 of the task's "
+            "images (1: as spread out as the data; well below 1: collapsed modes).\n\n"
             + markdown_table(header, rows))
 
 
