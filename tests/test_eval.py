@@ -203,6 +203,27 @@ def test_protocol_fid_caches_real_statistics_per_dataset(standin):
     assert protocol_fid(real, fake, cache=False) == pytest.approx(d1, rel=1e-12)
 
 
+def test_real_features_are_cached_per_dataset_and_recomputed_when_damaged(standin):
+    from gmem.eval import real_features
+
+    counter, _ = standin
+    real = _images(12, 0)
+    feats = real_features(real, batch_size=5)
+    assert feats.shape == (12, 32) and counter.seen == 12
+    again = real_features(real)
+    assert counter.seen == 12 and torch.equal(again, feats)  # from the cache, bit for bit
+    torch.testing.assert_close(feats, _Counting()(inc.preprocess(real)))
+    other = real.clone()
+    other[0, 0, 0, 0] = -other[0, 0, 0, 0]
+    real_features(other)
+    assert counter.seen == 24  # another dataset: another entry
+    folder = standin[1].parent / "fid_features"
+    (path,) = [p for p in folder.glob("*.npy") if torch.equal(torch.from_numpy(np.load(p)), feats)]
+    path.write_bytes(path.read_bytes()[:100])  # cut short: recomputed and replaced
+    assert torch.equal(real_features(real), feats) and counter.seen == 36
+    assert sorted(p.suffix for p in folder.iterdir()) == [".npy", ".npy"]
+
+
 def test_protocol_fid_uses_n_images_and_accepts_a_sampler(standin):
     counter, _ = standin
     real, fake = _images(30, 2), _images(20, 3, shift=-0.2)

@@ -27,11 +27,18 @@ from .inception import (
                         pytorch_fid_state_dict,
                         torchscript_inception_path,
 )
-from .protocol import PAPER_MAX_SAMPLES, inception_fid, protocol_fid, protocol_sample_count, real_statistics
+from .protocol import (
+                        PAPER_MAX_SAMPLES,
+                        inception_fid,
+                        protocol_fid,
+                        protocol_sample_count,
+                        real_features,
+                        real_statistics,
+)
 
 __all__ = ["frechet_distance", "gaussian_stats", "fid_from_features", "pixel_features", "pixel_fid", "inception_fid",
            "inception_features", "inception_weights_path", "INCEPTION_FILE", "FEATURE_DIM", "load_inception",
            "torchscript_inception_path", "pytorch_fid_state_dict", "pytorch_fid_inception", "PAPER_MAX_SAMPLES",
-           "protocol_sample_count", "real_statistics", "protocol_fid", "SmallClassifier", "train_classifier",
-           "classifier_accuracy", "cache_dir", "fingerprint", "near_duplicate_share", "nearest_neighbour_ratio",
-           "NEAR_DUPLICATE_THRESHOLD"]
+           "protocol_sample_count", "real_statistics", "real_features", "protocol_fid", "SmallClassifier",
+           "train_classifier", "classifier_accuracy", "cache_dir", "fingerprint", "near_duplicate_share",
+           "nearest_neighbour_ratio", "NEAR_DUPLICATE_THRESHOLD"]

@@ -22,7 +22,8 @@ from .cache import cache_dir, fingerprint
 from .frechet import fid_from_features, frechet_distance, gaussian_stats
 from .inception import PREPROCESS, _images_batches, inception_features, load_inception
 
-__all__ = ["PAPER_MAX_SAMPLES", "protocol_sample_count", "real_statistics", "inception_fid", "protocol_fid"]
+__all__ = ["PAPER_MAX_SAMPLES", "protocol_sample_count", "real_statistics", "real_features", "inception_fid",
+           "protocol_fid"]
 
 PAPER_MAX_SAMPLES = 10_000
 _SUBSET_SEED = 0  # which real images are used when the data set is larger than N: fixed, so cacheable
@@ -87,6 +88,32 @@ def real_statistics(real, n: int | None = None, *, batch_size: int = 50, device=
                 np.savez(f, mu=mu, sigma=sigma, meta=np.array(meta))
         atomic_write_path(path, write)
     return mu, sigma
+
+
+def real_features(real, *, batch_size: int = 50, device="cpu", progress=None, cache: bool = True) -> torch.Tensor:
+    """Inception pool features ``[M, 2048]`` of all the images of ``real`` (a tensor ``[M, C, H, W]`` or a
+    Dataset, in [-1, 1]), kept in ``<cache_dir>/fid_features/<key>.npy`` like :func:`real_statistics`
+    (keyed by the exact images, the network and the preprocessing): for FIDs of few samples, where
+    :func:`gmem.eval.fid_from_features` is exact from the features and statistics alone are not."""
+    net = load_inception(device)
+    path = None
+    if cache:
+        data_fp = fingerprint(_images_batches(real, 256, None), f"n={len(real)}")
+        key = hashlib.sha256(f"{data_fp}|{net.name}|{PREPROCESS}|features".encode()).hexdigest()[:40]
+        path = cache_dir() / "fid_features" / f"{key}.npy"
+        try:
+            hit = np.load(path, allow_pickle=False)
+            if hit.shape == (len(real), net.dim) and np.isfinite(hit).all():
+                return torch.from_numpy(hit)
+        except (OSError, ValueError, EOFError):  # missing or damaged: recompute
+            pass
+    feats = inception_features(real, batch_size, device, progress, extractor=net)
+    if path is not None:
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, feats.numpy())
+        atomic_write_path(path, write)
+    return feats
 
 
 def inception_fid(real, fake, batch_size: int = 50, device="cpu", progress=None) -> float:

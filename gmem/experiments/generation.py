@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data import as_dataset, batch
-from ..eval import fid_from_features, inception_features, near_duplicate_share, nearest_neighbour_ratio
+from ..eval import fid_from_features, inception_features, near_duplicate_share, nearest_neighbour_ratio, real_features
 from ..seeding import generator
 from .common import Timer, load_base_pair, run_record, threads
 from .methods import GENERATION_METHODS, get_method, make_learner
@@ -63,7 +63,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
     real = [batch(ds, torch.arange(len(ds))) for ds in datasets]
     z_eval = [torch.randn(eval_samples, G.z_dim, generator=generator(seed + 100 + j)) for j in range(len(tasks))]
     z_fid = [torch.randn(fid_samples, G.z_dim, generator=generator(seed + 200 + j)) for j in range(len(tasks))]
-    real_features: dict[int, torch.Tensor] = {}
+    real_feats: dict[int, torch.Tensor] = {}  # Inception features of each task's images (cached on disk across runs)
     near_dup = {"real": {t: round(near_duplicate_share(r[:256]), 4) for t, r in zip(tasks, real)}}
     nn_ratio: dict = {}          # method -> task -> nearest-neighbour ratio of 256 samples right after learning
     fids: dict = {}              # method -> task -> stage -> standard FID (learned and last stage)
@@ -79,6 +79,7 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
             runner = make_learner(method, G, D, len(tasks), tasks=tasks, lr=lr_baselines, lr_memory=lr_memory,
                                   lambda_ra=lambda_ra)
         first: dict[int, torch.Tensor] = {}
+        learned_fid: dict[int, torch.Tensor] = {}  # each task's FID samples right after it was learned
         per_stage: dict[int, dict[str, torch.Tensor]] = {}
         scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))
         fids[method], near_dup[method], nn_ratio[method] = {t: {} for t in tasks}, {}, {}
@@ -104,10 +105,16 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
                     nn_ratio[method][tasks[j]] = round(nearest_neighbour_ratio(fake[:n], real[j][:n]), 4)
                 if fid_samples and (j == k or stage == len(tasks)):
                     with timer(f"{method}_fid"):
-                        if j not in real_features:
-                            real_features[j] = inception_features(real[j])
-                        feats = inception_features(runner.sample(j, z_fid[j]))
-                        fids[method][tasks[j]][stage] = round(fid_from_features(real_features[j], feats), 2)
+                        if j not in real_feats:
+                            real_feats[j] = real_features(real[j])
+                        samples = runner.sample(j, z_fid[j])
+                        if j == k:
+                            learned_fid[j] = samples
+                        elif torch.equal(samples, learned_fid[j]):  # the same images: the same FID, no
+                            fids[method][tasks[j]][stage] = fids[method][tasks[j]][j + 1]  # second Inception pass
+                            continue
+                        feats = inception_features(samples)
+                        fids[method][tasks[j]][stage] = round(fid_from_features(real_feats[j], feats), 2)
             print(f"[{method}] after {tasks[k]}: " + ", ".join(
                 f"{tasks[j]} {scores[method][tasks[j]][stage]:.2f}" for j in range(stage)), flush=True)
         grids[method] = stage_grid(per_stage, tasks, grid_columns)

@@ -43,14 +43,15 @@ def _one_run(job: dict) -> dict:
         return _train_and_score(job)
 
 
-def _features_file(out: Path, task: str, size: int) -> Path:
-    return out / f"real_features_{task}_{size}px.pt"
-
-
 def _train_and_score(job: dict) -> dict:
-    from ..atomic import atomic_torch_save
     from ..data import as_dataset, batch
-    from ..eval import fid_from_features, inception_features, near_duplicate_share, nearest_neighbour_ratio
+    from ..eval import (
+        fid_from_features,
+        inception_features,
+        near_duplicate_share,
+        nearest_neighbour_ratio,
+        real_features,
+    )
     from ..eval.frechet import pixel_fid
     from ..seeding import generator
     from .common import load_base_pair
@@ -59,19 +60,14 @@ def _train_and_score(job: dict) -> dict:
     G, D = load_base_pair(job["base"])
     dataset = as_dataset(job["task"], G.size, G.channels)
     real = batch(dataset, torch.arange(len(dataset)))
-    cached = _features_file(Path(job["out"]), job["task"], G.size)
-    if cached.exists():
-        real_features = torch.load(cached, weights_only=True)
-    else:
-        real_features = inception_features(real, progress=False)
-        atomic_torch_save(real_features, cached)
+    reference = real_features(real, progress=False)  # from the disk cache (run() filled it)
     c0, t0 = time.process_time(), time.time()
     learner = make_learner(job["method"], G, D, 1, tasks=[job["task"]], lr=job["lr"], lr_memory=job["lr"])
     learner.learn(dataset, 0, iterations=job["iterations"], batch_size=job["batch_size"], seed=job["seed"] + 1)
     train_cpu = time.process_time() - c0
     z = torch.randn(job["fid_samples"], G.z_dim, generator=generator(1000 + job["seed"]))
     fake = learner.sample(0, z)
-    fid = fid_from_features(real_features, inception_features(fake, progress=False))
+    fid = fid_from_features(reference, inception_features(fake, progress=False))
     return {**{k: job[k] for k in ("method", "lr", "seed", "task")},
             "fid": round(fid, 2), "pixfid8": round(pixel_fid(real[: len(fake)], fake), 3),
             "near_duplicates": round(near_duplicate_share(fake[:256]), 4),
@@ -130,7 +126,7 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
         base: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> dict:
     """Run (or resume) the sweep; returns (and writes to ``out``) the results dict."""
     from ..data import as_dataset, batch
-    from ..eval import near_duplicate_share
+    from ..eval import near_duplicate_share, real_features
     from .common import base_sha256, load_base_pair
     from .plots import write_json
 
@@ -150,9 +146,12 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
                  fid_samples=fid_samples, base=base, out=str(out))
             for s in seeds for m, grid in lrs.items() for lr in grid if (m, lr, s) not in done]
     t0 = time.time()
+    G, _ = load_base_pair(base)
+    dataset = as_dataset(task, G.size, G.channels)
+    real = batch(dataset, torch.arange(len(dataset)))
     if jobs:
+        real_features(real)  # into the disk cache once, before the workers read it
         context = multiprocessing.get_context("spawn")  # workers start clean (no forked torch threads)
-        first = [] if list(out.glob(f"real_features_{task}_*px.pt")) else jobs[:1]
         with open(log, "a") as sink:
             def keep(r):
                 done[_key(r)] = r
@@ -163,19 +162,13 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
                       f"pixFID8 {r['pixfid8']:.1f}, near-dup {r['near_duplicates']:.3f}, NN ratio {r['nn_ratio']:.2f} "
                       f"({r['wall_s']:.0f} s)", flush=True)
 
-            for job in first:  # computes and caches the real features once, before the workers start
-                keep(_one_run(job))
-            rest = jobs[len(first):]
-            if workers <= 1 or len(rest) <= 1:  # in this process
-                for job in rest:
+            if workers <= 1 or len(jobs) <= 1:  # in this process
+                for job in jobs:
                     keep(_one_run(job))
             else:
-                with context.Pool(min(workers, len(rest))) as pool:
-                    for r in pool.imap_unordered(_one_run, rest):
+                with context.Pool(min(workers, len(jobs))) as pool:
+                    for r in pool.imap_unordered(_one_run, jobs):
                         keep(r)
-    G, _ = load_base_pair(base)
-    dataset = as_dataset(task, G.size, G.channels)
-    real = batch(dataset, torch.arange(len(dataset)))
     runs = [done[k] for k in sorted(done) if k[0] in lrs and k[1] in lrs[k[0]] and k[2] in seeds]
     results = {"experiment": "learning-rate sweep", **_summary(runs, lrs, {
                    "near_duplicates": round(near_duplicate_share(real[:256]), 4)}),
