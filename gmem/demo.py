@@ -19,7 +19,9 @@ compare the figures within one run), and pixFID8 (:func:`gmem.eval.pixel_fid`: a
 between 8x8-pooled pixels, cheap on a CPU but NOT the Inception FID) for the source (before learning)
 and the task (after); lower is better. Diversity: the share of near-duplicate pairs among
 ``score_samples`` samples for fixed seeds (:func:`gmem.eval.near_duplicate_share`) next to the same
-figure on the task's real images: a share far above the real one means mode collapse.
+figure on the task's real images: a share far above the real one means mode collapse; and the
+nearest-neighbour ratio (:func:`gmem.eval.nearest_neighbour_ratio`: about 1 is as spread out as the
+data, well below 1 is collapse).
 
 The demo's learning rate is 1e-3, ten times the paper's 1e-4, because it trains only a few hundred
 iterations per task: on an intermediate checkpoint (4.5k iterations) of the embedded base, 250
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .data import as_dataset, batch, demo_datasets
-from .eval import fid_from_features, inception_features, near_duplicate_share, pixel_fid
+from .eval import fid_from_features, inception_features, near_duplicate_share, nearest_neighbour_ratio, pixel_fid
 from .images import save_grid
 from .memory import GANMemory
 from .models import load_base
@@ -137,6 +139,8 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
         mem.set_metric(name, "pixfid8_source", round(fid_src, 3))
         dup_task, dup_real = near_duplicate_share(fake), near_duplicate_share(real)
         mem.set_metric(name, "near_duplicates", round(dup_task, 4))
+        spread = nearest_neighbour_ratio(fake, real) if min(len(fake), len(real)) >= 2 else float("nan")
+        mem.set_metric(name, "nn_ratio", round(spread, 4))
         fid = None
         if fid_samples and fid_note.startswith("FID: N"):
             try:
@@ -149,7 +153,7 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
         rows.append((name, mem.num_classes(name) or "-", m["iterations_done"], counts["generator_style"],
                      100.0 * counts["generator_style_ratio"],
                      counts["discriminator_style"] + counts["discriminator_fc"],
-                     m["train_seconds"], m["it_per_s"] or 0.0, fid_src, fid_task, fid, dup_task, dup_real))
+                     m["train_seconds"], m["it_per_s"] or 0.0, fid_src, fid_task, fid, dup_task, dup_real, spread))
 
     # save, reload, and check the reloaded memory too
     mem_dir = mem.save(out / "memory")
@@ -159,17 +163,19 @@ def _demo(out, *, tasks, iterations: int, time_budget: float, batch_size: int, l
     print()
     header = (f"{'task':<14}{'classes':>8}{'iters':>7}{'G style':>10}{'% of G':>8}{'D style':>10}"
               f"{'train s':>9}{'it/s':>7}{'pixFID8 src':>13}{'pixFID8 task':>14}{'FID task':>10}{'near-dup':>10}"
-              f"{'real':>7}")
+              f"{'real':>7}{'NN ratio':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r[0]:<14}{str(r[1]):>8}{r[2]:>7}{r[3]:>10,}{r[4]:>7.1f}%{r[5]:>10,}{r[6]:>9.1f}{r[7]:>7.2f}"
               f"{r[8]:>13.2f}{r[9]:>14.2f}{(f'{r[10]:.1f}' if r[10] is not None else '-'):>10}"
-              f"{100 * r[11]:>9.1f}%{100 * r[12]:>6.1f}%")
+              f"{100 * r[11]:>9.1f}%{100 * r[12]:>6.1f}%{r[13]:>10.2f}")
     print(f"{fid_note} (the standard Inception FID, lower is better; small N biases it upwards). pixFID8 = "
           "Frechet distance of 8x8-pooled pixels vs the task's images (cheap CPU proxy, not Inception FID); 'src' = "
           f"the base before learning the task. near-dup = share of near-duplicate pairs among {score_samples} "
-          "samples (fixed seed) and among the task's real images ('real'): far above 'real' means mode collapse.")
+          "samples (fixed seed) and among the task's real images ('real'): far above 'real' means mode collapse. "
+          "NN ratio = median distance of a sample to its nearest other sample over the same on as many real "
+          "images: about 1 is as diverse as the data, well below 1 is collapse.")
     print(f"memory saved to {mem_dir} and reloaded: samples {'bit-identical' if reload_ok else 'DIFFERENT'}")
     wall = time.time() - t_start
     if forgotten or not reload_ok:

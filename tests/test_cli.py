@@ -120,7 +120,7 @@ def test_demo_end_to_end_tiny(tiny_base_dir, tmp_path, capsys):
                  "--out", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert "no forgetting" in text and "bit-identical" in text and "pixFID8" in text
+    assert "no forgetting" in text and "bit-identical" in text and "pixFID8" in text and "NN ratio" in text
     assert (out / "tasks_after_2_fashion_mnist.png").is_file() and (out / "interp_1_source_to_emoji.png").is_file()
     assert (out / "classes_2_fashion_mnist.png").is_file() and (out / "memory" / "manifest.json").is_file()
 
