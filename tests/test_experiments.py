@@ -38,6 +38,15 @@ def test_generation_quick(tmp_path):
     from gmem.models.base import default_base_info
     sha = default_base_info()["sha256"]
     assert res["run"]["base_sha256"] == sha and sha in (out / "results.md").read_text()
+    # the methods in two worker processes: the same numbers as one after another
+    par = tmp_path / "gen2"
+    assert generation.main(["--out", str(par), "--quick", "--iterations", "1", "--eval-samples", "16",
+                            "--methods", "gan_memory", "finetune", "--threads", "1", "--workers", "2"]) == 0
+    res2 = json.loads((par / "results.json").read_text())
+    for key in ("scores", "bit_identical_since_learned", "max_abs_change_since_learned", "near_duplicates",
+                "nearest_neighbour_ratio"):
+        assert res2[key] == res[key], key
+    assert res2["run"]["settings"]["workers"] == 2
 
 
 def test_generation_reports_fid_and_near_duplicates(tmp_path, monkeypatch):

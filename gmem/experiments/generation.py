@@ -20,6 +20,7 @@ same figure on the task's images) and their nearest-neighbour spread next to the
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -49,96 +50,131 @@ def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = D
         iterations: int = FULL["iterations"], batch_size: int = FULL["batch_size"],
         eval_samples: int = FULL["eval_samples"], lr_memory: float = 1e-3, lr_baselines: float = 1e-4,
         lambda_ra: float = 1e-3, metric: str = "pixfid8", seed: int = 0, base: Optional[str] = None,
-        fid_samples: int = 0,
+        fid_samples: int = 0, workers: int = 1,
         grid_columns: int = 4, progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the experiment; returns (and writes to ``out``) the results dict (see the module docstring)."""
+    """Run the experiment; returns (and writes to ``out``) the results dict (see the module docstring).
+
+    ``workers > 1`` runs the methods in that many processes at once (each with this process's torch
+    thread count); the methods are independent, so the results are those of one process."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for m in methods:
         if get_method(m).make is None:
             raise KeyError(f"method {m!r} has no generator; choose from {list(DEFAULT_METHODS)}")
     score = get_metric(metric)
-    G, D = load_base_pair(base)
-    datasets = [as_dataset(t, G.size, G.channels) for t in tasks]
-    real = [batch(ds, torch.arange(len(ds))) for ds in datasets]
-    z_eval = [torch.randn(eval_samples, G.z_dim, generator=generator(seed + 100 + j)) for j in range(len(tasks))]
-    z_fid = [torch.randn(fid_samples, G.z_dim, generator=generator(seed + 200 + j)) for j in range(len(tasks))]
-    real_feats: dict[int, torch.Tensor] = {}  # Inception features of each task's images (cached on disk across runs)
-    near_dup = {"real": {t: round(near_duplicate_share(r[:256]), 4) for t, r in zip(tasks, real)}}
-    nn_ratio: dict = {}          # method -> task -> nearest-neighbour ratio of 256 samples right after learning
-    fids: dict = {}              # method -> task -> stage -> standard FID (learned and last stage)
-    timer = Timer()
-    scores: dict = {}            # method -> task -> stage (1-based) -> score
-    same: dict = {}              # method -> task -> stage -> bool (samples for fixed z unchanged since learned)
-    change: dict = {}            # method -> task -> stage -> max |pixel change| since learned
-    mean_change: dict = {}       # method -> task -> stage -> mean |pixel change| since learned
-    grids: dict = {}
+    G, _ = load_base_pair(base)
+    real = [batch(ds, torch.arange(len(ds))) for ds in (as_dataset(t, G.size, G.channels) for t in tasks)]
+    if fid_samples:
+        for r in real:
+            real_features(r)  # into the disk cache once, before the methods (and workers) read it
+    job = dict(tasks=list(tasks), iterations=iterations, batch_size=batch_size, eval_samples=eval_samples,
+               lr_memory=lr_memory, lr_baselines=lr_baselines, lambda_ra=lambda_ra, metric=metric, seed=seed,
+               base=base, fid_samples=fid_samples, grid_columns=grid_columns, progress=progress,
+               threads=torch.get_num_threads())
     t_start = time.time()
-    for method in methods:
-        with timer(f"{method}_setup"):
-            runner = make_learner(method, G, D, len(tasks), tasks=tasks, lr=lr_baselines, lr_memory=lr_memory,
-                                  lambda_ra=lambda_ra)
-        first: dict[int, torch.Tensor] = {}
-        learned_fid: dict[int, torch.Tensor] = {}  # each task's FID samples right after it was learned
-        per_stage: dict[int, dict[str, torch.Tensor]] = {}
-        scores[method], same[method], change[method], mean_change[method] = ({t: {} for t in tasks} for _ in range(4))
-        fids[method], near_dup[method], nn_ratio[method] = {t: {} for t in tasks}, {}, {}
-        for k, ds in enumerate(datasets):
-            with timer(method):
-                runner.learn(ds, k, iterations=iterations, batch_size=batch_size, seed=seed + k + 1,
-                             progress=progress)
-            stage = k + 1
-            per_stage[stage] = {}
-            for j in range(stage):
-                with timer(f"{method}_eval"):
-                    fake = runner.sample(j, z_eval[j])
-                    if j not in first:
-                        first[j] = fake.clone()
-                    scores[method][tasks[j]][stage] = round(score(real[j], fake), 4)
-                same[method][tasks[j]][stage] = bool(torch.equal(fake, first[j]))
-                change[method][tasks[j]][stage] = float((fake - first[j]).abs().max())
-                mean_change[method][tasks[j]][stage] = round(float((fake - first[j]).abs().mean()), 5)
-                per_stage[stage][tasks[j]] = fake[:grid_columns]
-                if j == k:
-                    near_dup[method][tasks[j]] = round(near_duplicate_share(fake[:256]), 4)
-                    n = min(256, len(fake), len(real[j]))  # sets of one size: the ratio depends on it
-                    nn_ratio[method][tasks[j]] = round(nearest_neighbour_ratio(fake[:n], real[j][:n]), 4)
-                if fid_samples and (j == k or stage == len(tasks)):
-                    with timer(f"{method}_fid"):
-                        if j not in real_feats:
-                            real_feats[j] = real_features(real[j])
-                        samples = runner.sample(j, z_fid[j])
-                        if j == k:
-                            learned_fid[j] = samples
-                        elif torch.equal(samples, learned_fid[j]):  # the same images: the same FID, no
-                            fids[method][tasks[j]][stage] = fids[method][tasks[j]][j + 1]  # second Inception pass
-                            continue
-                        feats = inception_features(samples)
-                        fids[method][tasks[j]][stage] = round(fid_from_features(real_feats[j], feats), 2)
-            print(f"[{method}] after {tasks[k]}: " + ", ".join(
-                f"{tasks[j]} {scores[method][tasks[j]][stage]:.2f}" for j in range(stage)), flush=True)
-        grids[method] = stage_grid(per_stage, tasks, grid_columns)
+    jobs = [{**job, "method": m} for m in methods]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_run_method, jobs)
+    else:
+        parts = [_run_method(j) for j in jobs]
+    per_method = {p["method"]: p for p in parts}
+    field = lambda name: {m: per_method[m][name] for m in methods}  # noqa: E731
+    near_dup = {"real": {t: round(near_duplicate_share(r[:256]), 4) for t, r in zip(tasks, real)},
+                **field("near_duplicates")}
+    timer_s, timer_cpu = {}, {}
+    for p in parts:
+        timer_s.update(p["seconds"])
+        timer_cpu.update(p["cpu_seconds"])
     settings = dict(tasks=list(tasks), methods=list(methods), iterations=iterations, batch_size=batch_size,
                     eval_samples=eval_samples, fid_samples=fid_samples, lr_memory=lr_memory, lr_baselines=lr_baselines,
-                    lambda_ra=lambda_ra, metric=metric, seed=seed, base=base or "embedded")
+                    lambda_ra=lambda_ra, metric=metric, seed=seed, base=base or "embedded", workers=workers)
     results = {"experiment": "lifelong generation", "metric": {"name": metric, "label": score.label,
                                                                "higher_is_better": score.higher_is_better},
-               "scores": _str_keys(scores), "bit_identical_since_learned": _str_keys(same),
-               "max_abs_change_since_learned": _str_keys(change),
-               "mean_abs_change_since_learned": _str_keys(mean_change), "seconds": timer.seconds,
-               "fid": _str_keys(fids) if fid_samples else None, "fid_samples": fid_samples,
-               "near_duplicates": near_dup, "nearest_neighbour_ratio": nn_ratio,
-               "cpu_seconds": timer.cpu_seconds,
+               "scores": _str_keys(field("scores")), "bit_identical_since_learned": _str_keys(field("same")),
+               "max_abs_change_since_learned": _str_keys(field("change")),
+               "mean_abs_change_since_learned": _str_keys(field("mean_change")), "seconds": timer_s,
+               "fid": _str_keys(field("fid")) if fid_samples else None, "fid_samples": fid_samples,
+               "near_duplicates": near_dup, "nearest_neighbour_ratio": field("nn_ratio"),
+               "cpu_seconds": timer_cpu,
                "wall_seconds": round(time.time() - t_start, 1),
                "run": run_record("gmem.experiments.generation", settings, argv)}
     write_json(results, out / "results.json")
     (out / "results.md").write_text(_markdown(results, tasks, methods))
-    plot_sample_grids(grids, tasks, out / "fig5_samples.png",
+    plot_sample_grids(field("grid"), tasks, out / "fig5_samples.png",
                       title="samples of every task after each stage (fixed z per task)")
-    plot_curves({m: {t: scores[m][t] for t in tasks} for m in methods}, list(tasks), out / "fig6_left_quality.png",
+    plot_curves({m: {t: per_method[m]["scores"][t] for t in tasks} for m in methods}, list(tasks),
+                out / "fig6_left_quality.png",
                 ylabel=score.label + (" (higher is better)" if score.higher_is_better else " (lower is better)"),
                 xticks=list(tasks), title="quality of each task along the stream")
     return results
+
+
+def _run_method(job: dict) -> dict:
+    """One method through the whole stream (in this process or a worker): its scores, checks and grid."""
+    with threads(job["threads"]):
+        return _stream(job)
+
+
+def _stream(job: dict) -> dict:
+    method, tasks, seed = job["method"], job["tasks"], job["seed"]
+    score = get_metric(job["metric"])
+    G, D = load_base_pair(job["base"])
+    datasets = [as_dataset(t, G.size, G.channels) for t in tasks]
+    real = [batch(ds, torch.arange(len(ds))) for ds in datasets]
+    z_eval = [torch.randn(job["eval_samples"], G.z_dim, generator=generator(seed + 100 + j)) for j in range(len(tasks))]
+    z_fid = [torch.randn(job["fid_samples"], G.z_dim, generator=generator(seed + 200 + j)) for j in range(len(tasks))]
+    fid_samples = job["fid_samples"]
+    real_feats: dict[int, torch.Tensor] = {}  # Inception features of each task's images (from the disk cache)
+    timer = Timer()
+    # task -> stage (1-based) -> score; samples for fixed z unchanged since learned; max / mean |pixel change|
+    scores, same, change, mean_change = ({t: {} for t in tasks} for _ in range(4))
+    fids = {t: {} for t in tasks}  # task -> stage -> standard FID (learned and last stage)
+    near_dup, nn_ratio = {}, {}  # task -> figure of the samples right after learning
+    with timer(f"{method}_setup"):
+        runner = make_learner(method, G, D, len(tasks), tasks=tasks, lr=job["lr_baselines"],
+                              lr_memory=job["lr_memory"], lambda_ra=job["lambda_ra"])
+    first: dict[int, torch.Tensor] = {}
+    learned_fid: dict[int, torch.Tensor] = {}  # each task's FID samples right after it was learned
+    per_stage: dict[int, dict[str, torch.Tensor]] = {}
+    for k, ds in enumerate(datasets):
+        with timer(method):
+            runner.learn(ds, k, iterations=job["iterations"], batch_size=job["batch_size"], seed=seed + k + 1,
+                         progress=job["progress"])
+        stage = k + 1
+        per_stage[stage] = {}
+        for j in range(stage):
+            with timer(f"{method}_eval"):
+                fake = runner.sample(j, z_eval[j])
+                if j not in first:
+                    first[j] = fake.clone()
+                scores[tasks[j]][stage] = round(score(real[j], fake), 4)
+            same[tasks[j]][stage] = bool(torch.equal(fake, first[j]))
+            change[tasks[j]][stage] = float((fake - first[j]).abs().max())
+            mean_change[tasks[j]][stage] = round(float((fake - first[j]).abs().mean()), 5)
+            per_stage[stage][tasks[j]] = fake[:job["grid_columns"]]
+            if j == k:
+                near_dup[tasks[j]] = round(near_duplicate_share(fake[:256]), 4)
+                n = min(256, len(fake), len(real[j]))  # sets of one size: the ratio depends on it
+                nn_ratio[tasks[j]] = round(nearest_neighbour_ratio(fake[:n], real[j][:n]), 4)
+            if fid_samples and (j == k or stage == len(tasks)):
+                with timer(f"{method}_fid"):
+                    if j not in real_feats:
+                        real_feats[j] = real_features(real[j])
+                    samples = runner.sample(j, z_fid[j])
+                    if j == k:
+                        learned_fid[j] = samples
+                    elif torch.equal(samples, learned_fid[j]):  # the same images: the same FID, no
+                        fids[tasks[j]][stage] = fids[tasks[j]][j + 1]  # second Inception pass
+                        continue
+                    feats = inception_features(samples)
+                    fids[tasks[j]][stage] = round(fid_from_features(real_feats[j], feats), 2)
+        print(f"[{method}] after {tasks[k]}: " + ", ".join(
+            f"{tasks[j]} {scores[tasks[j]][stage]:.2f}" for j in range(stage)), flush=True)
+    return {"method": method, "scores": scores, "same": same, "change": change, "mean_change": mean_change,
+            "fid": fids, "near_duplicates": near_dup, "nn_ratio": nn_ratio,
+            "grid": stage_grid(per_stage, tasks, job["grid_columns"]),
+            "seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds}
 
 
 def _str_keys(d):
@@ -208,7 +244,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--metric", default="pixfid8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="a base directory (default: the embedded base)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="methods run at once, each in its own process (default 1: one after another)")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     preset = QUICK if a.quick else FULL
@@ -218,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             iterations=pick(a.iterations, "iterations"), batch_size=pick(a.batch_size, "batch_size"),
             eval_samples=pick(a.eval_samples, "eval_samples"), fid_samples=pick(a.fid_samples, "fid_samples"),
             lr_memory=a.lr_memory, lr_baselines=a.lr_baselines,
-            lambda_ra=a.lambda_ra, metric=a.metric, seed=a.seed, base=a.base, progress=a.progress,
+            lambda_ra=a.lambda_ra, metric=a.metric, seed=a.seed, base=a.base, progress=a.progress, workers=a.workers,
             argv=sys.argv[1:] if argv is None else list(argv))
     print(f"results in {a.out}/ (results.md, fig5_samples.png, fig6_left_quality.png)")
     return 0
