@@ -257,7 +257,10 @@ def test_lr_sweep_ranks_rates_and_resumes(tmp_path, monkeypatch):
             "--iterations", "1", "--batch-size", "4", "--fid-samples", "10"]
     assert lr_sweep.main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    assert len(res["runs"]) == 6 and len((out / "runs.jsonl").read_text().splitlines()) == 6
+    # 3 rates x 2 seeds, and the base itself (no training) on each seed's latents
+    assert len(res["runs"]) == 8 and len((out / "runs.jsonl").read_text().splitlines()) == 8
+    assert sorted(r["seed"] for r in res["runs"] if r["method"] == "source") == [0, 1]
+    assert "source" not in res["best_lr"] and "(base, no training)" in (out / "results.md").read_text()
     table = res["table"]["gan_memory"]
     assert set(table) == {"0.0001", "0.001"} and all(len(v["fid"]["values"]) == 2 for v in table.values())
     best = min(table, key=lambda lr: table[lr]["fid"]["mean"])

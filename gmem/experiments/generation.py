@@ -32,7 +32,7 @@ from ..data import as_dataset, batch
 from ..eval import fid_from_features, inception_features, near_duplicate_share, nearest_neighbour_ratio, real_features
 from ..seeding import generator
 from .common import Timer, load_base_pair, run_record, threads
-from .methods import GENERATION_METHODS, get_method, make_learner
+from .methods import GENERATION_METHODS, LR_BASELINES, LR_MEMORY, get_method, make_learner
 from .metrics import get_metric
 from .plots import markdown_table, plot_curves, plot_sample_grids, stage_grid, write_json
 
@@ -42,13 +42,14 @@ DEFAULT_TASKS = ("emoji", "oxygen_icons", "fashion_mnist")
 DEFAULT_METHODS = GENERATION_METHODS  # any method of gmem.experiments.methods with a generator may be named
 # the largest budget that fits in 45 minutes on the 2-core CPU with 1 thread (300 iterations per task
 # was estimated at ~60 minutes: experiments/results/TIMING.md); pass --iterations 300 where there is time
-FULL = dict(iterations=200, batch_size=16, eval_samples=400, fid_samples=1000)
+# FID of 256 samples: about 100 CPU seconds of Inception per set here; 1000 would take the run past 45 minutes
+FULL = dict(iterations=200, batch_size=16, eval_samples=400, fid_samples=256)
 QUICK = dict(iterations=2, batch_size=4, eval_samples=24, fid_samples=0, tasks=DEFAULT_TASKS[:2])
 
 
 def run(out, *, tasks: Sequence[str] = DEFAULT_TASKS, methods: Sequence[str] = DEFAULT_METHODS,
         iterations: int = FULL["iterations"], batch_size: int = FULL["batch_size"],
-        eval_samples: int = FULL["eval_samples"], lr_memory: float = 1e-3, lr_baselines: float = 1e-4,
+        eval_samples: int = FULL["eval_samples"], lr_memory: float = LR_MEMORY, lr_baselines: float = LR_BASELINES,
         lambda_ra: float = 1e-3, metric: str = "pixfid8", seed: int = 0, base: Optional[str] = None,
         fid_samples: int = 0, workers: int = 1,
         grid_columns: int = 4, progress: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
@@ -236,8 +237,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eval-samples", type=int, default=None)
-    p.add_argument("--lr-memory", type=float, default=1e-3)
-    p.add_argument("--lr-baselines", type=float, default=1e-4)
+    p.add_argument("--lr-memory", type=float, default=LR_MEMORY,
+                   help=f"GAN memory's learning rate (default {LR_MEMORY:g}: the best of lr_sweep)")
+    p.add_argument("--lr-baselines", type=float, default=LR_BASELINES,
+                   help=f"the baselines' learning rate (default {LR_BASELINES:g}: fine-tuning's best in lr_sweep)")
     p.add_argument("--lambda-ra", type=float, default=1e-3)
     p.add_argument("--fid-samples", type=int, default=None,
                    help=f"N of the standard FID per task (default {FULL['fid_samples']}, --quick 0; 0 skips it)")

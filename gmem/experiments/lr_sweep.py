@@ -8,7 +8,8 @@ iterations and batch size (:mod:`gmem.experiments.generation`), and is scored ri
 the standard FID (:mod:`gmem.eval`'s Inception network, offline) of ``--fid-samples`` samples against
 all of the task's images, the pixel proxy pixFID8, and two diversity figures of the first 256 samples
 (:func:`gmem.eval.near_duplicate_share` and :func:`gmem.eval.nearest_neighbour_ratio`). A method's
-best learning rate is the one with the lowest mean FID over the seeds.
+best learning rate is the one with the lowest mean FID over the seeds. The row ``source`` scores the
+base itself (no training) on the same latents: where every method starts.
 
 Runs go to worker processes (1 torch thread each); each finished run is appended to
 ``DIR/runs.jsonl`` at once, so an interrupted sweep resumes where it stopped (runs already there are
@@ -32,7 +33,9 @@ import torch
 __all__ = ["run", "main", "DEFAULT_LRS"]
 
 #: each method's grid: around the rates the experiments used before (GAN memory 1e-3, baselines 1e-4)
-DEFAULT_LRS = {"gan_memory": (1e-4, 3e-4, 1e-3), "finetune": (3e-5, 1e-4, 3e-4)}
+DEFAULT_LRS = {"gan_memory": (3e-5, 1e-4, 3e-4, 1e-3), "finetune": (1e-5, 3e-5, 1e-4, 3e-4)}
+#: the pseudo-method of the base's own samples (no training; its one "rate" is 0): the starting point
+SOURCE = "source"
 
 
 def _one_run(job: dict) -> dict:
@@ -53,6 +56,7 @@ def _train_and_score(job: dict) -> dict:
         real_features,
     )
     from ..eval.frechet import pixel_fid
+    from ..memory import GANMemory
     from ..seeding import generator
     from .common import load_base_pair
     from .methods import make_learner
@@ -62,11 +66,14 @@ def _train_and_score(job: dict) -> dict:
     real = batch(dataset, torch.arange(len(dataset)))
     reference = real_features(real, progress=False)  # from the disk cache (run() filled it)
     c0, t0 = time.process_time(), time.time()
-    learner = make_learner(job["method"], G, D, 1, tasks=[job["task"]], lr=job["lr"], lr_memory=job["lr"])
-    learner.learn(dataset, 0, iterations=job["iterations"], batch_size=job["batch_size"], seed=job["seed"] + 1)
-    train_cpu = time.process_time() - c0
     z = torch.randn(job["fid_samples"], G.z_dim, generator=generator(1000 + job["seed"]))
-    fake = learner.sample(0, z)
+    if job["method"] == SOURCE:  # the base before learning: where every method starts
+        fake = GANMemory.from_base(G, D).sample("source", z=z)
+    else:
+        learner = make_learner(job["method"], G, D, 1, tasks=[job["task"]], lr=job["lr"], lr_memory=job["lr"])
+        learner.learn(dataset, 0, iterations=job["iterations"], batch_size=job["batch_size"], seed=job["seed"] + 1)
+        fake = learner.sample(0, z)
+    train_cpu = time.process_time() - c0
     fid = fid_from_features(reference, inception_features(fake, progress=False))
     return {**{k: job[k] for k in ("method", "lr", "seed", "task")},
             "fid": round(fid, 2), "pixfid8": round(pixel_fid(real[: len(fake)], fake), 3),
@@ -94,7 +101,7 @@ def _summary(runs: list[dict], lrs: dict, real: dict) -> dict:
                 spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
                 stats[field] = {"mean": round(mean, 4), "sd": round(spread, 4), "values": values}
             table[method][repr(float(lr))] = {"seeds": [r["seed"] for r in rows], **stats}
-    best = {m: min(v, key=lambda lr: v[lr]["fid"]["mean"]) for m, v in table.items() if v}
+    best = {m: min(v, key=lambda lr: v[lr]["fid"]["mean"]) for m, v in table.items() if v and m != SOURCE}
     return {"table": table, "best_lr": {m: float(lr) for m, lr in best.items()}, "real": real}
 
 
@@ -110,7 +117,8 @@ def _markdown(results: dict) -> str:
     for method, rows in results["table"].items():
         for lr, r in rows.items():
             mark = " **best**" if float(lr) == results["best_lr"].get(method) else ""
-            lines.append(f"| {method} | {float(lr):g}{mark} | {r['fid']['mean']:.1f} ({r['fid']['sd']:.1f}) | "
+            rate = "(base, no training)" if method == SOURCE else f"{float(lr):g}{mark}"
+            lines.append(f"| {method} | {rate} | {r['fid']['mean']:.1f} ({r['fid']['sd']:.1f}) | "
                          f"{', '.join(f'{v:.1f}' for v in r['fid']['values'])} | {r['pixfid8']['mean']:.1f} | "
                          f"{r['near_duplicates']['mean']:.3f} | {r['nn_ratio']['mean']:.2f} |")
     real = results["real"]
@@ -142,6 +150,7 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
                 done[_key(r)] = r
             except (json.JSONDecodeError, KeyError):  # a line cut by a crash: that run is repeated
                 continue
+    lrs = {SOURCE: (0.0,), **lrs}
     jobs = [dict(method=m, lr=lr, seed=s, task=task, iterations=iterations, batch_size=batch_size,
                  fid_samples=fid_samples, base=base, out=str(out))
             for s in seeds for m, grid in lrs.items() for lr in grid if (m, lr, s) not in done]

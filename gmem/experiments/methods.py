@@ -18,7 +18,7 @@ from ..memory.learner import MemoryLearner
 from ..training.learner import Learner
 
 __all__ = ["Method", "METHODS", "register", "get_method", "make_learner", "GENERATION_METHODS",
-           "CLASSIFICATION_METHODS"]
+           "CLASSIFICATION_METHODS", "LR_MEMORY", "LR_BASELINES"]
 
 CLASSIFIER_MODES = ("replay", "ewc", "current", "joint")
 
@@ -76,10 +76,17 @@ def make_learner(name: str, G, D, num_labels: int, **options) -> Learner:
     return method.make(G, D, num_labels, **options)
 
 
+#: each method's learning rate in the generation experiment: the best of ``gmem.experiments.lr_sweep`` on
+#: emoji (200 iterations of batch 16, standard FID of 256 samples, 2 seeds; experiments/results/lr_sweep):
+#: GAN memory's style parameters 1e-4 (3e-5 ties it, 3e-4 and 1e-3 are worse), the whole-network
+#: baselines 3e-5 (fine-tuning's best of 1e-5 to 3e-4)
+LR_MEMORY = 1e-4
+LR_BASELINES = 3e-5
+
 # The factories take the experiments' common options: ``tasks`` (names of the task-incremental
 # conditions), ``lr`` (the baselines' learning rate), ``lr_memory`` (GAN memory's), ``lambda_ra``
 # (MeRGAN's); each uses those that apply to it.
-def _memory(G, D, num_labels, *, tasks=None, lr=None, lr_memory=1e-3, lambda_ra=None, **options):
+def _memory(G, D, num_labels, *, tasks=None, lr=None, lr_memory=LR_MEMORY, lambda_ra=None, **options):
     return MemoryLearner(G, D, tasks=tasks, lr=lr_memory, **options)  # one task (or class group) per condition
 
 

@@ -26,7 +26,7 @@ class MemoryLearner:
 
     name = "gan_memory"
 
-    def __init__(self, G: Generator, D: Discriminator, *, tasks: Optional[Sequence[str]] = None, lr: float = 1e-3,
+    def __init__(self, G: Generator, D: Discriminator, *, tasks: Optional[Sequence[str]] = None, lr: float = 1e-4,
                  **learn_options):
         self.memory = GANMemory.from_base(G, D)
         self.task_names = None if tasks is None else list(tasks)
