@@ -20,27 +20,28 @@ NEAR_DUPLICATE_THRESHOLD = 0.1
 def near_duplicate_share(images: torch.Tensor, threshold: float = NEAR_DUPLICATE_THRESHOLD, size: int = 16) -> float:
     """Share of the ``n (n - 1) / 2`` pairs of ``images [n, C, H, W]`` (in [-1, 1], n >= 2) whose pooled
     RMS difference is below ``threshold``: 0 for all-distinct images, 1 for n copies of one image."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"near_duplicate_share: images must be a float tensor [n, C, H, W], got "
-                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    _check_images("near_duplicate_share", images, "images")
     n = images.shape[0]
-    if n < 2:
-        raise ValueError(f"near_duplicate_share: need at least 2 images, got {n}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"near_duplicate_share: threshold must be a number > 0, got {threshold!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"near_duplicate_share: size must be a positive int, got {size!r}")
+    _check_size("near_duplicate_share", size)
     rms = _pair_rms(images, size)
     close = (rms < threshold).triu(diagonal=1).sum()
     return float(close) / (n * (n - 1) / 2)
 
 
-def _check_images(images, name: str) -> None:
+def _check_images(fn: str, images, what: str) -> None:
+    """``images`` must be a float tensor ``[n >= 2, C, H, W]`` (``what``: how ``fn``'s messages name it)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"nearest_neighbour_ratio: {name} must be a float tensor [n, C, H, W], got "
+        raise ValueError(f"{fn}: {what} must be a float tensor [n, C, H, W], got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
     if images.shape[0] < 2:
-        raise ValueError(f"nearest_neighbour_ratio: {name} needs at least 2 images, got {images.shape[0]}")
+        raise ValueError(f"{fn}: need at least 2 {what}, got {images.shape[0]}")
+
+
+def _check_size(fn: str, size) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{fn}: size must be a positive int, got {size!r}")
 
 
 def _pair_rms(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -62,13 +63,12 @@ def nearest_neighbour_ratio(samples: torch.Tensor, real: torch.Tensor, size: int
     (pooled RMS as :func:`near_duplicate_share`). About 1: as diverse as the data; well below 1: many
     samples sit on top of each other (collapsed modes); no threshold to choose. Compare sets of the
     same size (the nearest neighbour is closer in a larger set)."""
-    _check_images(samples, "samples")
-    _check_images(real, "real")
+    _check_images("nearest_neighbour_ratio", samples, "samples")
+    _check_images("nearest_neighbour_ratio", real, "real images")
     if samples.shape[1:] != real.shape[1:]:
         raise ValueError(f"nearest_neighbour_ratio: samples {tuple(samples.shape[1:])} and real "
                          f"{tuple(real.shape[1:])} images must have the same [C, H, W]")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"nearest_neighbour_ratio: size must be a positive int, got {size!r}")
+    _check_size("nearest_neighbour_ratio", size)
     reference = _median_nearest(real, size)
     if reference == 0:
         raise ValueError("nearest_neighbour_ratio: half of the real images have an exact duplicate; "
