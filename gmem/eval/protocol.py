@@ -44,6 +44,13 @@ def _subset(size: int, n: int) -> torch.Tensor:
     return torch.randperm(size, generator=g)[:n].sort().values
 
 
+def _cache_key(real, indices, n: int, net, kind: str = "") -> str:
+    """The cache key of a result of ``net`` on the ``n`` images ``real[indices]`` (None: all): a hash of
+    their values and shapes, the network's identity and the preprocessing; ``kind`` tells results apart."""
+    data_fp = fingerprint(_images_batches(real, 256, indices), f"n={n}")
+    return hashlib.sha256(f"{data_fp}|{net.name}|{PREPROCESS}{kind}".encode()).hexdigest()[:40]
+
+
 def _stats_file(key: str):
     return cache_dir() / "fid_stats" / f"{key}.npz"
 
@@ -72,9 +79,7 @@ def real_statistics(real, n: int | None = None, *, batch_size: int = 50, device=
     net = load_inception(device)
     path = None
     if cache:
-        data_fp = fingerprint(_images_batches(real, 256, idx), f"n={n}")
-        key = hashlib.sha256(f"{data_fp}|{net.name}|{PREPROCESS}".encode()).hexdigest()[:40]
-        path = _stats_file(key)
+        path = _stats_file(_cache_key(real, idx, n, net))
         hit = _read_stats(path, net.dim)
         if hit is not None:
             return hit
@@ -98,9 +103,7 @@ def real_features(real, *, batch_size: int = 50, device="cpu", progress=None, ca
     net = load_inception(device)
     path = None
     if cache:
-        data_fp = fingerprint(_images_batches(real, 256, None), f"n={len(real)}")
-        key = hashlib.sha256(f"{data_fp}|{net.name}|{PREPROCESS}|features".encode()).hexdigest()[:40]
-        path = cache_dir() / "fid_features" / f"{key}.npy"
+        path = cache_dir() / "fid_features" / f"{_cache_key(real, None, len(real), net, '|features')}.npy"
         try:
             hit = np.load(path, allow_pickle=False)
             if hit.shape == (len(real), net.dim) and np.isfinite(hit).all():
