@@ -185,9 +185,7 @@ def test_auto_is_remembered_until_backends_or_verdicts_change(cache, monkeypatch
     assert auto() == first and len(calls) == 3
     monkeypatch.setenv("GMEM_SELFCHECK", "0")
     assert auto() == first and len(calls) == 4
-    monkeypatch.delenv("GMEM_SELFCHECK")
     # a better backend registers: "auto" sees it at once (it passes the check: GMEM_SELFCHECK=0)
-    monkeypatch.setenv("GMEM_SELFCHECK", "0")
     ops.register_backend(WrongBackend(), priority=50)
     try:
         assert auto() == NAME
