@@ -24,6 +24,8 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/Exceptions.h>
@@ -143,12 +145,19 @@ PyObject* python_autograd = nullptr;  // gmem.ops._ops.python_autograd (a new re
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+using MadafmWeightOp = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+
+const MadafmWeightOp& madafm_weight_op() {
+  static const MadafmWeightOp op = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("gmem::madafm_weight", "")
+                                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+// the op below autograd: its device kernel
 at::Tensor call_madafm_weight(const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gmem::madafm_weight", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(weight_norm, gamma, beta);
+  return madafm_weight_op().call(weight_norm, gamma, beta);
 }
 
 class MadafmWeightFunction : public torch::autograd::Function<MadafmWeightFunction> {
@@ -174,12 +183,28 @@ class MadafmWeightFunction : public torch::autograd::Function<MadafmWeightFuncti
   }
 };
 
+// The extension loaded by an import of its own (``import gmem._C`` before any op call): gmem.ops has
+// not handed over its Python Autograd kernel yet, so fetch it. Holds the GIL; false with a Python error set.
+bool import_python_autograd() {
+  PyObject* module = PyImport_ImportModule("gmem.ops._ops");
+  if (module == nullptr) return false;
+  PyObject* callable = PyObject_GetAttrString(module, "python_autograd");
+  Py_DECREF(module);
+  if (callable == nullptr) return false;
+  if (python_autograd == nullptr) python_autograd = callable;  // (the import may have set it already)
+  else Py_DECREF(callable);
+  return true;
+}
+
 // The Python Autograd kernel of the op (gmem.ops._ops.python_autograd(name, *args)).
 at::Tensor python_madafm_weight(const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta) {
-  TORCH_CHECK(python_autograd != nullptr,
-              "gmem::madafm_weight: the extension is loaded but gmem.ops has not given it its Python "
-              "autograd (import gmem.ops first)");
   PyGILState_STATE gil = PyGILState_Ensure();
+  if (python_autograd == nullptr && !import_python_autograd()) {
+    python_error error;
+    error.persist();
+    PyGILState_Release(gil);
+    throw error;
+  }
   PyObject* result = PyObject_CallFunction(python_autograd, "sNNN", "madafm_weight", THPVariable_Wrap(weight_norm),
                                            THPVariable_Wrap(gamma), THPVariable_Wrap(beta));
   if (result == nullptr) {
@@ -217,6 +242,74 @@ at::Tensor madafm_weight_autograd(const at::Tensor& weight_norm, const at::Tenso
     return MadafmWeightFunction::apply(weight_norm, gamma, beta);
   }
   return call_madafm_weight(weight_norm, gamma, beta);
+}
+
+// ---- the Python entry of the public function --------------------------------------------------
+namespace {
+
+// Sets the per-thread flag for one call and puts back what was there, also when the call throws.
+class DeviceKernelsSelected {
+ public:
+  DeviceKernelsSelected() : previous_(select_device_kernels(true)) {}
+  ~DeviceKernelsSelected() { select_device_kernels(previous_); }
+  DeviceKernelsSelected(const DeviceKernelsSelected&) = delete;
+  DeviceKernelsSelected& operator=(const DeviceKernelsSelected&) = delete;
+
+ private:
+  bool previous_;
+};
+
+// The GIL released for the op call (as torch.ops calls do), taken back also when the call throws.
+class GilReleased {
+ public:
+  GilReleased() : state_(PyEval_SaveThread()) {}
+  ~GilReleased() { PyEval_RestoreThread(state_); }
+  GilReleased(const GilReleased&) = delete;
+  GilReleased& operator=(const GilReleased&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+// A plain tensor argument: a torch.Tensor or nn.Parameter, no other subclass (it may define
+// __torch_function__, which the Python call reaches first).
+bool plain_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
+
+// The call gmem.ops.madafm_weight takes in one step: a conv weight [O, I, kh, kw] with gamma/beta
+// [O, I] or [T, O, I], one strided dtype and device, a dtype the kernels compute in, autocast off.
+bool common_call(const at::Tensor& weight_norm, const at::Tensor& gamma, const at::Tensor& beta) {
+  if (weight_norm.dim() != 4 || (gamma.dim() != 2 && gamma.dim() != 3) || beta.sizes() != gamma.sizes()) return false;
+  if (gamma.sizes().slice(gamma.dim() - 2) != weight_norm.sizes().slice(0, 2)) return false;
+  const at::Device device = weight_norm.device();
+  if (!(device.is_cpu() || device.is_cuda()) || gamma.device() != device || beta.device() != device) return false;
+  const at::ScalarType dtype = weight_norm.scalar_type();
+  if (gamma.scalar_type() != dtype || beta.scalar_type() != dtype || !at::isFloatingType(dtype)) return false;
+  if (device.is_cpu() && dtype != at::kFloat && dtype != at::kDouble) return false;  // computed in float32 by Python
+  if (weight_norm.layout() != at::kStrided || gamma.layout() != at::kStrided || beta.layout() != at::kStrided) {
+    return false;
+  }
+  return !at::autocast::is_autocast_enabled(device.type());
+}
+
+}  // namespace
+
+PyObject* madafm_weight_entry(PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  // (a torch function mode active, e.g. a TorchFunctionMode: the Python call goes through it)
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
+  if (nargs != 3 || !plain_tensor(args[0]) || !plain_tensor(args[1]) || !plain_tensor(args[2])) Py_RETURN_NONE;
+  const at::Tensor& weight_norm = THPVariable_Unpack(args[0]);
+  const at::Tensor& gamma = THPVariable_Unpack(args[1]);
+  const at::Tensor& beta = THPVariable_Unpack(args[2]);
+  if (!common_call(weight_norm, gamma, beta)) Py_RETURN_NONE;
+  at::Tensor out;
+  {
+    GilReleased no_gil;
+    DeviceKernelsSelected selected;
+    out = madafm_weight_op().call(weight_norm, gamma, beta);  // from the top: autograd, functorch, ...
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
 }
 
 }  // namespace gmem

@@ -4,7 +4,8 @@
 // registers its op for the CPU and (CUDA builds) CUDA keys, madafm.cpp also the C++ Autograd
 // kernel. The op schemas, their fakes and Autocast kernels are defined once in Python
 // (gmem/ops/_ops.py), so that the ops exist, with the reference kernels, where no extension is
-// built. The module holds the two setters of autograd.h.
+// built. The module holds the two setters of autograd.h and the one-step entry of
+// gmem.ops.madafm_weight.
 #include <Python.h>
 
 #include "autograd.h"
@@ -35,7 +36,14 @@ PyObject* set_python_autograd(PyObject*, PyObject* callable) {
   Py_RETURN_NONE;
 }
 
+PyObject* madafm_weight(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return gmem::madafm_weight_entry(args, nargs);
+}
+
 PyMethodDef methods[] = {
+    {"madafm_weight", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(madafm_weight)), METH_FASTCALL,
+     "madafm_weight(weight_norm, gamma, beta) -> Tensor | None: gmem.ops.madafm_weight's common call in one "
+     "step with this extension's kernels (None: not that call, gmem.ops takes it)"},
     {"select_device_kernels", select_device_kernels, METH_O,
      "select_device_kernels(selected) -> previous: whether this thread's current op call runs the "
      "extension's kernels (set by gmem.ops.backends.call_with)"},

@@ -341,3 +341,111 @@ def test_weight_build_runs_its_cpp_autograd_kernel_only_for_its_own_calls(monkey
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
             assert got.requires_grad == create_graph
+
+
+needs_extension = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="needs the compiled extension")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_weight_build_common_call_takes_the_one_step_entry(dtype, lead, monkeypatch):
+    """madafm_weight's common call (a conv weight, dense styles, autocast off, the cpu backend) is
+    one C++ step (gmem._C.madafm_weight): the Python checks are skipped, the op reached is the same
+    registered one, and values, gradients and the recorded node equal a direct op call's."""
+    monkeypatch.delenv("GMEM_BACKEND", raising=False)
+    torch.manual_seed(5)
+    wn = ops.normalize_weight(torch.randn(5, 4, 3, 2, dtype=dtype))[0]
+    gamma = torch.nn.Parameter(torch.randn(*lead, 5, 4, dtype=dtype))  # parameters, as layers hold them
+    beta = torch.randn(*lead, 5, 4, dtype=dtype, requires_grad=True)
+    from gmem.ops import functional
+
+    assert ops.backends.resolve_backend("auto", wn.device, dtype, "t") == "cpu"  # (self-check, if due, now)
+
+    def no_python_checks(*args, **kwargs):
+        raise AssertionError("the common call went through the Python checks")
+
+    monkeypatch.setattr(functional, "_style_pair", no_python_checks)
+    for backend in ("cpu", "auto"):
+        out = ops.madafm_weight(wn, gamma, beta, backend=backend)
+        assert "MadafmWeightFunction" in out.grad_fn.name()
+        with ops.use_backend("cpu"):
+            want = torch.ops.gmem.madafm_weight(wn, gamma, beta)
+        assert torch.equal(out, want)
+        for a, b in zip(_grads(out, (gamma, beta)), _grads(want, (gamma, beta))):
+            assert torch.equal(a, b)
+        with torch.no_grad():
+            assert torch.equal(ops.madafm_weight(wn, gamma, beta, backend=backend), want)
+    # the thread's kernel flag is back to what it was (off) after the call
+    assert ops.get_backend("cpu").kernel_switch(False) is False
+    monkeypatch.undo()
+    # a reference call is not taken by the entry
+    assert _node_backend(ops.madafm_weight(wn, gamma, beta, backend="reference")) == "reference"
+
+
+@needs_extension
+def test_weight_build_entry_leaves_every_other_call_to_python():
+    """The one-step entry answers None (the Python function then takes the call and raises its
+    errors) for anything but the common valid call."""
+    entry = lambda *args: ops.backends.call_entry("cpu", "madafm_weight", *args)  # noqa: E731
+    wn = ops.normalize_weight(torch.randn(4, 3, 3, 3))[0]
+    g, b = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(entry(wn, g, b), g[..., None, None] * wn + b[..., None, None])  # (FMA rounding)
+
+    class Marked(torch.Tensor):
+        pass
+
+    others = {
+        "linear weight": (torch.randn(4, 3), torch.randn(4), torch.randn(4)),
+        "low rank": (wn, LowRank(torch.randn(4, 1), torch.ones(1), torch.randn(3, 1)), b),
+        "CPU float16": (wn.half(), g.half(), b.half()),
+        "mixed dtypes": (wn, g.double(), b),
+        "beta's shape": (wn, g, b[:, :2]),
+        "gamma's shape": (wn, g.t().contiguous(), b.t().contiguous()),
+        "meta": (wn.to("meta"), g.to("meta"), b.to("meta")),
+        "a subclass": (wn, g.as_subclass(Marked), b),
+        "not a tensor": (wn, g.tolist(), b),
+        "two arguments": (wn, g),
+    }
+    for what, args in others.items():
+        assert entry(*args) is None, what
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert entry(wn, g, b) is None
+        assert ops.madafm_weight(wn, g, b).dtype == torch.bfloat16  # the Python path: autocast's dtype
+    with pytest.raises(TypeError, match="gamma has dtype torch.float64"):  # the Python function's error
+        ops.madafm_weight(wn, g.double(), b)
+    with pytest.raises(ValueError, match="beta must have the shape of gamma"):
+        ops.madafm_weight(wn, g, b[:, :2])
+
+    seen = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording():  # a torch function mode sees the op: the entry stands aside
+        assert entry(wn, g, b) is None
+        out = ops.madafm_weight(wn, g, b, backend="cpu")
+    assert any("gmem.madafm_weight" in name for name in seen), seen
+    torch.testing.assert_close(out, g[..., None, None] * wn + b[..., None, None])
+
+
+@needs_extension
+def test_the_extension_imported_first_still_finds_its_python_autograd():
+    """``import gmem._C`` before any op call loads the C++ Autograd kernel before gmem.ops has handed
+    it the Python one: a call for another backend must still work (it fetches it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, gmem._C\n"
+        "wn = torch.randn(4, 3, 3, 3); g = torch.randn(4, 3, requires_grad=True); b = torch.randn(4, 3)\n"
+        "out = torch.ops.gmem.madafm_weight(wn, g, b)\n"
+        "out.sum().backward()\n"
+        "assert torch.allclose(g.grad, wn.sum((-2, -1)))\n"
+        "print('ok', out.grad_fn.name())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ok _MadafmWeightBackward" in done.stdout

@@ -164,6 +164,16 @@ def _has_kernel(dispatch_key: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+#: the public ops with a one-step entry in the extension (csrc/madafm.cpp: gmem._C.madafm_weight)
+_ENTRY_OPS = ("madafm_weight",)
+
+
+def _entry(op: str):
+    """The extension's one-step entry of public op ``op`` (None: none, or the extension not loaded)."""
+    module = _state["module"]
+    return getattr(module, op, None) if module is not None and op in _ENTRY_OPS else None
+
+
 class CppBackend(DeviceKernels):
     """C++ kernels on the CPU (float32, float64; bfloat16/float16 arguments computed in float32),
     ATen (oneDNN / BLAS) for convolutions and GEMMs."""
@@ -175,6 +185,9 @@ class CppBackend(DeviceKernels):
     @property
     def kernel_switch(self):
         return _state["switch"]
+
+    def entry(self, op):
+        return _entry(op)
 
     def is_available(self) -> bool:
         # a library built from other sources may lack the kernels (then the reference would answer)
@@ -191,6 +204,9 @@ class CudaBackend(DeviceKernels):
     @property
     def kernel_switch(self):
         return _state["switch"]
+
+    def entry(self, op):
+        return _entry(op)
 
     def is_available(self) -> bool:
         if not torch.cuda.is_available():

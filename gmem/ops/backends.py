@@ -77,6 +77,12 @@ class Backend:
         into Python); None for every other backend (:func:`call_with`)."""
         return None
 
+    def entry(self, op: str) -> Optional[Callable[..., Optional[Tensor]]]:
+        """For a backend whose kernels are the compiled extension's: the extension's one-step entry
+        of public op ``op`` (validation, this thread's kernel flag and the op call in C++, see
+        :func:`call_entry`), or None where it has none (every other backend)."""
+        return None
+
     def is_available(self) -> bool:
         return True
 
@@ -308,6 +314,15 @@ def call_with(name: str, op, *args):
             switch(previous)
     finally:
         _SELECTED.reset(token)
+
+
+def call_entry(name: str, op: str, *args) -> Optional[Tensor]:
+    """``op(*args)`` through backend ``name``'s one-step C++ entry (:meth:`Backend.entry`), or None
+    when it has none or the entry does not take these arguments (anything but the common valid call:
+    the public function then takes the call, and raises the errors). For a tiny op the Python of a
+    public call (checks, :func:`call_with`, ``torch.ops``) costs as much as the kernels."""
+    entry = _REGISTRY[name][1].entry(op)
+    return None if entry is None else entry(*args)
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype, op: str) -> str:

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _ops, reference  # noqa: F401  (_ops: importing it defines torch.ops.gmem)
-from .backends import call_with, get_backend, resolve_backend
+from .backends import call_entry, call_with, get_backend, resolve_backend
 from .lowrank import LowRank
 
 __all__ = ["normalize_weight", "madafm_weight", "modulated_conv2d", "modulated_linear", "values_known"]
@@ -192,6 +192,14 @@ def madafm_weight(weight_norm: Tensor, gamma: Style, beta: Style, *, backend: st
     linear (mFiLM): ``weight_norm [O, I]``, ``gamma, beta [O]`` -> ``[O, I]``, or ``[T, O]`` -> ``[T, O, I]``.
     """
     op = "madafm_weight"
+    name = None
+    if isinstance(weight_norm, Tensor) and weight_norm.is_floating_point() and not torch.compiler.is_compiling():
+        # the common call (a conv weight, dense styles, autocast off) with the extension's kernels
+        # in one C++ step; None: any other call, taken below
+        name = resolve_backend(backend, weight_norm.device, weight_norm.dtype, op)
+        out = call_entry(name, op, weight_norm, gamma, beta)
+        if out is not None:
+            return out
     _check_input(op, weight_norm, "[C_out, C_in, kh, kw] (conv) or [d_out, d_in] (linear)", (2, 4), "weight_norm")
     dtype = _autocast_dtype(weight_norm)
     if dtype is not None:
@@ -201,7 +209,8 @@ def madafm_weight(weight_norm: Tensor, gamma: Style, beta: Style, *, backend: st
     else:
         style_shape = (weight_norm.shape[0],)
     gamma, beta, _ = _style_pair(op, gamma, beta, weight_norm, style_shape)
-    name = resolve_backend(backend, weight_norm.device, weight_norm.dtype, op)
+    if name is None or dtype is not None:  # (not resolved above, or for another dtype)
+        name = resolve_backend(backend, weight_norm.device, weight_norm.dtype, op)
     if weight_norm.ndim == 4:
         return call_with(name, _MADAFM_WEIGHT, weight_norm, gamma, beta)
     # mFiLM rows: view [O, I] as a conv weight [O, 1, I, 1] whose "kernel" is the row
