@@ -274,3 +274,46 @@ def test_lr_sweep_ranks_rates_and_resumes(tmp_path, monkeypatch):
         f.write('{"method": "gan_memory", "lr"')  # a line cut by a crash is ignored
     assert lr_sweep.main(args) == 0
     assert calls == [] and json.loads((out / "results.json").read_text())["best_lr"] == res["best_lr"]
+
+
+def test_base_transfer_ranks_bases_by_what_is_learned_from_them(tmp_path, monkeypatch):
+    import gmem.eval
+    from gmem.eval import pixel_features
+    from gmem.experiments import base_transfer
+    from gmem.models import load_default_base, save_base
+
+    scored = []
+
+    def cheap_features(images, **kwargs):  # the Inception network is slow on a CPU
+        scored.append(len(images))
+        return pixel_features(images)
+
+    monkeypatch.setattr(gmem.eval, "inception_features", cheap_features)
+    monkeypatch.setattr(gmem.eval, "real_features", lambda images, **kwargs: pixel_features(images))
+    # a second candidate: the embedded base with its generator's weights disturbed (a worse base)
+    G, D = load_default_base()
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(0.5 * torch.randn_like(p) * p.std().nan_to_num())
+    other = tmp_path / "other"
+    save_base(G, D, other)
+    out = tmp_path / "bases"
+    args = ["--out", str(out), "--bases", "embedded", str(other), "--tasks", "emoji", "fashion_mnist",
+            "--iterations", "1", "--batch-size", "4", "--fid-samples", "10"]
+    assert base_transfer.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 8  # 2 bases x 2 tasks x (the base's own samples, GAN memory after learning)
+    by_sha = {b["sha256"]: b for b in res["bases"]}
+    assert len(by_sha) == 2 and all(set(b["learned"]) == {"emoji", "fashion_mnist"} for b in res["bases"])
+    for b in res["bases"]:
+        assert b["mean_learned"] == pytest.approx(sum(b["learned"].values()) / 2, abs=0.01)
+    assert res["best"]["sha256"] == min(res["bases"], key=lambda b: b["mean_learned"])["sha256"]
+    assert res["best"]["label"] == "embedded"  # the disturbed base transfers worse
+    assert "**best**" in (out / "results.md").read_text()
+    assert scored == [10] * 8
+    scored.clear()  # resumed: nothing trained or scored again
+    assert base_transfer.main(args) == 0
+    assert json.loads((out / "results.json").read_text())["best"]["sha256"] == res["best"]["sha256"]
+    assert scored == [] and len((out / "runs.jsonl").read_text().splitlines()) == 8
+    with pytest.raises(Exception):  # not a base directory
+        base_transfer.main(["--out", str(out), "--bases", str(tmp_path / "missing")])

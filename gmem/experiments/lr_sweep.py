@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["run", "main", "DEFAULT_LRS"]
+__all__ = ["run", "main", "score_run", "DEFAULT_LRS", "SOURCE"]
 
 #: each method's grid: around the rates the experiments used before (GAN memory 1e-3, baselines 1e-4)
 DEFAULT_LRS = {"gan_memory": (3e-5, 1e-4, 3e-4, 1e-3), "finetune": (1e-5, 3e-5, 1e-4, 3e-4)}
@@ -38,8 +38,11 @@ DEFAULT_LRS = {"gan_memory": (3e-5, 1e-4, 3e-4, 1e-3), "finetune": (1e-5, 3e-5, 
 SOURCE = "source"
 
 
-def _one_run(job: dict) -> dict:
-    """Train ``job['method']`` at ``job['lr']`` on the task from the base, and score it (1 torch thread)."""
+def score_run(job: dict) -> dict:
+    """Train ``job['method']`` at ``job['lr']`` on ``job['task']`` from ``job['base']`` (a base directory, or
+    None: the embedded one) for ``job['iterations']`` x ``job['batch_size']`` (seed ``job['seed']``), and score
+    it right after learning on ``job['fid_samples']`` samples (1 torch thread). Method :data:`SOURCE` scores
+    the base itself. Returns the run's record (FID, pixFID8, near-duplicate share, NN ratio, CPU time)."""
     from .common import threads
 
     with threads(1):
@@ -173,10 +176,10 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
 
             if workers <= 1 or len(jobs) <= 1:  # in this process
                 for job in jobs:
-                    keep(_one_run(job))
+                    keep(score_run(job))
             else:
                 with context.Pool(min(workers, len(jobs))) as pool:
-                    for r in pool.imap_unordered(_one_run, jobs):
+                    for r in pool.imap_unordered(score_run, jobs):
                         keep(r)
     runs = [done[k] for k in sorted(done) if k[0] in lrs and k[1] in lrs[k[0]] and k[2] in seeds]
     results = {"experiment": "learning-rate sweep", **_summary(runs, lrs, {
