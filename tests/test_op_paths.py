@@ -449,3 +449,33 @@ def test_the_extension_imported_first_still_finds_its_python_autograd():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ok _MadafmWeightBackward" in done.stdout
+
+
+@needs_extension
+def test_weight_build_entry_and_python_calls_in_threads_keep_their_backends():
+    """The entry releases the GIL around the op call and its kernel flag is per thread: threads
+    calling the cpu backend (one C++ step) and the reference (Python kernel) at once each record
+    their own backend's node and get the right gradients."""
+    wn = ops.normalize_weight(torch.randn(8, 4, 3, 3))[0]
+    errors = []
+
+    def work(name):
+        try:
+            for _ in range(100):
+                g = torch.randn(8, 4, requires_grad=True)
+                b = torch.randn(8, 4, requires_grad=True)
+                out = ops.madafm_weight(wn, g, b, backend=name)
+                if _node_backend(out) != name:
+                    errors.append((name, out.grad_fn.name()))
+                out.sum().backward()
+                torch.testing.assert_close(g.grad, wn.sum((-2, -1)))
+                torch.testing.assert_close(b.grad, torch.full_like(b, 9.0))
+        except Exception as err:  # reported below: an assert in a thread would be lost
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in ("cpu", "reference") * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
