@@ -5,7 +5,7 @@ import torch
 
 import gmem
 from gmem.compress import knowledge
-from gmem.compress.knowledge import DEFAULT_LAYERS, CompressionSettings
+from gmem.compress.knowledge import RELEASED_LAYERS, CompressionSettings
 from gmem.memory import compression
 
 
@@ -21,7 +21,7 @@ def add_naive(mem, name, seed):
             p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
 
 
-def add_compressed(mem, name, seed, keep=0.9, layers=DEFAULT_LAYERS, rank=2):
+def add_compressed(mem, name, seed, keep=0.9, layers=RELEASED_LAYERS, rank=2):
     """What ``learn(compress=...)`` does around training, with a random rank-``rank`` change for the training."""
     settings = CompressionSettings(keep=keep, layers=layers)
     compression.load_all_compressed(mem)

@@ -17,13 +17,13 @@ from torch import nn
 
 import gmem
 from gmem.compress import knowledge
-from gmem.compress.knowledge import DEFAULT_LAYERS, WITH_FC, CompressionSettings
+from gmem.compress.knowledge import DEFAULT_LAYERS, RELEASED_LAYERS, CompressionSettings
 from gmem.compress.layers import parse_layers, select_layers
 from gmem.store import Store
 from gmem.store import files as store_files
 
 
-def add_compressed(mem, name, seed, keep=0.9, layers=WITH_FC, rank=2):
+def add_compressed(mem, name, seed, keep=0.9, layers=DEFAULT_LAYERS, rank=2):
     return compress_tasks.add_compressed(mem, name, seed, keep, layers, rank)
 
 
@@ -49,9 +49,9 @@ def test_gpgan_fc_view_and_explicit_shapes():
     fc = _layer_from(G, "fc")
     (name, layer, shape), = select_layers(G, ["fc"])
     assert name == "fc" and shape == (16 * G.nf, G.s0 * G.s0) and shape[0] * shape[1] == fc.out_features
-    names = [n for n, _, _ in select_layers(G, WITH_FC)]  # fc and the B0-B3 convs, in the model's order
+    names = [n for n, _, _ in select_layers(G, DEFAULT_LAYERS)]  # fc and the B0-B3 convs, in the model's order
     assert names[0] == "fc" and len(names) == 9
-    assert len(select_layers(G, DEFAULT_LAYERS)) == 8
+    assert len(select_layers(G, RELEASED_LAYERS)) == 8
     (_, _, explicit), = select_layers(G, [("fc", (fc.out_features // 64, 64))])
     assert explicit == (fc.out_features // 64, 64)
     with pytest.raises(ValueError, match="has 10 values"):
@@ -173,8 +173,8 @@ def test_layers_whose_factors_cost_more_are_stored_dense():
     add_naive(mem, "t", 5)
     z = mem.latents(3, seed=1)
     before = mem.sample("t", z=z)
-    rec = mem.compress("t", keep=1.0, layers=WITH_FC)  # full-rank factors: r (O + I + 1) > O I
-    assert set(rec["dense_layers"]) == {n for n, _, _ in select_layers(mem.generator, WITH_FC)}
+    rec = mem.compress("t", keep=1.0, layers=DEFAULT_LAYERS)  # full-rank factors: r (O + I + 1) > O I
+    assert set(rec["dense_layers"]) == {n for n, _, _ in select_layers(mem.generator, DEFAULT_LAYERS)}
     assert rec["new_ranks"] == {} and rec["stored_values"] == 0
     c = mem.parameter_counts("t")
     assert c["generator_stored"] == c["generator_style"]
@@ -205,7 +205,7 @@ def test_training_path_falls_back_to_the_trained_dense_values():
 def test_mixed_dense_and_compressed_layers_reload(tmp_path):
     mem = gmem.GANMemory.default()
     # at 0.99 the wide convs keep nearly full rank (dense is cheaper), fc's nearly rank-1 vectors do not
-    add_compressed(mem, "a", 1, keep=0.99, layers=WITH_FC, rank=2)
+    add_compressed(mem, "a", 1, keep=0.99, layers=DEFAULT_LAYERS, rank=2)
     rec = mem.records["a"]["compression"]
     assert "resnet_0_0.conv_0" in rec["dense_layers"] and "fc" not in rec["dense_layers"]
     assert "fc.gamma" in rec["new_ranks"] and "resnet_0_0.conv_0.gamma" not in rec["new_ranks"]
@@ -225,9 +225,9 @@ def chain(tmp_path_factory):
     """naive, first (adds columns), mid and last (add none: the base holds their energy at keep 0.5)."""
     mem = gmem.GANMemory.default()
     add_naive(mem, "naive", 0)
-    add_compressed(mem, "first", 1, keep=0.9, layers=DEFAULT_LAYERS)
+    add_compressed(mem, "first", 1, keep=0.9, layers=RELEASED_LAYERS)
     for i, t in enumerate(("mid", "last")):
-        info = add_compressed(mem, t, 2 + i, keep=0.5, layers=DEFAULT_LAYERS)
+        info = add_compressed(mem, t, 2 + i, keep=0.5, layers=RELEASED_LAYERS)
         assert all(v["new_rank"] == 0 for v in info.values())  # the test needs tasks without own columns
     d = tmp_path_factory.mktemp("chain") / "m"
     mem.save(d)
@@ -294,9 +294,9 @@ def test_truncation_study(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="source"):
         truncation_study(mem, "source", float)
-    add_compressed(mem, "c", 1, keep=0.9, layers=DEFAULT_LAYERS)
+    add_compressed(mem, "c", 1, keep=0.9, layers=RELEASED_LAYERS)
     with pytest.raises(ValueError, match="naive task"):
-        truncation_study(mem, "c", float, layers=DEFAULT_LAYERS)
+        truncation_study(mem, "c", float, layers=RELEASED_LAYERS)
 
 
 def test_cli_compress_fc(tmp_path, capsys):
@@ -304,7 +304,7 @@ def test_cli_compress_fc(tmp_path, capsys):
     from gmem.cli.compress import compress_layers
 
     assert compress_layers(None, False) is None
-    assert compress_layers(None, True) == list(WITH_FC)
+    assert compress_layers(None, True) == list(DEFAULT_LAYERS)
     assert compress_layers(["resnet_3_0.*", "fc"], True) == ["resnet_3_0.*", "fc"]
     mem = gmem.GANMemory.default()
     add_naive(mem, "t", 1)
@@ -318,3 +318,28 @@ def test_cli_compress_fc(tmp_path, capsys):
     assert "fc.gamma" in loaded.records["t"]["compression"]["new_ranks"]
     assert main(["info", str(tmp_path / "m")]) == 0
     assert "compressed" in capsys.readouterr().out
+
+
+def test_cli_learn_compresses_the_fc_unless_told_not_to(tmp_path, capsys):
+    """``gmem learn --compress`` compresses B0-B3 and the fc (the default layers); ``--no-compress-fc``
+    leaves the fc's gamma/beta dense, as the released code; it needs ``--compress``."""
+    import numpy as np
+
+    from gmem.cli import main
+
+    data = tmp_path / "a.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
+    common = ["--iterations", "1", "--batch-size", "2", "--no-progress", "--no-score"]
+    assert main(["learn", str(tmp_path / "m"), "t", str(data), "--compress", *common]) == 0
+    assert main(["learn", str(tmp_path / "m"), "u", str(data), "--compress", "--no-compress-fc", *common]) == 0
+    loaded = gmem.GANMemory.load(tmp_path / "m")
+    assert "fc" in loaded.records["t"]["compression"]["layers"]
+    assert "fc" not in loaded.records["u"]["compression"]["layers"]
+    for task, kind in (("t", "lowrank"), ("u", "dense")):
+        loaded.sample(task, 1, seed=0)  # (tasks are installed in the model on first use)
+        assert _layer(loaded, "fc").entry_kind(gmem.nn.task_index(loaded.generator, task)) == kind
+    fc_styles = 2 * _layer(loaded, "fc").out_features  # gamma and beta, dense in "u"
+    assert loaded.parameter_counts("u")["generator_stored"] > fc_styles
+    capsys.readouterr()
+    assert main(["learn", str(tmp_path / "m"), "v", str(data), "--no-compress-fc", *common]) == 1
+    assert "--no-compress-fc applies with --compress only" in capsys.readouterr().err

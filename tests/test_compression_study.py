@@ -19,7 +19,7 @@ def test_study_writes_consistent_outputs_and_rewrite_reproduces_them(tmp_path, m
     monkeypatch.setattr(compression_study.torch, "set_num_threads", lambda n: None)  # the fixture owns threads
     out = tmp_path / "study"
     args = ["--out", str(out), "--tasks", "2", "--iterations", "1", "--batch-size", "4", "--samples", "8",
-            "--keep", "0.6", "--compress-fc", "--truncation", "--truncation-samples", "4", "--spectra"]
+            "--keep", "0.6", "--truncation", "--truncation-samples", "4", "--spectra"]
     assert compression_study.main(args) == 0
     for name in ("table.md", "results.json", "storage_quality.png", "truncation.md", "fig4b_truncation.png",
                  "fig4a_spectra.png", "fig14_spectra.png", "spectra.md"):

@@ -315,5 +315,5 @@ def test_base_transfer_ranks_bases_by_what_is_learned_from_them(tmp_path, monkey
     assert base_transfer.main(args) == 0
     assert json.loads((out / "results.json").read_text())["best"]["sha256"] == res["best"]["sha256"]
     assert scored == [] and len((out / "runs.jsonl").read_text().splitlines()) == 8
-    with pytest.raises(Exception):  # not a base directory
+    with pytest.raises(FileNotFoundError, match="base config not found"):  # not a base directory
         base_transfer.main(["--out", str(out), "--bases", str(tmp_path / "missing")])

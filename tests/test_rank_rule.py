@@ -100,6 +100,7 @@ def test_default_compress_stores_less_than_naive_on_the_embedded_base():
     rec = mem.compress("posthoc")
     c = mem.parameter_counts("posthoc")
     assert rec["dense_layers"] == [] and rec["new_ranks"]
+    assert "fc.gamma" in rec["new_ranks"] and "fc" in rec["layers"]  # the default compresses the fc too
     assert c["generator_stored"] < 0.5 * c["generator_style"]
     assert rec["keep"] == ResidualEnergyRule().describe() and rec["capped"]  # flat spectra hit the budget
     add_compressed(mem, "trained", 6, keep=None)  # the training path at the default rule

@@ -9,9 +9,10 @@ the ratio to naive, and quality as pixFID8 (a proxy: Frechet distance of 8x8-poo
 Inception FID) of 256 samples against the task's images. Writes ``table.md``, ``results.json`` and
 ``storage_quality.png`` to ``--out``; the command line is recorded in the table.
 
-``--compress-fc`` also compresses the generator fc's mFiLM ``gamma``/``beta`` (as ``(16 nf) x (s0^2)``
-matrices); ``--truncation`` adds the per-block truncation study of the first naive task (the paper's
-Figure 4b: ``fig4b_truncation.png`` and ``truncation.md``); ``--spectra`` the singular values of every
+The generator fc's mFiLM ``gamma``/``beta`` are compressed too (as ``(16 nf) x (s0^2)`` matrices, the
+library's default); ``--no-compress-fc`` compresses B0-B3 only, as the released code; ``--truncation``
+adds the per-block truncation study of the first naive task (the paper's Figure 4b:
+``fig4b_truncation.png`` and ``truncation.md``); ``--spectra`` the singular values of every
 naive task's style matrices (Figures 4a and 14: ``fig4a_spectra.png``, ``fig14_spectra.png``, ``spectra.md``).
 The experiment of ``experiments/results/compression/`` is the command in its ``table.md``.
 """
@@ -51,10 +52,9 @@ def run(args) -> dict:
     rows = []
     mems = {"naive": gmem.GANMemory.default(), "compressed": gmem.GANMemory.default()}
     settings = {"keep": args.keep, "prior_weight": args.prior_weight, "prior_every": args.prior_every}
-    if args.compress_fc:
-        from gmem.compress.knowledge import WITH_FC
+    from gmem.compress.knowledge import DEFAULT_LAYERS, RELEASED_LAYERS
 
-        settings["layers"] = WITH_FC
+    settings["layers"] = DEFAULT_LAYERS if args.compress_fc else RELEASED_LAYERS
     truncation, spectra = None, {}
     layers = settings.get("layers")
     for name, images in stream:
@@ -100,12 +100,13 @@ def run(args) -> dict:
 
 def truncation_run(args, mem, name, images) -> dict:
     """Figure 4b on the first naive task: each block truncated alone (pixFID8 proxy, same latents)."""
-    from gmem.compress.knowledge import DEFAULT_LAYERS, WITH_FC
+    from gmem.compress.knowledge import DEFAULT_LAYERS, RELEASED_LAYERS
     from gmem.compress.truncation import truncation_study
 
     t0 = time.time()
-    out = truncation_study(mem, name, lambda fake: pixel_fid(images, fake),
-                           layers=WITH_FC if args.compress_fc else DEFAULT_LAYERS, n=args.truncation_samples, seed=0)
+    layers = DEFAULT_LAYERS if args.compress_fc else RELEASED_LAYERS
+    out = truncation_study(mem, name, lambda fake: pixel_fid(images, fake), layers=layers,
+                           n=args.truncation_samples, seed=0)
     out["seconds"] = round(time.time() - t0, 1)
     print(f"truncation study of {name}: {out['seconds']} s", flush=True)
     return out
@@ -236,8 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads only contend)")
-    p.add_argument("--compress-fc", action="store_true",
-                   help="also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
+    p.add_argument("--no-compress-fc", action="store_true",
+                   help="compress B0-B3 only, as the released code (the fc's gamma/beta stay dense)")
     p.add_argument("--truncation", action="store_true",
                    help="per-block truncation study of the first naive task (Figure 4b)")
     p.add_argument("--spectra", action="store_true",
@@ -247,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--rewrite", action="store_true",
                    help="only render table.md and the plots again from --out's results.json (no training)")
     args = p.parse_args(argv)
+    args.compress_fc = not args.no_compress_fc  # (results.json records which layers: "compress_fc")
     out = Path(args.out)
     if args.rewrite:
         result = json.loads((out / "results.json").read_text())

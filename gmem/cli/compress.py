@@ -27,7 +27,7 @@ def storage_lines(tasks: list[dict]) -> list[str]:
 
 
 def compress_layers(layers, fc: bool):
-    """The layer selection of ``--layers GLOB...`` / ``--compress-fc`` (None: the defaults, B0-B3)."""
+    """The layer selection of ``--layers GLOB...`` / ``--compress-fc`` (None: the defaults, B0-B3 and the fc)."""
     from ..compress.knowledge import DEFAULT_LAYERS, FC_LAYER
 
     if not fc:
@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="energy fraction kept by the released energy rule (default: the residual rule, "
                         "gmem.compress.ResidualEnergyRule)")
     p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
-                   help="generator conv layers to compress (default: blocks B0-B3, resnet_0_0 .. resnet_3_0)")
+                   help="generator layers to compress (default: blocks B0-B3, resnet_0_0 .. resnet_3_0, and fc)")
     p.add_argument("--compress-fc", action="store_true",
-                   help="also compress the generator fc's mFiLM gamma/beta, viewed as (16 nf) x (s0*s0) matrices")
+                   help="with --layers: also compress the generator fc's mFiLM gamma/beta, viewed as (16 nf) x (s0*s0) "
+                        "matrices (the default layers include it)")
 
 
 def run(args) -> int:

@@ -38,8 +38,8 @@ def _learn_preflight(args):
         if not getattr(args, "compress", False):
             raise ValueError("--keep applies with --compress only")
         cli_checks.check_number(args.keep, "--keep", 0, 1)
-    if getattr(args, "compress_fc", False) and not getattr(args, "compress", False):
-        raise ValueError("--compress-fc applies with --compress only")
+    if getattr(args, "no_compress_fc", False) and not getattr(args, "compress", False):
+        raise ValueError("--no-compress-fc applies with --compress only")
     if args.background is not None:
         from ..data import _background
 
@@ -69,11 +69,11 @@ def _learn_train(args, memory, mem, dataset, run_dir) -> int:
     import torch
 
     from .. import distributed as dist
-    from ..compress.knowledge import DEFAULT_LAYERS, WITH_FC
+    from ..compress.knowledge import DEFAULT_LAYERS, RELEASED_LAYERS
     from ..data import batch
     from ..eval import pixel_fid
 
-    layers = WITH_FC if getattr(args, "compress_fc", False) else DEFAULT_LAYERS
+    layers = RELEASED_LAYERS if getattr(args, "no_compress_fc", False) else DEFAULT_LAYERS
     try:
         mem.learn(args.name, dataset, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                   labels=True if args.conditional else None, lr=args.lr, r1_gamma=args.r1_gamma,
@@ -150,13 +150,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="colour that transparent pixels of image files are composited over: black (the default, "
                         "as the embedded sets), white, a grey level 0..255 or R,G,B")
     p.add_argument("--compress", action="store_true",
-                   help="learn with the paper's low-rank prior and shared knowledge base (generator blocks B0-B3); "
+                   help="learn with the paper's low-rank prior and shared knowledge base (generator blocks B0-B3 and "
+                        "the fc's gamma/beta); "
                         "the task is stored as coefficients plus new basis columns")
     p.add_argument("--keep", type=float, default=None,
                    help="with --compress: energy fraction kept after the task by the released energy rule "
                         "(default: the residual rule, gmem.compress.ResidualEnergyRule)")
-    p.add_argument("--compress-fc", action="store_true",
-                   help="with --compress: also compress the fc's mFiLM gamma/beta ((16 nf) x (s0*s0) matrices)")
+    p.add_argument("--no-compress-fc", action="store_true",
+                   help="with --compress: compress blocks B0-B3 only, as the released code (the fc's gamma/beta "
+                        "stay dense)")
     p.add_argument("--no-score", action="store_true", help="skip the pixFID8 quality score after training")
     p.add_argument("--restart", action="store_true",
                    help="discard a checkpoint of an earlier, different run of this task (other data or settings) "

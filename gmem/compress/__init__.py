@@ -19,8 +19,9 @@ The pieces, lowest first (the package sits above :mod:`gmem.nn` and :mod:`gmem.t
 
 In a memory (phase B): :mod:`.knowledge` (the bases of a generator's compressed convs, the task life
 cycle: training-time entries, the prior plug-in, storing, post-hoc compression, installing from a file;
-``CompressionSettings``: blocks B0-B3, the residual rule (the released width fractions are
-``keep="width"``), weight 0.01 every 10 iterations; ``WITH_FC`` adds the fc; a layer whose factors
+``CompressionSettings``: blocks B0-B3 and the fc, the residual rule (the released width fractions are
+``keep="width"``), weight 0.01 every 10 iterations; ``RELEASED_LAYERS``: B0-B3 alone, the released
+code's choice, the fc dense; a layer whose factors
 would cost more than its dense matrices is stored dense) and :mod:`gmem.memory.compression` (loading
 order, the knowledge-base file, ``mem.compress``);
 the bank entries are :mod:`gmem.nn.lowrank`. ``GANMemory.learn(..., compress=True)``,
@@ -56,7 +57,7 @@ from .energy import (
     truncate_energy,
     width_fraction,
 )
-from .knowledge import DEFAULT_LAYERS, PRIOR_EVERY, CompressionSettings, Knowledge
+from .knowledge import DEFAULT_LAYERS, PRIOR_EVERY, RELEASED_LAYERS, CompressionSettings, Knowledge
 from .posthoc import compress_style, compress_tasks, express_in_base, knowledge_base
 from .study import energy_table, plot_singular_values, singular_values, storage_table
 
@@ -66,5 +67,5 @@ __all__ = [
     "KnowledgeBase", "fit_coefficients",
     "singular_values", "plot_singular_values", "energy_table", "storage_table",
     "compress_style", "compress_tasks", "knowledge_base", "express_in_base",
-    "CompressionSettings", "Knowledge", "DEFAULT_LAYERS",
+    "CompressionSettings", "Knowledge", "DEFAULT_LAYERS", "RELEASED_LAYERS",
 ]

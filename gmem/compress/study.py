@@ -19,7 +19,7 @@ __all__ = ["style_matrices", "singular_values", "plot_singular_values", "energy_
 
 def style_matrices(mem, task: str, layers=None) -> dict[str, Tensor]:
     """``{"<layer>.gamma" | "<layer>.beta": matrix [O, I]}``: a naive task's style matrices of the layers
-    ``layers`` selects (default: the compressed layers, B0-B3), convs as ``Gamma``/``B`` ``[C_out, C_in]``,
+    ``layers`` selects (default: the compressed layers, B0-B3 and the fc), convs as ``Gamma``/``B`` ``[C_out, C_in]``,
     a GP-GAN fc's ``gamma``/``beta`` seen as ``[16 nf, s0^2]`` (:mod:`gmem.compress.layers`)."""
 
     index = task_index(mem.generator, mem.task_name(task))

@@ -130,7 +130,7 @@ def compression_record(mem, task: str, settings: dict, info: dict) -> dict:
 def compress_task(mem, task: str, keep: Optional[float] = None, layers=None) -> dict:
     """:meth:`GANMemory.compress`: store the naive ``task`` compressed; returns its ``compression`` record.
 
-    ``layers``: globs of the generator convs to compress (None: :data:`DEFAULT_LAYERS`, blocks B0-B3).
+    ``layers``: globs of the generator convs to compress (None: :data:`DEFAULT_LAYERS`, blocks B0-B3 and the fc).
     """
     layers = DEFAULT_LAYERS if layers is None else layers
     name = mem.task_name(task)

@@ -161,7 +161,7 @@ class GANMemory:
     def compress(self, task: TaskRef, keep=None, layers=None) -> dict:
         """Store the naive ``task`` compressed in the knowledge bases (post-hoc, no training-time prior).
 
-        Each selected conv's ``Gamma``/``B`` (``layers``: globs, default the generator blocks B0-B3) is
+        Each selected conv's ``Gamma``/``B`` (``layers``: globs, default the generator blocks B0-B3 and the fc) is
         written on the current bases by least squares (``lam``) and the rest truncated by the rank rule
         (``keep``: None for the default :class:`gmem.compress.ResidualEnergyRule`, a fraction for the
         released energy rule, ``"width"`` for its width table, or any :class:`gmem.compress.RankRule`).
@@ -269,7 +269,7 @@ class GANMemory:
 
         ``compress``: learn with the paper's low-rank prior and knowledge base (``True`` for the
         defaults, or a dict / :class:`gmem.compress.knowledge.CompressionSettings`: ``layers`` (globs,
-        default the generator blocks B0-B3), ``keep`` (kept energy, default by layer width),
+        default the generator blocks B0-B3 and the fc), ``keep`` (kept energy, default by layer width),
         ``prior_weight`` 0.01, ``prior_every`` 10, ``weighted``). The selected convs train as
         ``L diag(lam) R^T + E`` with the nuclear-norm prior on ``E`` and are stored as coefficients plus
         new basis columns (see :mod:`gmem.compress.knowledge`).
