@@ -23,7 +23,7 @@ unconverted networks (every conv/linear weight trained in the training step), th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -179,7 +179,7 @@ def run(device: str, quick: bool, budget: timing.Budget, env: dict, include: Opt
                     "backend": name, "nf": model.nf, **env}
             try:
                 fn = make(model, device, None if name == "plain" else name)
-                stats = timing.measure(fn, device, E2E_QUICK if quick else budget)
+                stats = timing.measure(fn, device, replace(E2E_QUICK, clock=budget.clock) if quick else budget)
                 peak = timing.peak_memory(fn, device)
             except Exception as err:  # noqa: BLE001
                 records.append({**base, "ms": None, "error": f"{type(err).__name__}: {err}"[:300]})

@@ -7,6 +7,7 @@ record per (case, provider). See ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -126,7 +127,8 @@ def run_suite(case_list: list[Case], device: str = "cpu", budget: timing.Budget 
             "load_average": [load_start[0], os.getloadavg()[0]] if load_start else None,
             "method": ("median of repeated calls after warm-up; " + (
                 "CUDA events, L2 flushed (256 MiB write) before each call"
-                if device == "cuda" else f"wall clock, torch.set_num_threads({threads})")
+                if device == "cuda" else
+                f"{'wall clock' if budget.clock == 'wall' else 'process CPU time'}, torch.set_num_threads({threads})")
                 + "; the providers of a case are timed interleaved, one call each per round"),
         }
         return {"meta": meta, "results": good, "errors": errors}
@@ -164,6 +166,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-mode", default="auto",
                         help="torch.compile mode for torch_compile (auto: max-autotune on GPU, default on CPU)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training/replay steps")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="CPU timing: wall clock (default) or this process's CPU time (leaves out what other "
+                             "processes and the hypervisor take; for a shared machine)")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--save", action="store_true",
                         help="write the records to benchmarks/results/<machine>.json")
@@ -177,6 +182,7 @@ def main(argv=None) -> int:
         case_list, budget = cases_mod.quick_cases(), timing.QUICK
     else:
         case_list, budget = cases_mod.full_cases(device), timing.FULL
+    budget = dataclasses.replace(budget, clock=args.clock)
     if args.ops:
         case_list = [c for c in case_list if c.op in args.ops]
     if args.filter:

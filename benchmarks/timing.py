@@ -4,7 +4,10 @@ Method: warm-up calls first (they also absorb lazy initialisation, autotuning an
 compile), then repeated timed calls; the reported time is the median.
 
 * CPU: wall clock (``time.perf_counter``) around each call, with the thread count fixed by the
-  caller (``torch.set_num_threads``, recorded with the results).
+  caller (``torch.set_num_threads``, recorded with the results); or, with ``Budget.clock = "cpu"``,
+  this process's CPU time (``time.process_time``, all its threads), which leaves out the time the
+  core spends on other processes or the hypervisor: on a shared virtual machine that time comes in
+  bursts that make wall-clock medians of sub-millisecond calls wander by tens of percent.
 * GPU: CUDA events around each call, and before each call the L2 cache is flushed by writing a
   buffer larger than it, so every repetition reads its inputs from HBM like the real workload
   (the same method as ``triton.testing.do_bench``).
@@ -25,6 +28,9 @@ from typing import Callable, Optional
 
 import torch
 
+#: the clocks a CPU call can be timed with (Budget.clock)
+CPU_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
 
 @dataclass
 class Budget:
@@ -36,6 +42,12 @@ class Budget:
     min_reps: int = 5
     max_reps: int = 100
     min_time_s: float = 0.5
+    #: the clock of a CPU call: "wall" (time.perf_counter) or "cpu" (time.process_time)
+    clock: str = "wall"
+
+    def __post_init__(self):
+        if self.clock not in CPU_CLOCKS:
+            raise ValueError(f"Budget.clock must be one of {sorted(CPU_CLOCKS)}, got {self.clock!r}")
 
 
 # Quick: the time budget (0.1 s of timed calls) decides, up to 200 calls: sub-millisecond cases
@@ -54,12 +66,13 @@ def _flush_buffer(device_index: int) -> torch.Tensor:
     return _L2_FLUSH[device_index]
 
 
-def _time_one(fn: Callable[[], object], device: str, flush: Optional[torch.Tensor]) -> float:
-    """Milliseconds of one call (CUDA events after an L2 flush on GPU, wall clock on CPU)."""
+def _time_one(fn: Callable[[], object], device: str, flush: Optional[torch.Tensor], clock: str = "wall") -> float:
+    """Milliseconds of one call (CUDA events after an L2 flush on GPU, ``clock`` on CPU)."""
     if device != "cuda":
-        t0 = time.perf_counter()
+        now = CPU_CLOCKS[clock]
+        t0 = now()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return (now() - t0) * 1e3
     flush.zero_()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
@@ -82,7 +95,7 @@ def _time_reps(fn: Callable[[], object], device: str, budget: Budget) -> list[fl
         sync()
     times, spent = [], 0.0
     while len(times) < budget.max_reps and (len(times) < budget.min_reps or spent < budget.min_time_s):
-        ms = _time_one(fn, device, flush)
+        ms = _time_one(fn, device, flush, budget.clock)
         times.append(ms)
         spent += ms / 1e3
     return times
@@ -116,7 +129,7 @@ def measure_many(fns: dict[str, Callable[[], object]], device: str, budget: Budg
     while not all(done(name) for name in fns):
         for name, fn in fns.items():
             if not done(name):
-                times[name].append(_time_one(fn, device, flush))
+                times[name].append(_time_one(fn, device, flush, budget.clock))
     return {name: _stats(t) for name, t in times.items()}
 
 

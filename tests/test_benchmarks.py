@@ -126,6 +126,26 @@ def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
     assert {r["case"] for r in records} == {c.name for c in two}
 
 
+def test_cpu_time_clock_times_this_process_only(tmp_path):
+    """``--clock cpu`` times CPU calls with the process's CPU time: a call that sleeps costs (almost)
+    nothing there and its wall time on the wall clock; the records say which clock was used."""
+    import time
+
+    with pytest.raises(ValueError, match="clock"):
+        timing.Budget(clock="tsc")
+    budget = timing.Budget(warmup=1, warmup_s=0.0, min_reps=3, max_reps=3, min_time_s=0.0)
+    sleep = lambda: time.sleep(0.02)  # noqa: E731
+    wall = timing.measure(sleep, "cpu", budget)["ms"]
+    cpu = timing.measure(sleep, "cpu", timing.Budget(**{**vars(budget), "clock": "cpu"}))["ms"]
+    assert wall >= 19 and cpu < 10
+    path = tmp_path / "r.json"
+    assert run.main(["--tiny", "--device", "cpu", "--threads", "1", "--ops", "madafm_weight", "--providers",
+                     "reference", "--clock", "cpu", "--json", str(path)]) == 0
+    meta, records = report.load_records(str(path))
+    assert "process CPU time" in meta["method"] and meta["budget"]["clock"] == "cpu"
+    assert records and all(r["ms"] > 0 for r in records)
+
+
 def test_cli_lists_quick_cases(capsys):
     assert run.main(["--quick", "--device", "cpu", "--list"]) == 0
     out = capsys.readouterr().out

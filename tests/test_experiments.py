@@ -299,21 +299,24 @@ def test_base_transfer_ranks_bases_by_what_is_learned_from_them(tmp_path, monkey
     save_base(G, D, other)
     out = tmp_path / "bases"
     args = ["--out", str(out), "--bases", "embedded", str(other), "--tasks", "emoji", "fashion_mnist",
-            "--iterations", "1", "--batch-size", "4", "--fid-samples", "10"]
+            "--seeds", "0", "1", "--iterations", "1", "--batch-size", "4", "--fid-samples", "10"]
     assert base_transfer.main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    assert len(res["runs"]) == 8  # 2 bases x 2 tasks x (the base's own samples, GAN memory after learning)
+    assert len(res["runs"]) == 16  # 2 bases x 2 tasks x 2 seeds x (the base's own samples, after learning)
     by_sha = {b["sha256"]: b for b in res["bases"]}
     assert len(by_sha) == 2 and all(set(b["learned"]) == {"emoji", "fashion_mnist"} for b in res["bases"])
     for b in res["bases"]:
-        assert b["mean_learned"] == pytest.approx(sum(b["learned"].values()) / 2, abs=0.01)
+        per_seed = [b["per_seed"][s][t] for s in ("0", "1") for t in ("emoji", "fashion_mnist")]
+        assert b["mean_learned"] == pytest.approx(sum(per_seed) / 4, abs=0.01)
+        assert b["learned"]["emoji"] == pytest.approx((b["per_seed"]["0"]["emoji"] + b["per_seed"]["1"]["emoji"]) / 2,
+                                                      abs=0.01)
     assert res["best"]["sha256"] == min(res["bases"], key=lambda b: b["mean_learned"])["sha256"]
     assert res["best"]["label"] == "embedded"  # the disturbed base transfers worse
     assert "**best**" in (out / "results.md").read_text()
-    assert scored == [10] * 8
+    assert scored == [10] * 16
     scored.clear()  # resumed: nothing trained or scored again
     assert base_transfer.main(args) == 0
     assert json.loads((out / "results.json").read_text())["best"]["sha256"] == res["best"]["sha256"]
-    assert scored == [] and len((out / "runs.jsonl").read_text().splitlines()) == 8
+    assert scored == [] and len((out / "runs.jsonl").read_text().splitlines()) == 16
     with pytest.raises(FileNotFoundError, match="base config not found"):  # not a base directory
         base_transfer.main(["--out", str(out), "--bases", str(tmp_path / "missing")])
