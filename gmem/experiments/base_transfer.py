@@ -4,7 +4,8 @@
         [--tasks emoji oxygen_icons fashion_mnist] [--seeds 0 1] [--iterations 200] [--fid-samples 128] [--workers 2]
 
 A base is only as good as the tasks learned on it, so candidates (base directories in the
-:func:`gmem.models.save_base` layout, or ``embedded``: the shipped one) are compared the way users meet
+:func:`gmem.models.save_base` layout, ``LABEL=DIRECTORY`` to name one, or ``embedded``: the shipped
+one) are compared the way users meet
 them: each learns each task with GAN memory at the experiments' learning rate
 (:data:`gmem.experiments.methods.LR_MEMORY`, also ``gmem learn``'s and the demo's), the experiments'
 batch and iterations, and is scored right after learning by the standard FID (:mod:`gmem.eval`'s
@@ -35,8 +36,23 @@ DEFAULT_TASKS = ("emoji", "oxygen_icons", "fashion_mnist")
 _METHOD = "gan_memory"
 
 
-def _label(base: str) -> str:
-    return "embedded" if base in ("", "embedded") else base
+def _candidate(base: str) -> tuple[str, Optional[str]]:
+    """``(label, directory)`` of a ``--bases`` item: ``embedded``, a directory, or ``LABEL=DIRECTORY``."""
+    if base in ("", "embedded"):
+        return "embedded", None
+    label, sep, path = base.partition("=")
+    return (label, path) if sep and label and not os.path.isdir(base) else (base, base)
+
+
+def _iterations(info: dict) -> Optional[int]:
+    """The base's training iterations in all, those of the base it started from (``--init``) included:
+    ``train-base --export`` records its own run's count (and the init base's under ``training.init``);
+    a base whose ``base.json`` carries its stages' ``history`` (the embedded one) records the total."""
+    meta = info.get("info") or {}
+    own, init = meta.get("iterations"), (meta.get("training") or {}).get("init") or {}
+    if own is None or "history" in meta or init.get("iterations") is None:
+        return own
+    return own + init["iterations"]
 
 
 def _key(r: dict) -> tuple:
@@ -99,10 +115,9 @@ def run(out, bases: Sequence[str], *, tasks: Sequence[str] = DEFAULT_TASKS, iter
     out.mkdir(parents=True, exist_ok=True)
     candidates = []
     for base in bases:
-        label = _label(base)
-        info = default_base_info() if label == "embedded" else base_config(base)  # raises for a non-base
-        candidates.append({"label": label, "path": None if label == "embedded" else str(base),
-                           "sha256": info["sha256"], "iterations": (info.get("info") or {}).get("iterations")})
+        label, path = _candidate(base)
+        info = default_base_info() if path is None else base_config(path)  # raises for a non-base
+        candidates.append({"label": label, "path": path, "sha256": info["sha256"], "iterations": _iterations(info)})
     log = out / "runs.jsonl"
     done = {}
     if log.exists():
@@ -173,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m gmem.experiments.base_transfer", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--bases", nargs="+", required=True, help="base directories, or 'embedded' (the shipped base)")
+    p.add_argument("--bases", nargs="+", required=True,
+                   help="base directories (LABEL=DIRECTORY names one), or 'embedded' (the shipped base)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
