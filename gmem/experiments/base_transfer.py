@@ -21,8 +21,6 @@ stopped. Writes ``DIR/results.json`` and ``DIR/results.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import sys
 import time
@@ -104,7 +102,7 @@ def run(out, bases: Sequence[str], *, tasks: Sequence[str] = DEFAULT_TASKS, iter
     from ..data import as_dataset, batch
     from ..eval import real_features
     from ..models.base import base_config, default_base_info
-    from .common import load_base_pair
+    from .common import load_base_pair, read_runs, run_jobs
     from .lr_sweep import SOURCE
     from .methods import LR_MEMORY
     from .plots import write_json
@@ -119,14 +117,7 @@ def run(out, bases: Sequence[str], *, tasks: Sequence[str] = DEFAULT_TASKS, iter
         info = default_base_info() if path is None else base_config(path)  # raises for a non-base
         candidates.append({"label": label, "path": path, "sha256": info["sha256"], "iterations": _iterations(info)})
     log = out / "runs.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                done[_key(r)] = r
-            except (json.JSONDecodeError, KeyError):  # a line cut by a crash: that run is repeated
-                continue
+    done = read_runs(log, _key)
     jobs = [dict(method=m, lr=0.0 if m == SOURCE else LR_MEMORY, seed=seed, task=t, iterations=iterations,
                  batch_size=batch_size, fid_samples=fid_samples, base=c["path"], label=c["label"],
                  sha256=c["sha256"])
@@ -137,24 +128,9 @@ def run(out, bases: Sequence[str], *, tasks: Sequence[str] = DEFAULT_TASKS, iter
     for task in tasks:  # the real images' features into the disk cache once, before the workers read them
         dataset = as_dataset(task, G.size, G.channels)
         real_features(batch(dataset, torch.arange(len(dataset))), progress=False)
-    if jobs:
-        with open(log, "a") as sink:
-            def keep(r):
-                done[_key(r)] = r
-                sink.write(json.dumps(r) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                print(f"[base_transfer] {r['base']} ({r['base_sha256'][:12]}) {r['task']} {r['method']}: "
-                      f"FID {r['fid']:.1f} ({r['wall_s']:.0f} s)", flush=True)
-
-            if workers <= 1 or len(jobs) <= 1:
-                for job in jobs:
-                    keep(_score(job))
-            else:
-                context = multiprocessing.get_context("spawn")  # workers start clean (no forked torch threads)
-                with context.Pool(min(workers, len(jobs))) as pool:
-                    for r in pool.imap_unordered(_score, jobs):
-                        keep(r)
+    run_jobs(jobs, _score, log, _key, done, workers=workers, describe=lambda r: (
+        f"[base_transfer] {r['base']} ({r['base_sha256'][:12]}) {r['task']} {r['method']}: "
+        f"FID {r['fid']:.1f} ({r['wall_s']:.0f} s)"))
     summary = []
     for c in candidates:
         runs = [r for k, r in done.items() if k[0] == c["sha256"] and k[1] in tasks and k[3] in seeds]

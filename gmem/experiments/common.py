@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import multiprocessing
 import os
 import platform
 import time
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 
@@ -13,7 +16,7 @@ from .. import __version__
 from ..models import load_base, load_default_base
 from ..models.base import base_config, default_base_info
 
-__all__ = ["load_base_pair", "threads", "run_record", "Timer"]
+__all__ = ["load_base_pair", "threads", "run_record", "Timer", "read_runs", "run_jobs"]
 
 
 def load_base_pair(base: Optional[str] = None):
@@ -39,6 +42,45 @@ def base_sha256(base: Optional[str] = None) -> Optional[str]:
     recorded in its ``base.json``; results name the base they were measured on by it."""
 
     return (default_base_info() if base in (None, "embedded") else base_config(base)).get("sha256")
+
+
+def read_runs(log: Path, key: Callable[[dict], Hashable]) -> dict:
+    """The finished runs of a resumable experiment: ``{key(record): record}`` from its JSON-lines
+    ``log`` (empty if there is none). A line cut by a crash is skipped: that run is repeated."""
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                done[key(r)] = r
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return done
+
+
+def run_jobs(jobs: Sequence[dict], fn: Callable[[dict], dict], log: Path, key: Callable[[dict], Hashable],
+             done: dict, *, workers: int = 1, describe: Callable[[dict], str] = str) -> None:
+    """``fn(job)`` for every job, in this process or in ``workers`` spawned processes (they start clean:
+    no forked torch threads); each record is added to ``done`` under ``key(record)``, appended to ``log``
+    and synced to disk as soon as it finishes (so :func:`read_runs` resumes after a crash), and printed
+    as ``describe(record)``. ``fn`` must be importable by the workers (a module-level function)."""
+    if not jobs:
+        return
+    with open(log, "a") as sink:
+        def keep(r):
+            done[key(r)] = r
+            sink.write(json.dumps(r) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            print(describe(r), flush=True)
+
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                keep(fn(job))
+        else:
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for r in pool.imap_unordered(fn, jobs):
+                    keep(r)
 
 
 def run_record(module: str, settings: dict, argv: Optional[list] = None) -> dict:

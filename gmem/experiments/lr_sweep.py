@@ -19,9 +19,7 @@ and spread over seeds; the best learning rate per method).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -138,21 +136,14 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
     """Run (or resume) the sweep; returns (and writes to ``out``) the results dict."""
     from ..data import as_dataset, batch
     from ..eval import near_duplicate_share, real_features
-    from .common import base_sha256, load_base_pair
+    from .common import base_sha256, load_base_pair, read_runs, run_jobs
     from .plots import write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lrs = {m: tuple(float(v) for v in g) for m, g in (lrs or DEFAULT_LRS).items()}
     log = out / "runs.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                done[_key(r)] = r
-            except (json.JSONDecodeError, KeyError):  # a line cut by a crash: that run is repeated
-                continue
+    done = read_runs(log, _key)
     lrs = {SOURCE: (0.0,), **lrs}
     jobs = [dict(method=m, lr=lr, seed=s, task=task, iterations=iterations, batch_size=batch_size,
                  fid_samples=fid_samples, base=base, out=str(out))
@@ -163,24 +154,10 @@ def run(out, *, task: str = "emoji", lrs: Optional[dict] = None, seeds: Sequence
     real = batch(dataset, torch.arange(len(dataset)))
     if jobs:
         real_features(real)  # into the disk cache once, before the workers read it
-        context = multiprocessing.get_context("spawn")  # workers start clean (no forked torch threads)
-        with open(log, "a") as sink:
-            def keep(r):
-                done[_key(r)] = r
-                sink.write(json.dumps(r) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                print(f"[lr_sweep] {r['method']} lr {r['lr']:g} seed {r['seed']}: FID {r['fid']:.1f}, "
-                      f"pixFID8 {r['pixfid8']:.1f}, near-dup {r['near_duplicates']:.3f}, NN ratio {r['nn_ratio']:.2f} "
-                      f"({r['wall_s']:.0f} s)", flush=True)
-
-            if workers <= 1 or len(jobs) <= 1:  # in this process
-                for job in jobs:
-                    keep(score_run(job))
-            else:
-                with context.Pool(min(workers, len(jobs))) as pool:
-                    for r in pool.imap_unordered(score_run, jobs):
-                        keep(r)
+        run_jobs(jobs, score_run, log, _key, done, workers=workers, describe=lambda r: (
+            f"[lr_sweep] {r['method']} lr {r['lr']:g} seed {r['seed']}: FID {r['fid']:.1f}, "
+            f"pixFID8 {r['pixfid8']:.1f}, near-dup {r['near_duplicates']:.3f}, NN ratio {r['nn_ratio']:.2f} "
+            f"({r['wall_s']:.0f} s)"))
     runs = [done[k] for k in sorted(done) if k[0] in lrs and k[1] in lrs[k[0]] and k[2] in seeds]
     results = {"experiment": "learning-rate sweep", **_summary(runs, lrs, {
                    "near_duplicates": round(near_duplicate_share(real[:256]), 4)}),
