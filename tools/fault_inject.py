@@ -250,8 +250,9 @@ class Run:
         while pending:
             for i in list(pending):
                 ln = learners[i]
-                if ln.poll() is not None:
+                if ln.poll() is not None:  # ended before its kill came (a loaded machine, a stale estimate)
                     pending.discard(i)
+                    self.n["missed"] += 1
                     if ln.rc == 0 and t_claim[i] is not None:  # claim -> end: where a 'train' kill may fall
                         self.train_estimate = time.monotonic() - t_claim[i]
                     continue
